@@ -1,0 +1,35 @@
+# vftrace: `make lab` (the main job, in the lab VM) and `make test` (every test) do all
+# the set-up they need first; it is idempotent and takes seconds when nothing is missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PFS    ?= 2
+KERNEL ?=
+
+.PHONY: all setup lab test unit kmod clean help
+all: help
+
+help:
+	@echo "make lab    boot the lab VM (newest kernel; KERNEL=6.1 for the other) with pf_sched"
+	@echo "make test   run every test: unit tests here, lab tests in a VM per kernel"
+	@echo "make unit   only the unit tests (no VM, no root)"
+	@echo "make setup  install what is missing (Debian packages, kernels, .venv, pf_sched)"
+	@echo "make kmod   build pf_sched for every installed kernel (build/kmod/<release>/)"
+
+setup:
+	@sh scripts/setup.sh
+
+kmod:
+	@sh scripts/build-kmod.sh
+
+lab: setup
+	$(VENV)/bin/vftrace lab --pfs $(PFS) $(if $(KERNEL),--kernel $(KERNEL))
+
+test: setup
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+clean:
+	rm -rf build .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,168 @@
+"""Two test tiers in one pytest run.
+
+Unit tests run here.  Lab tests (``tests/lab``) run as root inside the lab VM: on the
+host each one is collected once per lab kernel as a proxy item, and the first proxy of
+a kernel boots that kernel once (``vftrace lab``) to run the whole lab tier there with a
+JUnit report; every proxy then reports its own test's outcome from that report.
+
+A lab test that cannot run fails under CI (``CI`` set) and is skipped elsewhere with
+the exact reason (no QEMU, no kernel, a skip inside the VM).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAB_DIR = REPO / "tests" / "lab"
+RESULTS = REPO / "build" / "lab-results"
+LAB_PFS = 3                       # two PFs for pf_sched, one free edu device for VFIO
+LAB_TIMEOUT_S = int(os.environ.get("VFTRACE_LAB_TIMEOUT", "1800"))
+
+
+def in_lab() -> bool:
+    return os.environ.get("VFTRACE_LAB") == "1"
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def is_lab_item(item) -> bool:
+    return LAB_DIR in Path(str(item.fspath)).parents
+
+
+def lab_kernels() -> list[str]:
+    """One kernel per series the lab tier covers (VFTRACE_LAB_KERNELS=6.1,6.12 narrows)."""
+    from tracer.lab import installed_kernels, version_key
+    wanted = os.environ.get("VFTRACE_LAB_KERNELS", "6.1,6.12").split(",")
+    found = []
+    for series in wanted:
+        series = series.strip()
+        match = [k.release for k in installed_kernels() if
+                 ".".join(map(str, version_key(k.release)[:2])) == series]
+        found.append(match[-1] if match else f"missing:{series}")
+    return found
+
+
+def junit_key(nodeid: str) -> tuple[str, str]:
+    parts = nodeid.split("::")
+    module = parts[0].removesuffix(".py").replace("/", ".")
+    return ".".join([module, *parts[1:-1]]), parts[-1]
+
+
+class LabRun:
+    """One VM boot of one kernel running every selected lab test."""
+    runs: dict[str, "LabRun"] = {}
+
+    def __init__(self, release: str, nodeids: list[str]):
+        self.release, self.nodeids = release, nodeids
+        self.results: dict[tuple[str, str], tuple[str, str]] = {}
+        self.problem: str | None = None
+        self.log = RESULTS / f"{release}.log"
+        self._run()
+
+    def _run(self) -> None:
+        if self.release.startswith("missing:"):
+            self.problem = (f"no lab kernel {self.release[8:]} installed "
+                            "(run `make setup`: it installs bookworm 6.1 and bookworm-backports 6.12)")
+            return
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        xml = RESULTS / f"{self.release}.xml"
+        xml.unlink(missing_ok=True)
+        inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
+                 f"--junitxml={xml}", "-o", "junit_family=xunit2", *self.nodeids]
+        cmd = [sys.executable, "-m", "tracer.cli", "lab", "--kernel", self.release,
+               "--pfs", str(LAB_PFS), "--timeout", str(LAB_TIMEOUT_S), "--", *inner]
+        with open(self.log, "w") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL).returncode
+        if not xml.exists():
+            self.problem = (f"the lab VM ({self.release}) produced no results (exit {rc}); "
+                            f"see {self.log}:\n{self.tail()}")
+            return
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            key = (case.get("classname", ""), case.get("name", ""))
+            outcome, text = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                el = case.find(tag)
+                if el is not None:
+                    outcome = tag
+                    text = (el.get("message") or "") + "\n" + (el.text or "")
+                    break
+            self.results[key] = (outcome, text.strip())
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    @classmethod
+    def get(cls, release: str, nodeids: list[str]) -> "LabRun":
+        if release not in cls.runs:
+            cls.runs[release] = LabRun(release, nodeids)
+        return cls.runs[release]
+
+
+class LabFailure(Exception):
+    pass
+
+
+class LabProxy(pytest.Item):
+    """Stands on the host for one lab test on one kernel."""
+
+    def __init__(self, *, release: str, inner_nodeid: str, group: list[str], **kw):
+        super().__init__(**kw)
+        self.release, self.inner_nodeid, self.group = release, inner_nodeid, group
+
+    def runtest(self):
+        run = LabRun.get(self.release, self.group)
+        if run.problem:
+            self._cannot_run(run.problem)
+        outcome, text = run.results.get(junit_key(self.inner_nodeid), ("missing", ""))
+        if outcome == "passed":
+            return
+        if outcome == "skipped":
+            self._cannot_run(f"skipped in the lab VM: {text.splitlines()[0] if text else '?'}")
+        if outcome == "missing":
+            raise LabFailure(f"no result for {self.inner_nodeid} in the lab run; log tail:\n{run.tail()}")
+        raise LabFailure(f"{outcome} in the lab VM ({self.release}):\n{text}")
+
+    def _cannot_run(self, why: str):
+        if in_ci():
+            raise LabFailure(f"cannot run in CI: {why}")
+        pytest.skip(why)
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, LabFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.inner_nodeid} [lab {self.release}]"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if in_lab():
+        return
+    lab = [i for i in items if is_lab_item(i)]
+    if not lab:
+        return
+    rest = [i for i in items if not is_lab_item(i)]
+    group = [i.nodeid for i in lab]
+    proxies = []
+    for release in lab_kernels():
+        label = release.split("-")[0] if not release.startswith("missing:") else release
+        for item in lab:
+            proxies.append(LabProxy.from_parent(
+                item.parent, name=f"{item.name}@{label}", release=release,
+                inner_nodeid=item.nodeid, group=group))
+    items[:] = rest + proxies

@@ -1,0 +1,45 @@
+"""The command line: one-line errors with a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tracer import __version__
+
+
+def vftrace(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["lab", "--pfs", "many"], "invalid int value: 'many'"),
+    (["lab", "--pfs", "-1", "--dry-run", "--", "true"], "--pfs -1"),
+    (["lab", "--memory", "lots", "--dry-run", "--", "true"], "--memory lots"),
+    (["lab", "--timeout", "0", "--dry-run", "--", "true"], "--timeout 0"),
+    (["lab", "--kernel", "2.6", "--dry-run", "--", "true"], "no installed kernel matches '2.6'"),
+    (["lab", "--kernel", "/nonexistent/vmlinuz-9.9", "--dry-run", "--", "true"],
+     "/nonexistent/vmlinuz-9.9 does not exist"),
+    (["lab", "--accel", "warp"], "invalid choice: 'warp'"),
+    (["doctor", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says):
+    r = vftrace(*args)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert says in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_version_and_help_name_every_subcommand():
+    assert vftrace("--version").stdout.strip() == f"vftrace {__version__}"
+    help_text = vftrace("--help").stdout
+    for sub in ("doctor", "lab"):
+        assert sub in help_text
+    assert "examples:" in help_text
+    assert "examples:" in vftrace("lab", "--help").stdout

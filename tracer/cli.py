@@ -1,0 +1,81 @@
+"""The ``vftrace`` command: one entry point, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+EPILOG = """examples:
+  vftrace doctor                      # what this kernel lets vftrace do, and what to install
+  vftrace lab                         # a shell in the lab VM (newest kernel, one PF)
+  vftrace lab --kernel 6.1 --pfs 2 -- vftrace doctor
+  vftrace lab --timeout 600 -- python -m pytest tests/lab
+"""
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                  # one line, no usage dump
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="vftrace", description="Time SR-IOV VF switches (IOMMU map/unmap, MMU "
+               "zaps, KVM exits) live with BPF.", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=f"vftrace {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    d = sub.add_parser("doctor", help="check kernel features and say how to get what is missing",
+                       epilog="examples:\n  vftrace doctor\n  vftrace doctor --json | jq .can_trace",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("-j", "--json", action="store_true", help="machine-readable output")
+
+    lab = sub.add_parser(
+        "lab", help="run a command (or a shell) in the lab VM",
+        description="Boot a Debian kernel with virtme-ng under QEMU (q35, emulated VT-d "
+                    "IOMMU, one edu PCI device per PF) with the repository shared read-write, "
+                    "run CMD there and return its exit status.",
+        epilog="examples:\n  vftrace lab\n  vftrace lab -k 6.1 -- vftrace doctor\n"
+               "  vftrace lab -k 6.12 --pfs 2 -t 900 -- python -m pytest tests/lab",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    lab.add_argument("-k", "--kernel", help="6.1, 6.12, a release string or a vmlinuz path "
+                     "(default: the newest installed)")
+    lab.add_argument("-n", "--pfs", type=int, default=1, help="simulated PFs: edu devices (default 1)")
+    lab.add_argument("-c", "--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    lab.add_argument("-m", "--memory", default="2G", help="guest memory (default 2G)")
+    lab.add_argument("-t", "--timeout", type=float, help="stop the VM after this many seconds")
+    lab.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                     help="auto probes once whether KVM boots a standard kernel here")
+    lab.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
+    lab.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: what to run in the guest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "doctor":
+            from . import doctor
+            return doctor.main(args)
+        if args.command == "lab":
+            from . import lab
+            try:
+                return lab.main(args)
+            except lab.LabError as e:
+                raise UsageError(f"vftrace lab: error: {e}") from None
+    except UsageError as e:
+        print(f"error: {e}" if not str(e).startswith("vftrace") else str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

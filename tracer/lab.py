@@ -1,0 +1,289 @@
+"""``vftrace lab``: the whole stack in a VM with an emulated VT-d IOMMU.
+
+A Debian kernel is booted by virtme-ng under QEMU (q35, ``intel-iommu``, one QEMU
+``edu`` PCI device per simulated PF), with this machine's root file system read-only
+and the repository shared read-write, so what a guest command writes there is on the
+host afterwards.  QEMU runs in its own process group, which is killed on exit, Ctrl-C,
+SIGTERM or timeout, so no QEMU outlives the command.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+
+BOOT = Path("/boot")
+MODULES = Path("/lib/modules")
+KVM_OK_MARK = "VFTRACE_KVM_BOOTED"
+KVM_PROBE_TIMEOUT = 90
+STOP_GRACE_S = 5.0
+
+
+class LabError(Exception):
+    """A one-line, user-facing reason the lab cannot run."""
+
+
+@dataclass(frozen=True)
+class LabKernel:
+    release: str
+    image: Path
+
+    @property
+    def headers(self) -> Path | None:
+        build = MODULES / self.release / "build"
+        return build if (build / "Makefile").is_file() else None
+
+
+def version_key(release: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", release.split("-")[0].split("+")[0]))
+
+
+def installed_kernels(boot: Path = BOOT, modules: Path = MODULES) -> list[LabKernel]:
+    """Kernels the lab can boot: an image in /boot with its modules, oldest first."""
+    found = []
+    for image in boot.glob("vmlinuz-*"):
+        release = image.name[len("vmlinuz-"):]
+        if (modules / release).is_dir():
+            found.append(LabKernel(release, image))
+    return sorted(found, key=lambda k: (version_key(k.release), k.release))
+
+
+def resolve_kernel(spec: str | None, kernels: list[LabKernel]) -> LabKernel:
+    """``None`` (newest), a series (``6.1``, ``6.12``), a release string or an image path."""
+    if spec and ("/" in spec or Path(spec).is_file()):
+        image = Path(spec)
+        if not image.is_file():
+            raise LabError(f"kernel image {spec} does not exist")
+        release = image.name.removeprefix("vmlinuz-")
+        if not (MODULES / release).is_dir():
+            raise LabError(f"{spec}: no modules at {MODULES / release} (the lab needs the "
+                           f"image's modules; install its linux-image package)")
+        return LabKernel(release, image.resolve())
+    if not kernels:
+        raise LabError("no lab kernel installed (no /boot/vmlinuz-* with /lib/modules): run `make setup`")
+    if spec is None:
+        return kernels[-1]
+    exact = [k for k in kernels if k.release == spec]
+    if exact:
+        return exact[0]
+    series = [k for k in kernels if re.fullmatch(r"\d+\.\d+", spec) and
+              version_key(k.release)[:2] == version_key(spec)]
+    if series:
+        return series[-1]
+    have = ", ".join(k.release for k in kernels)
+    raise LabError(f"no installed kernel matches '{spec}' (installed: {have}); "
+                   "give a series like 6.1, a release, or a path to a vmlinuz")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vftrace"
+
+
+def tool(name: str) -> str:
+    """A tool from this Python's bin dir (the project venv) or PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise LabError(f"{name} not found: run `make setup` (installs virtme-ng and QEMU)")
+    return found
+
+
+def qemu_version() -> str:
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        raise LabError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 (or `make setup`)")
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else "unknown"
+
+
+def kvm_usable() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
+             share: Path, guest_cmd: str | None) -> list[str]:
+    qemu_opts = ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+    if accel == "kvm":
+        qemu_opts += ["-machine", "kernel-irqchip=split"]   # intremap needs a split irqchip
+    qemu_opts += ["-device", "edu"] * pfs
+    argv = [tool("vng"), "--run", str(kernel.image), "--disable-microvm",
+            "--cpus", str(cpus), "--memory", memory, "--rwdir", str(share),
+            "--append", "intel_iommu=on", "--qemu-opts=" + " ".join(qemu_opts)]
+    if accel == "tcg":
+        argv.append("--disable-kvm")
+    if guest_cmd is not None:
+        argv += ["--exec", guest_cmd]
+    return argv
+
+
+def guest_command(cmd: list[str], share: Path, pfs: int) -> str:
+    """The shell line the guest runs: in the shared tree, with the lab's environment."""
+    env = {"VFTRACE_LAB": "1", "VFTRACE_LAB_PFS": str(pfs)}
+    for passthrough in ("CI", "VFTRACE_BUDGET_NS", "PYTEST_ADDOPTS", "TERM", "COLUMNS", "LINES"):
+        if passthrough in os.environ:
+            env[passthrough] = os.environ[passthrough]
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    venv_bin = shlex.quote(str(Path(sys.executable).parent))
+    return (f"cd {shlex.quote(str(share))} && export {exports} PATH={venv_bin}:$PATH "
+            f"&& exec {shlex.join(cmd)}")
+
+
+def _child_env() -> dict[str, str]:
+    env = os.environ.copy()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the VM's process group, then SIGKILL what is left after a grace period."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; members (QEMU) may linger for a moment.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def run_vm(argv: list[str], timeout: float | None, interactive: bool) -> int:
+    """Run vng in its own process group; return the guest's exit status.
+
+    124 on timeout (like coreutils' timeout), 128+N when stopped by signal N."""
+    stdin = None if interactive or not sys.stdin.isatty() else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, env=_child_env(), stdin=stdin, process_group=0)
+    tty_fd = None
+    if interactive:
+        tty_fd = sys.stdin.fileno()
+        old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        os.tcsetpgrp(tty_fd, proc.pid)          # the VM's console gets the keyboard
+        os.killpg(proc.pid, signal.SIGCONT)     # in case it touched the tty first (SIGTTIN)
+
+    def on_signal(signum, _frame):
+        raise _Stop(signum)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        while True:
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                print(f"vftrace lab: timed out after {timeout:g} s; stopping the VM", file=sys.stderr)
+                _stop_group(proc)
+                return 124
+    except _Stop as stop:
+        print(f"vftrace lab: {signal.Signals(stop.signum).name}; stopping the VM", file=sys.stderr)
+        _stop_group(proc)
+        return 128 + stop.signum
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if tty_fd is not None:
+            os.tcsetpgrp(tty_fd, os.getpgrp())
+            signal.signal(signal.SIGTTOU, old_ttou)
+        _stop_group(proc)                       # stragglers of a VM that exited on its own
+
+
+def probe_kvm(kernel: LabKernel) -> tuple[bool, str]:
+    """Does QEMU with KVM boot a standard kernel here?  Tried once, then cached."""
+    if not kvm_usable():
+        return False, "no usable /dev/kvm"
+    argv = vng_argv(kernel, pfs=0, cpus=1, memory="512M", accel="kvm",
+                    share=Path("/tmp"), guest_cmd=f"echo {KVM_OK_MARK}")
+    # The key holds the whole command, so a changed lab command is probed anew.
+    key = "|".join((os.uname().release, qemu_version(), shlex.join(argv)))
+    cache = cache_dir() / "kvm-probe.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if digest in known:
+        return known[digest]["ok"], known[digest]["why"]
+    print(f"vftrace lab: probing whether KVM boots {kernel.release} here (once)...", file=sys.stderr)
+    try:
+        res = subprocess.run(argv, env=_child_env(), capture_output=True, text=True,
+                             timeout=KVM_PROBE_TIMEOUT, stdin=subprocess.DEVNULL,
+                             process_group=0)
+        ok = res.returncode == 0 and KVM_OK_MARK in res.stdout
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        why = "KVM boots a standard kernel" if ok else f"KVM boot failed: {tail[:160]}"
+    except subprocess.TimeoutExpired:
+        ok, why = False, f"KVM boot did not finish in {KVM_PROBE_TIMEOUT} s"
+    known[digest] = {"ok": ok, "why": why, "key": key}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(known, indent=1))
+    return ok, why
+
+
+def choose_accel(requested: str, kernel: LabKernel) -> tuple[str, str]:
+    if requested == "tcg":
+        return "tcg", "requested"
+    if requested == "kvm":
+        if not kvm_usable():
+            raise LabError("--accel kvm: /dev/kvm is missing or not accessible")
+        return "kvm", "requested"
+    ok, why = probe_kvm(kernel)
+    return ("kvm" if ok else "tcg"), why
+
+
+def share_dir() -> Path:
+    return paths.source_tree() or Path.cwd()
+
+
+def main(args) -> int:
+    if args.pfs < 0 or args.pfs > 16:
+        raise LabError(f"--pfs {args.pfs}: give 0 to 16 PFs")
+    if args.cpus < 1 or args.cpus > 64:
+        raise LabError(f"--cpus {args.cpus}: give 1 to 64")
+    if not re.fullmatch(r"\d+[MG]", args.memory):
+        raise LabError(f"--memory {args.memory}: give a size like 2G or 1536M")
+    if args.timeout is not None and args.timeout <= 0:
+        raise LabError(f"--timeout {args.timeout}: give a positive number of seconds")
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    kernel = resolve_kernel(args.kernel, installed_kernels())
+    share = share_dir()
+    interactive = not cmd
+    if interactive and not sys.stdin.isatty():
+        raise LabError("no command given and stdin is not a terminal: pass `-- CMD...`")
+    qemu_version()
+    accel, why = ("tcg", "dry run") if args.dry_run and args.accel == "auto" else \
+        choose_accel(args.accel, kernel)
+    argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
+                    share=share, guest_cmd=None if interactive else guest_command(cmd, share, args.pfs))
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    print(f"vftrace lab: {kernel.release}, {accel.upper()} ({why}), {args.pfs} PF(s), "
+          f"{args.cpus} CPUs, {args.memory}; sharing {share}", file=sys.stderr)
+    return run_vm(argv, args.timeout, interactive)

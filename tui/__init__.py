@@ -1,0 +1,1 @@
+"""vftrace's Textual dashboard (``vftrace live`` / ``vftrace replay``)."""
