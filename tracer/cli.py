@@ -8,6 +8,8 @@ from . import __version__
 
 EPILOG = """examples:
   vftrace doctor                      # what this kernel lets vftrace do, and what to install
+  vftrace record -o cap.csv -d 10     # 10 s of pf_sched switches to cap.csv (+ cap.meta.json)
+  vftrace record -o cap.csv --switch func:my_pf_switch --budget-ns 500
   vftrace lab                         # a shell in the lab VM (newest kernel, one PF)
   vftrace lab --kernel 6.1 --pfs 2 -- vftrace doctor
   vftrace lab --timeout 600 -- python -m pytest tests/lab
@@ -54,6 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto probes once whether KVM boots a standard kernel here")
     lab.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
     lab.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: what to run in the guest")
+    rec = sub.add_parser(
+        "record", help="record switch timings to a CSV capture (headless)",
+        description="Attach vftrace's BPF program and write one row per VF switch to a CSV "
+                    "capture with a .meta.json beside it; a summary table at the end.",
+        epilog="examples:\n"
+               "  vftrace record -o cap.csv -d 10\n"
+               "  vftrace record -o cap.csv --pf 0 --budget-ns 1000 --probe-mode kprobe\n"
+               "  vftrace record -o cap.csv --calls calls.csv --pid 4242\n"
+               "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
+    rec.add_argument("-d", "--duration", type=float, help="stop after this many seconds")
+    rec.add_argument("-s", "--switch", help="what delimits a switch: pf_sched (default), "
+                     "func:SYMBOL or tp:SYS:BEGIN,SYS:END")
+    rec.add_argument("--pf", action="append", help="only these PFs (comma list, repeatable)")
+    rec.add_argument("--vf", action="append", help="only switches from or to these VFs")
+    rec.add_argument("-p", "--pid", action="append", help="per-call rows of these pids only")
+    rec.add_argument("-b", "--budget-ns", type=int, default=100, help="switch budget (default 100)")
+    rec.add_argument("-m", "--probe-mode", choices=("auto", "fentry", "kprobe"), default="auto",
+                     help="auto: fentry where possible, kprobes elsewhere")
+    rec.add_argument("-c", "--calls", help="also write one row per timed call to this CSV")
+    rec.add_argument("--perf-buffer", action="store_true", help="use the perf buffer, not the ring buffer")
+    rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    rec.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -63,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from . import doctor
             return doctor.main(args)
+        if args.command == "record":
+            from . import record
+            try:
+                return record.main(args)
+            except record.RecordError as e:
+                raise UsageError(f"vftrace record: error: {e}") from None
         if args.command == "lab":
             from . import lab
             try:

@@ -1,0 +1,537 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vftrace: one timing record per VF switch, assembled in the kernel.
+ *
+ * A switch window opens and closes on one task (pf_sched's tracepoints, a PF driver
+ * function's entry and return, or a pair of tracepoints).  Calls made by that task
+ * inside the window (iommu_unmap/map, the IOTLB flush, the MMU zap and KVM's MMU
+ * notifier, vCPU kicks) are added to its record; so several PFs switching at once on
+ * different CPUs each get their own calls.  KVM exits happen on vCPU threads: an exit
+ * counts in every window open when it began.  The record is emitted when the window
+ * closes.  Guest accesses released by a switch happen after it, so they are emitted on
+ * their own and joined by (pf, seq) in user space.
+ *
+ * Compile-time parameters (-D, set by tracer/probes.py):
+ *   SWITCH_SRC     SRC_PF_SCHED_RAW | SRC_PF_SCHED_TP | SRC_FUNC | SRC_TP
+ *   SWITCH_FUNC    with SRC_FUNC and FUNC_MODE == MODE_FENTRY: the function
+ *   <HOOK>_MODE    MODE_ABSENT | MODE_FENTRY | MODE_KPROBE per hook below
+ *   SYNC_FUNC      the IOMMU driver's iotlb_sync (fentry only; kprobes attach by name)
+ *   HAVE_KVM_TP, HAVE_ACCESS_TP, USE_RINGBUF, EMIT_CALLS, RINGBUF_PAGES
+ *   CALIB_FUNC, CALIB_MODE, CALIB_TGID: the floor's near-empty function, and who calls it
+ */
+#include <uapi/linux/ptrace.h>
+#include "vftrace.h"
+
+#define MODE_ABSENT 0
+#define MODE_FENTRY 1
+#define MODE_KPROBE 2
+
+#define SRC_PF_SCHED_RAW 1
+#define SRC_PF_SCHED_TP 2
+#define SRC_FUNC 3
+#define SRC_TP 4
+
+#define VFIO_IOMMU_MAP_DMA 0x3b71
+#define VFIO_IOMMU_UNMAP_DMA 0x3b72
+
+struct window {
+	struct vft_switch rec;
+	u64 grant_start;
+};
+
+struct start_key {
+	u32 tid;
+	u32 kind;
+};
+
+struct start_val {
+	u64 ts;
+	u64 size;
+};
+
+struct exit_start {
+	u64 ts;
+	u32 reason;
+	u32 vcpu;
+	u32 open_mask;          /* slots whose windows were open when the exit began */
+	u32 pad;
+};
+
+BPF_HASH(windows, u32, struct window, 256);          /* switching task -> open window */
+BPF_ARRAY(open_slots, u32, VFT_MAX_OPEN);             /* slot -> tid of its open window */
+BPF_HASH(starts, struct start_key, struct start_val, 16384);
+BPF_HASH(exit_starts, u32, struct exit_start, 4096);  /* vCPU thread -> exit in progress */
+BPF_HASH(bg_calls, struct vft_bg_key, struct vft_bg_val, 4096);
+BPF_HASH(exits, struct vft_exit_key, struct vft_exit_val, 8192);
+BPF_PERCPU_ARRAY(lost, u64, VFT_NR_LOST);
+BPF_ARRAY(calib, u64, VFT_CALIB_SAMPLES);
+BPF_ARRAY(calib_count, u64, 1);
+BPF_ARRAY(func_seq, u64, 1);                           /* seq for func:/tp: windows */
+BPF_ARRAY(partial, u64, 1);                            /* window ends with no begin */
+/* Set by user space once every probe is attached: BCC attaches them one by one, and a
+ * window or call seen half-way (its begin missed, its window's probe not yet in) would
+ * be misattributed. */
+BPF_ARRAY(armed, u32, 1);
+
+#if USE_RINGBUF
+BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(releases, 16);
+#if EMIT_CALLS
+BPF_RINGBUF_OUTPUT(calls, RINGBUF_PAGES);
+#endif
+#else
+BPF_PERF_OUTPUT(switches);
+BPF_PERF_OUTPUT(releases);
+#if EMIT_CALLS
+BPF_PERF_OUTPUT(calls);
+#endif
+#endif
+
+static __always_inline void count_lost(int idx)
+{
+	u64 *n = lost.lookup(&idx);
+	if (n)
+		(*n)++;         /* per-CPU: no atomics needed */
+}
+
+/* One function per buffer: BCC rewrites table methods, which it cannot inside macros. */
+static __always_inline void emit_switch(void *ctx, struct vft_switch *rec)
+{
+#if USE_RINGBUF
+	if (switches.ringbuf_output(rec, sizeof(*rec), 0))
+#else
+	if (switches.perf_submit(ctx, rec, sizeof(*rec)))
+#endif
+		count_lost(VFT_LOST_SWITCH);
+}
+
+static __always_inline void emit_release(void *ctx, struct vft_release *rec)
+{
+#if USE_RINGBUF
+	if (releases.ringbuf_output(rec, sizeof(*rec), 0))
+#else
+	if (releases.perf_submit(ctx, rec, sizeof(*rec)))
+#endif
+		count_lost(VFT_LOST_RELEASE);
+}
+
+static __always_inline int is_armed(void)
+{
+	u32 zero = 0;
+	u32 *a = armed.lookup(&zero);
+	return a && *a;
+}
+
+static __always_inline u32 current_tid(void)
+{
+	return (u32)bpf_get_current_pid_tgid();
+}
+
+/* ---- switch windows -------------------------------------------------------------- */
+
+static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
+{
+	u32 tid = current_tid();
+	u32 slot = pf % VFT_MAX_OPEN;
+	struct window w = {};
+
+	if (!is_armed())
+		return 0;
+
+	w.rec.t_ns = bpf_ktime_get_ns();
+	w.rec.seq = seq;
+	w.rec.pf = pf;
+	w.rec.from_vf = from_vf;
+	w.rec.to_vf = to_vf;
+	w.rec.tid = tid;
+	windows.update(&tid, &w);
+	open_slots.update(&slot, &tid);
+	return 0;
+}
+
+static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revoke_ns,
+				      u64 source_grant_ns)
+{
+	u64 now = bpf_ktime_get_ns();
+	u32 tid = current_tid();
+	u32 zero = 0, none = 0;
+	struct window *w = windows.lookup(&tid);
+
+	if (!w) {
+		u64 *p = partial.lookup(&zero);
+		if (p)
+			__sync_fetch_and_add(p, 1);
+		return 0;
+	}
+	u32 slot = w->rec.pf % VFT_MAX_OPEN;
+	u32 *owner = open_slots.lookup(&slot);
+	if (owner && *owner == tid)
+		open_slots.update(&slot, &none);
+
+	w->rec.switch_ns = now - w->rec.t_ns;
+	if (w->grant_start) {
+		w->rec.revoke_ns = w->grant_start - w->rec.t_ns;
+		w->rec.grant_ns = now - w->grant_start;
+	} else {
+		w->rec.revoke_ns = w->rec.switch_ns;
+	}
+	w->rec.source_ns = source_ns;
+	w->rec.source_revoke_ns = source_revoke_ns;
+	w->rec.source_grant_ns = source_grant_ns;
+	w->rec.cpu = bpf_get_smp_processor_id();
+	emit_switch(ctx, &w->rec);
+	windows.delete(&tid);
+	return 0;
+}
+
+#if SWITCH_SRC == SRC_PF_SCHED_RAW
+/* TP_PROTO(u32 pf, u64 seq, s32 from_vf, s32 to_vf[, u64 revoke_ns, grant_ns, total_ns]) */
+RAW_TRACEPOINT_PROBE(vf_switch_begin)
+{
+	return window_begin((u32)ctx->args[0], ctx->args[1], (s32)ctx->args[2], (s32)ctx->args[3]);
+}
+
+RAW_TRACEPOINT_PROBE(vf_switch_end)
+{
+	return window_end(ctx, ctx->args[6], ctx->args[4], ctx->args[5]);
+}
+#elif SWITCH_SRC == SRC_PF_SCHED_TP
+TRACEPOINT_PROBE(pf_sched, vf_switch_begin)
+{
+	return window_begin(args->pf, args->seq, args->from_vf, args->to_vf);
+}
+
+TRACEPOINT_PROBE(pf_sched, vf_switch_end)
+{
+	return window_end(args, args->total_ns, args->revoke_ns, args->grant_ns);
+}
+#else
+/* A PF driver's own function or tracepoint pair: one PF, our own sequence numbers. */
+static __always_inline int generic_begin(void)
+{
+	u32 zero = 0;
+	u64 *seq = func_seq.lookup(&zero);
+	if (!seq)
+		return 0;
+	return window_begin(0, __sync_fetch_and_add(seq, 1) + 1, -1, -1);
+}
+
+int switch_begin(void *ctx)
+{
+	return generic_begin();
+}
+
+int switch_end(void *ctx)
+{
+	return window_end(ctx, 0, 0, 0);
+}
+
+#if SWITCH_SRC == SRC_FUNC && FUNC_MODE == MODE_FENTRY
+#define VFT_KFUNC(fn) KFUNC_PROBE(fn)
+#define VFT_KRETFUNC(fn) KRETFUNC_PROBE(fn)
+VFT_KFUNC(SWITCH_FUNC)
+{
+	return generic_begin();
+}
+
+VFT_KRETFUNC(SWITCH_FUNC)
+{
+	return window_end(ctx, 0, 0, 0);
+}
+#endif
+#endif
+
+/* ---- timed calls ----------------------------------------------------------------- */
+
+static __always_inline int call_enter(u32 kind, u64 size)
+{
+	struct start_key k = { .tid = current_tid(), .kind = kind };
+	struct start_val v = { .ts = bpf_ktime_get_ns(), .size = size };
+
+	if (kind != VFT_CALIB_FENTRY && kind != VFT_CALIB_KPROBE && !is_armed())
+		return 0;
+	starts.update(&k, &v);
+	return 0;
+}
+
+static __always_inline void add_bg(u32 pid, u32 kind, u64 ns, u64 size)
+{
+	struct vft_bg_key k = { .pid = pid, .kind = kind };
+	struct vft_bg_val zero = {}, *v;
+
+	v = bg_calls.lookup_or_try_init(&k, &zero);
+	if (!v)
+		return;
+	__sync_fetch_and_add(&v->count, 1);
+	__sync_fetch_and_add(&v->ns, ns);
+	__sync_fetch_and_add(&v->bytes, size);
+	if (ns > v->max_ns)
+		v->max_ns = ns;         /* racy max: good enough for a display */
+}
+
+static __always_inline void emit_call(void *ctx, u32 kind, u64 start, u64 ns, u64 size,
+				      u64 seq, u32 pf, u32 vcpu)
+{
+#if EMIT_CALLS
+	struct vft_call c = {};
+	u64 id = bpf_get_current_pid_tgid();
+
+	c.t_ns = start;
+	c.ns = ns;
+	c.size = size;
+	c.seq = seq;
+	c.kind = kind;
+	c.pid = id >> 32;
+	c.tid = (u32)id;
+	c.cpu = bpf_get_smp_processor_id();
+	c.vcpu = vcpu;
+	c.pf = pf;
+#if USE_RINGBUF
+	if (calls.ringbuf_output(&c, sizeof(c), 0))
+#else
+	if (calls.perf_submit(ctx, &c, sizeof(c)))
+#endif
+		count_lost(VFT_LOST_CALL);
+#endif
+}
+
+static __always_inline int call_exit(void *ctx, u32 kind)
+{
+	u64 now = bpf_ktime_get_ns();
+	u32 tid = current_tid();
+	struct start_key k = { .tid = tid, .kind = kind };
+	struct start_val *s = starts.lookup(&k);
+
+	if (!s)
+		return 0;
+	u64 start = s->ts, size = s->size, ns = now - start;
+	starts.delete(&k);
+
+	if (kind == VFT_CALIB_FENTRY || kind == VFT_CALIB_KPROBE) {
+		u32 zero = 0;
+		if ((bpf_get_current_pid_tgid() >> 32) != CALIB_TGID)
+			return 0;
+		u64 *n = calib_count.lookup(&zero);
+		if (!n)
+			return 0;
+		u32 i = __sync_fetch_and_add(n, 1);
+		if (i < VFT_CALIB_SAMPLES)
+			calib.update(&i, &ns);
+		return 0;
+	}
+
+	struct window *w = windows.lookup(&tid);
+	if (!w) {
+		add_bg(bpf_get_current_pid_tgid() >> 32, kind, ns, size);
+		emit_call(ctx, kind, start, ns, size, 0, 0, 0);
+		return 0;
+	}
+	switch (kind) {
+	case VFT_IOMMU_MAP:
+		if (!w->grant_start)
+			w->grant_start = start;
+		w->rec.map_calls++;
+		w->rec.map_ns += ns;
+		w->rec.map_bytes += size;
+		if (ns > w->rec.map_max_ns)
+			w->rec.map_max_ns = ns;
+		break;
+	case VFT_IOMMU_UNMAP:
+		w->rec.unmap_calls++;
+		w->rec.unmap_ns += ns;
+		w->rec.unmap_bytes += size;
+		if (ns > w->rec.unmap_max_ns)
+			w->rec.unmap_max_ns = ns;
+		break;
+	case VFT_IOTLB_SYNC:
+		w->rec.sync_calls++;
+		w->rec.sync_ns += ns;
+		break;
+	case VFT_MMU_ZAP:
+		w->rec.mmu_calls++;
+		w->rec.mmu_ns += ns;
+		break;
+	case VFT_MMU_NOTIFIER:
+		w->rec.mmu_notifier_ns += ns;
+		break;
+	}
+	emit_call(ctx, kind, start, ns, size, w->rec.seq, w->rec.pf, 0);
+	return 0;
+}
+
+static __always_inline int count_kick(void)
+{
+	u32 tid = current_tid();      /* only windows count kicks, and they need arming */
+	struct window *w = windows.lookup(&tid);
+
+	if (w)
+		w->rec.vcpu_kicks++;
+	return 0;
+}
+
+/*
+ * Each hook in fentry or kprobe form.  Kprobe handlers are always compiled and
+ * attached by name from Python; fentry ones only when selected (BCC loads every
+ * KFUNC_PROBE it compiles).
+ */
+#define FENTRY_PAIR(fn, kind, size_expr, args...)                               \
+	KFUNC_PROBE(fn, args) { return call_enter(kind, size_expr); }            \
+	KRETFUNC_PROBE(fn) { return call_exit(ctx, kind); }
+#define FENTRY_PAIR_X(fn, kind, size_expr, args...) FENTRY_PAIR(fn, kind, size_expr, args)
+
+#if MAP_MODE == MODE_FENTRY
+/* iommu_map(domain, iova, paddr, size, prot[, gfp]) */
+FENTRY_PAIR(iommu_map, VFT_IOMMU_MAP, size, void *domain, u64 iova, u64 paddr, u64 size)
+#endif
+#if UNMAP_MODE == MODE_FENTRY
+/* iommu_unmap(domain, iova, size), iommu_unmap_fast(domain, iova, size, gather) */
+FENTRY_PAIR(iommu_unmap, VFT_IOMMU_UNMAP, size, void *domain, u64 iova, u64 size)
+FENTRY_PAIR(iommu_unmap_fast, VFT_IOMMU_UNMAP, size, void *domain, u64 iova, u64 size)
+#endif
+#if SYNC_MODE == MODE_FENTRY
+FENTRY_PAIR_X(SYNC_FUNC, VFT_IOTLB_SYNC, 0, void *domain)
+#endif
+#if ZAP_MODE == MODE_FENTRY
+/* unmap_mapping_range(mapping, holebegin, holelen, even_cows) */
+FENTRY_PAIR(unmap_mapping_range, VFT_MMU_ZAP, holelen, void *mapping, s64 holebegin, s64 holelen)
+#endif
+#if CALIB_MODE == MODE_FENTRY
+FENTRY_PAIR_X(CALIB_FUNC, VFT_CALIB_FENTRY, 0, void *p)
+#endif
+
+int kp_map(struct pt_regs *ctx) { return call_enter(VFT_IOMMU_MAP, PT_REGS_PARM4(ctx)); }
+int krp_map(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOMMU_MAP); }
+int kp_unmap(struct pt_regs *ctx) { return call_enter(VFT_IOMMU_UNMAP, PT_REGS_PARM3(ctx)); }
+int krp_unmap(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOMMU_UNMAP); }
+int kp_sync(struct pt_regs *ctx) { return call_enter(VFT_IOTLB_SYNC, 0); }
+int krp_sync(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOTLB_SYNC); }
+int kp_zap(struct pt_regs *ctx) { return call_enter(VFT_MMU_ZAP, PT_REGS_PARM3(ctx)); }
+int krp_zap(struct pt_regs *ctx) { return call_exit(ctx, VFT_MMU_ZAP); }
+int kp_notifier(struct pt_regs *ctx) { return call_enter(VFT_MMU_NOTIFIER, 0); }
+int krp_notifier(struct pt_regs *ctx) { return call_exit(ctx, VFT_MMU_NOTIFIER); }
+int kp_calib(struct pt_regs *ctx) { return call_enter(VFT_CALIB_KPROBE, 0); }
+int krp_calib(struct pt_regs *ctx) { return call_exit(ctx, VFT_CALIB_KPROBE); }
+int kp_kick(struct pt_regs *ctx) { return count_kick(); }
+
+/* vfio_iommu_type1_ioctl(iommu_data, cmd, arg): DMA map/unmap from user space. */
+int kp_vfio_ioctl(struct pt_regs *ctx)
+{
+	u32 cmd = (u32)PT_REGS_PARM2(ctx);
+	void *uarg = (void *)PT_REGS_PARM3(ctx);
+	u64 size = 0;
+
+	if (cmd == VFIO_IOMMU_MAP_DMA) {
+		bpf_probe_read_user(&size, sizeof(size), uarg + 24);   /* .size */
+		return call_enter(VFT_VFIO_MAP_DMA, size);
+	}
+	if (cmd == VFIO_IOMMU_UNMAP_DMA) {
+		bpf_probe_read_user(&size, sizeof(size), uarg + 16);   /* .size */
+		return call_enter(VFT_VFIO_UNMAP_DMA, size);
+	}
+	return 0;
+}
+
+int krp_vfio_ioctl(struct pt_regs *ctx)
+{
+	call_exit(ctx, VFT_VFIO_MAP_DMA);       /* only the one entered has a start */
+	return call_exit(ctx, VFT_VFIO_UNMAP_DMA);
+}
+
+/* ---- KVM exits --------------------------------------------------------------------- */
+
+#if HAVE_KVM_TP
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	u32 tid = current_tid();
+	struct exit_start e = { .ts = bpf_ktime_get_ns(), .reason = args->exit_reason,
+				.vcpu = args->vcpu_id };
+
+	if (!is_armed())
+		return 0;
+
+#pragma unroll
+	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
+		u32 slot = i;
+		u32 *owner = open_slots.lookup(&slot);
+		if (!owner || !*owner)
+			continue;
+		struct window *w = windows.lookup(owner);
+		if (!w)
+			continue;
+		__sync_fetch_and_add(&w->rec.kvm_exits, 1);
+		e.open_mask |= 1u << i;
+	}
+	exit_starts.update(&tid, &e);
+	return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct exit_start *e = exit_starts.lookup(&tid);
+
+	if (!e)
+		return 0;
+	u64 ns = now - e->ts;
+	u64 seq = 0;
+	u32 pf = 0;
+#pragma unroll
+	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
+		if (!(e->open_mask & (1u << i)))
+			continue;
+		u32 slot = i;
+		u32 *owner = open_slots.lookup(&slot);
+		if (!owner || !*owner)
+			continue;
+		struct window *w = windows.lookup(owner);
+		if (!w)
+			continue;
+		__sync_fetch_and_add(&w->rec.exit_ns, ns);
+		seq = w->rec.seq;
+		pf = w->rec.pf;
+	}
+	struct vft_exit_key k = { .pid = id >> 32, .vcpu = e->vcpu, .reason = e->reason,
+				  .in_window = e->open_mask != 0 };
+	struct vft_exit_val zero = {}, *v = exits.lookup_or_try_init(&k, &zero);
+	if (v) {
+		__sync_fetch_and_add(&v->count, 1);
+		__sync_fetch_and_add(&v->ns, ns);
+	}
+	emit_call(args, VFT_KVM_EXIT, e->ts, ns, e->reason, seq, pf, e->vcpu);
+	exit_starts.delete(&tid);
+	return 0;
+}
+#endif
+
+/* ---- blocked guest accesses ------------------------------------------------------ */
+
+#if HAVE_ACCESS_TP
+static __always_inline int access_released(void *ctx, u32 pf, s32 vf, u64 wait_ns, u64 seq)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!is_armed())
+		return 0;
+	struct vft_release r = { .seq = seq, .wait_ns = wait_ns, .t_ns = bpf_ktime_get_ns(),
+				 .pf = pf, .vf = vf, .pid = id >> 32,
+				 .cpu = bpf_get_smp_processor_id() };
+
+	emit_release(ctx, &r);
+	return 0;
+}
+
+#if SWITCH_SRC == SRC_PF_SCHED_TP
+TRACEPOINT_PROBE(pf_sched, vf_access_wait)
+{
+	return access_released(args, args->pf, args->vf, args->wait_ns, args->seq);
+}
+#else
+/* TP_PROTO(u32 pf, s32 vf, u64 wait_ns, u64 seq) */
+RAW_TRACEPOINT_PROBE(vf_access_wait)
+{
+	return access_released(ctx, (u32)ctx->args[0], (s32)ctx->args[1], ctx->args[2],
+			       ctx->args[3]);
+}
+#endif
+#endif

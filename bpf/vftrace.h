@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Record layouts shared by vftrace.bpf.c and the Python decoder (tracer/layout.py parses
+ * this file).  Keep to one scalar or fixed array field per line, __u64 first so the
+ * structs have no padding.
+ */
+#ifndef VFTRACE_H
+#define VFTRACE_H
+
+/* What a timed call is (vft_call.kind); also the keys of start-time and totals maps. */
+#define VFT_IOMMU_MAP 1
+#define VFT_IOMMU_UNMAP 2
+#define VFT_IOTLB_SYNC 3
+#define VFT_MMU_ZAP 4
+#define VFT_MMU_NOTIFIER 5
+#define VFT_VFIO_MAP_DMA 6
+#define VFT_VFIO_UNMAP_DMA 7
+#define VFT_KVM_EXIT 8
+#define VFT_VCPU_KICK 9
+#define VFT_CALIB_FENTRY 10
+#define VFT_CALIB_KPROBE 11
+#define VFT_NR_KINDS 12
+
+/* Indexes of the per-CPU lost-record counters, one per output buffer. */
+#define VFT_LOST_SWITCH 0
+#define VFT_LOST_CALL 1
+#define VFT_LOST_RELEASE 2
+#define VFT_NR_LOST 3
+
+#define VFT_MAX_OPEN 8          /* windows open at once (PF index modulo this) */
+#define VFT_CALIB_SAMPLES 4096
+
+/* One switch window, assembled in the kernel and emitted at the window's end. */
+struct vft_switch {
+	__u64 seq;
+	__u64 t_ns;             /* window start, bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 switch_ns;        /* window end - start */
+	__u64 revoke_ns;        /* start to the first iommu_map entry (all of it if none) */
+	__u64 grant_ns;         /* first iommu_map entry to the end */
+	__u64 unmap_ns;
+	__u64 unmap_max_ns;
+	__u64 unmap_bytes;
+	__u64 map_ns;
+	__u64 map_max_ns;
+	__u64 map_bytes;
+	__u64 sync_ns;          /* IOTLB flush; inside unmap_ns when the unmap syncs itself */
+	__u64 mmu_ns;           /* unmap_mapping_range */
+	__u64 mmu_notifier_ns;  /* KVM's MMU notifier invalidation, inside mmu_ns */
+	__u64 exit_ns;          /* time vCPUs spent in exits that began in the window */
+	__u64 source_ns;        /* the switch source's own timing (pf_sched total_ns) */
+	__u64 source_revoke_ns;
+	__u64 source_grant_ns;
+	__u32 pf;
+	__s32 from_vf;
+	__s32 to_vf;
+	__u32 cpu;
+	__u32 tid;
+	__u32 unmap_calls;
+	__u32 map_calls;
+	__u32 sync_calls;
+	__u32 mmu_calls;
+	__u32 kvm_exits;
+	__u32 vcpu_kicks;
+	__u32 pad;
+};
+
+/* One timed call (written only with --calls). */
+struct vft_call {
+	__u64 t_ns;
+	__u64 ns;
+	__u64 size;             /* bytes; the exit reason for VFT_KVM_EXIT */
+	__u64 seq;              /* the window it belongs to, 0 for background */
+	__u32 kind;
+	__u32 pid;
+	__u32 tid;
+	__u32 cpu;
+	__u32 vcpu;
+	__u32 pf;
+};
+
+/* A guest access released after blocking on a switched-off VF (pf_sched:vf_access_wait). */
+struct vft_release {
+	__u64 seq;
+	__u64 wait_ns;
+	__u64 t_ns;
+	__u32 pf;
+	__s32 vf;
+	__u32 pid;
+	__u32 cpu;
+};
+
+/* Background totals, per process and kind (VFIO DMA map/unmap, iommu calls). */
+struct vft_bg_key {
+	__u32 pid;
+	__u32 kind;
+};
+
+struct vft_bg_val {
+	__u64 count;
+	__u64 ns;
+	__u64 max_ns;
+	__u64 bytes;
+};
+
+/* KVM exits, per VM process, vCPU and reason, inside windows or not. */
+struct vft_exit_key {
+	__u32 pid;
+	__u32 vcpu;
+	__u32 reason;
+	__u32 in_window;
+};
+
+struct vft_exit_val {
+	__u64 count;
+	__u64 ns;
+};
+
+#endif /* VFTRACE_H */

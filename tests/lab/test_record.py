@@ -1,0 +1,158 @@
+"""vftrace record against pf_sched's own accounting (the ground truth), in the lab."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab import labutil, pfsched
+from tracer.capture import iter_calls, read_capture
+from tracer.workloads import vfio
+
+pytestmark = pytest.mark.lab
+OUT = labutil.REPO / "build" / "lab-captures"
+SLICE_US = 3000
+
+
+@pytest.fixture(scope="module")
+def pfs():
+    labutil.modprobe("vfio_iommu_type1")      # so the VFIO hook attaches
+    labutil.modprobe("vfio-pci")
+    with pfsched.loaded(2, slice_us=SLICE_US) as bdfs:
+        yield bdfs
+
+
+class Recorder:
+    """`vftrace record` as a user runs it, stopped with Ctrl-C (SIGINT)."""
+
+    def __init__(self, name: str, *args: str):
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.csv = OUT / f"{name}-{labutil.kernel_release()}.csv"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tracer.cli", "record", "-o", str(self.csv), "-q", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err_lines = []
+        deadline = time.monotonic() + 240          # BCC compiles slowly under TCG
+        while True:
+            line = self.proc.stderr.readline()
+            self.err_lines.append(line)
+            if "recording" in line:
+                break
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("recorder did not start:\n" + "".join(self.err_lines)
+                                     + self.proc.stderr.read())
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=120)
+        assert self.proc.returncode == 0, "".join(self.err_lines) + err
+        self.summary = out
+        return read_capture(self.csv)
+
+
+def window(bdfs, body=lambda: time.sleep(4)):
+    """Switch for a while between two ground-truth snapshots taken while gated off."""
+    pfsched.set_enabled(False)
+    before = {b: pfsched.stats(b) for b in bdfs}
+    pfsched.set_enabled(True)
+    body()
+    pfsched.set_enabled(False)
+    after = {b: pfsched.stats(b) for b in bdfs}
+    return before, after
+
+
+def test_rows_match_pf_sched_switch_for_switch(pfs):
+    pfsched.set_enabled(False)
+    rec = Recorder("exact")
+    before, after = window(pfs)
+    meta, rows, problems = rec.stop()
+    pfsched.set_enabled(True)
+    assert not problems
+    assert meta["complete"] and meta["lost_total"] == 0, meta
+    assert meta["probe_modes"]["iommu_map"] == "fentry"
+    assert meta["floor_ns"]["fentry"]["median_ns"] > 0
+    for bdf in pfs:
+        b, a = before[bdf], after[bdf]
+        mine = [r for r in rows if r.pf == a["pf"]]
+        # Every switch the module made in the window, once, in order, no gaps.
+        assert sorted(r.seq for r in mine) == list(range(b["seq"] + 1, a["seq"] + 1))
+        assert len(mine) == a["switches"] - b["switches"] > 10
+        # Each IOMMU call and byte the module made, attributed to this PF.
+        for key in ("map_calls", "unmap_calls", "map_bytes", "unmap_bytes"):
+            assert sum(getattr(r, key) for r in mine) == a[key] - b[key], key
+        assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in mine)
+        assert all(r.map_bytes == a["bar_pages"] * 4096 for r in mine)
+        # The module's own timing is present and inside the tracer's window.
+        assert all(0 < r.source_ns <= r.switch_ns for r in mine)
+        assert all(r.revoke_ns + r.grant_ns == r.switch_ns for r in mine)
+        assert all(r.to_vf == (r.from_vf + 1) % a["nr_vfs"] for r in mine)
+    assert f"VF switches: {len(rows)}" in rec.summary and "P99.9" in rec.summary
+
+
+def test_background_vfio_dma_is_counted_and_not_attributed(pfs):
+    free = labutil.free_edu_devices()
+    assert free, "the lab tier needs a third edu device for VFIO"
+    cycles, size = 20, 256 * 1024
+    pfsched.set_enabled(False)
+    calls_csv = OUT / f"calls-{labutil.kernel_release()}.csv"
+    # The container is set up first: type1 maps pages of its own while attaching.
+    with labutil.bound_to(free[0], "vfio-pci") as bdf, vfio.Container(bdf) as container:
+        rec = Recorder("vfio", "--calls", str(calls_csv))
+        before, after = window(pfs, lambda: vfio.map_unmap_cycles(container, cycles, size))
+        meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    me = os.getpid()
+    total_maps = sum(a["map_calls"] - before[b]["map_calls"] for b, a in after.items())
+    assert sum(r.map_calls for r in rows) == total_maps      # none of VFIO's leaked in
+    calls = list(iter_calls(calls_csv))
+    vfio_maps = [c for c in calls if c.kind == "vfio_map_dma" and c.pid == me]
+    assert len(vfio_maps) == cycles and all(c.seq is None and c.size == size for c in vfio_maps)
+    assert len([c for c in calls if c.kind == "vfio_unmap_dma" and c.pid == me]) == cycles
+    mine = [c for c in calls if c.kind == "iommu_map" and c.pid == me]
+    assert sum(c.size for c in mine) == cycles * size and all(c.seq is None for c in mine)
+    assert meta["background"]["calls_by_pid"][str(me)]["vfio_map_dma"]["count"] == cycles
+
+
+@pytest.mark.parametrize("mode", ["kprobe", "fentry"])
+def test_probe_mode_override(pfs, mode):
+    pfsched.set_enabled(False)
+    rec = Recorder(f"mode-{mode}", "--probe-mode", mode)
+    before, after = window(pfs, lambda: time.sleep(2))
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    assert meta["probe_modes"]["iommu_map"] == mode
+    assert meta["probe_modes"]["iommu_unmap"] == mode
+    assert mode in meta["floor_ns"]
+    assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+    assert all(r.map_calls == 1 for r in rows)
+
+
+def test_switch_func_window_on_a_driver_function(pfs):
+    """A PF driver's own switch function as the window, no tracepoints needed."""
+    pfsched.set_enabled(False)
+    rec = Recorder("func", "--switch", "func:pf_switch")
+    before, after = window(pfs, lambda: time.sleep(2))
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    assert meta["switch_source"] == "func:pf_switch"
+    n = sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+    assert len(rows) == n and sorted(r.seq for r in rows) == list(range(1, n + 1))
+    assert all(r.map_calls == 1 and r.unmap_calls == 1 and r.source_ns == 0 for r in rows)
+
+
+def test_ebpf_prints_the_program_with_its_defines():
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", "record", "--ebpf"],
+                       capture_output=True, text=True, timeout=120)
+    if "pf_sched is not loaded" in r.stderr:
+        r = subprocess.run([sys.executable, "-m", "tracer.cli", "record", "--ebpf",
+                            "--switch", "func:iommu_map"], capture_output=True, text=True,
+                           timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "#define MAP_MODE " in r.stdout and "struct vft_switch {" in r.stdout

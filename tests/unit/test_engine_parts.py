@@ -1,0 +1,185 @@
+"""The tracer's pure parts: the shared record layout, hook planning, joining releases."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+from tracer import layout, probes
+from tracer.assemble import Assembler
+from tracer.engine import program_text
+from tracer.paths import bpf_dir
+from tracer.schema import COLUMNS, SwitchRecord
+
+# ---- layout -----------------------------------------------------------------------------
+
+
+def test_header_structs_have_no_padding_and_cover_the_capture_columns():
+    h = layout.header()
+    sw = h.structs["vft_switch"]
+    fields = [f for f, _ in sw._fields_]
+    assert ctypes.sizeof(sw) == sum(ctypes.sizeof(t) for _, t in sw._fields_)
+    # Every measured column comes from the kernel record (over_budget is decided here).
+    assert set(COLUMNS) - {"over_budget", "blocked_accesses", "blocked_ns"} <= set(fields)
+    assert h.constants["VFT_IOMMU_MAP"] == 1 and h.kinds()[1] == "iommu_map"
+    assert ctypes.sizeof(h.structs["vft_call"]) == 4 * 8 + 6 * 4
+
+
+def test_decode_reads_what_the_kernel_wrote():
+    cls = layout.header().structs["vft_switch"]
+    raw = cls(seq=7, t_ns=123, switch_ns=900, pf=2, from_vf=-1, to_vf=3, map_calls=1)
+    rec = layout.decode("vft_switch", bytes(raw) + b"trailing ring padding")
+    assert (rec.seq, rec.pf, rec.from_vf, rec.to_vf, rec.switch_ns) == (7, 2, -1, 3, 900)
+
+
+def test_header_parser_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="cannot parse"):
+        layout.Header("struct vft_x {\n\tunsigned long long a;\n};")
+
+
+# ---- planning hooks ---------------------------------------------------------------------
+
+ALL = frozenset({"iommu_map", "iommu_unmap", "iommu_unmap_fast", "intel_iommu_tlb_sync",
+                 "unmap_mapping_range", "kvm_mmu_notifier_invalidate_range_start",
+                 "kvm_vcpu_kick", "kvm_make_all_cpus_request", "vfio_iommu_type1_ioctl",
+                 "security_task_getsid", "pf_switch"})
+VMLINUX = {"iommu_map", "iommu_unmap", "iommu_unmap_fast", "intel_iommu_tlb_sync",
+           "unmap_mapping_range", "security_task_getsid"}
+TPS = frozenset({"pf_sched:vf_switch_begin", "pf_sched:vf_switch_end",
+                 "pf_sched:vf_access_wait", "kvm:kvm_exit", "kvm:kvm_entry"})
+
+
+def offer(**kw) -> probes.KernelOffer:
+    base = dict(functions=ALL, btf=lambda f: f in VMLINUX, tracepoints=TPS)
+    base.update(kw)
+    return probes.KernelOffer(**base)
+
+
+def modes(plan):
+    return {c.hook.name: c.mode for c in plan.choices}
+
+
+def test_auto_prefers_fentry_for_vmlinux_and_kprobes_for_modules():
+    p = probes.plan(None, "auto", offer())
+    m = modes(p)
+    assert m["iommu_map"] == m["iommu_unmap"] == m["mmu_zap"] == m["iotlb_sync"] == "fentry"
+    assert m["vfio_dma"] == m["mmu_notifier"] == m["vcpu_kick"] == "kprobe"
+    assert p.source == "pf_sched" and p.source_mode == "raw_tp"
+    assert p.calib_modes == ("fentry", "kprobe") and p.have_kvm_tp and p.have_access_tp
+    flags = p.cflags(bpf_dir(), 1)
+    assert "-DMAP_MODE=1" in flags and "-DVFIO_MODE=2" in flags
+    assert "-DSYNC_FUNC=intel_iommu_tlb_sync" in flags and "-DSWITCH_SRC=1" in flags
+
+
+def test_kprobe_mode_everywhere_and_fentry_request_falls_back_with_a_note():
+    assert set(modes(probes.plan(None, "kprobe", offer())).values()) == {"kprobe"}
+    p = probes.plan(None, "fentry", offer())
+    notes = {c.hook.name: c.note for c in p.choices}
+    assert "module function" in notes["vfio_dma"] and modes(p)["vfio_dma"] == "kprobe"
+
+
+def test_absent_hooks_are_skipped_with_how_to_get_them_not_fatal():
+    p = probes.plan(None, "auto", offer(functions=ALL - {"vfio_iommu_type1_ioctl", "kvm_vcpu_kick",
+                                                          "kvm_make_all_cpus_request"}))
+    assert modes(p)["vfio_dma"] == "absent" and modes(p)["vcpu_kick"] == "absent"
+    assert any("modprobe vfio_iommu_type1" in w for w in p.warnings())
+
+
+def test_no_fentry_no_kprobes_for_iommu_is_an_error():
+    with pytest.raises(probes.ProbeError, match="neither iommu_map nor iommu_unmap"):
+        probes.plan(None, "auto", offer(fentry=False, kprobes=False))
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("func:nope", "no traceable kernel function 'nope'"),
+    ("func:", "no traceable kernel function ''"),
+    ("tp:a:b", "give tp:SYS:BEGIN,SYS:END"),
+    ("tp:x:y,kvm:kvm_exit", "no tracepoint x:y"),
+    ("bogus", "give pf_sched, func:SYMBOL or tp:SYS:BEGIN,SYS:END"),
+])
+def test_bad_switch_specs(spec, says):
+    with pytest.raises(probes.ProbeError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        probes.plan(spec, "auto", offer())
+
+
+def test_default_source_needs_pf_sched_loaded():
+    with pytest.raises(probes.ProbeError, match="pf_sched is not loaded"):
+        probes.plan(None, "auto", offer(tracepoints=frozenset()))
+
+
+def test_func_and_tp_sources():
+    p = probes.plan("func:pf_switch", "auto", offer())
+    assert p.source_mode == "kprobe" and "-DSWITCH_FUNC=pf_switch" in p.cflags(bpf_dir(), 1)
+    assert not p.have_access_tp
+    p = probes.plan("func:iommu_map", "auto", offer())
+    assert p.source_mode == "fentry"
+    p = probes.plan("tp:kvm:kvm_exit,kvm:kvm_entry", "auto", offer())
+    assert p.source_mode == "tp" and "-DSWITCH_SRC=4" in p.cflags(bpf_dir(), 1)
+
+
+def test_ebpf_text_is_the_source_with_the_plans_defines_and_header():
+    text = program_text(probes.plan(None, "kprobe", offer()), 42)
+    assert text.startswith("#define ") and "#define CALIB_TGID 42\n" in text
+    assert "#define MAP_MODE 2\n" in text and "struct vft_switch {" in text
+    assert '#include "vftrace.h"' not in text
+
+
+# ---- assembler -------------------------------------------------------------------------
+
+
+def rec(pf, seq):
+    return SwitchRecord(**{c: 0 for c in COLUMNS} | {"pf": pf, "seq": seq})
+
+
+class Clock:
+    t = 0
+
+    def __call__(self):
+        return self.t
+
+
+def test_releases_join_their_switch_before_or_after_it_arrives():
+    out, clock = [], Clock()
+    a = Assembler(out.append, hold_ns=100, clock=clock)
+    a.release(0, 5, 30)                 # released before its record reached user space
+    a.switch(rec(0, 5))
+    a.release(0, 5, 12)
+    a.switch(rec(1, 5))                 # another PF, same seq: not mixed up
+    a.release(1, 5, 7)
+    assert out == []                    # still held
+    clock.t = 150
+    a.tick()
+    got = {(r.pf, r.seq): (r.blocked_accesses, r.blocked_ns) for r in out}
+    assert got == {(0, 5): (2, 42), (1, 5): (1, 7)}
+    a.release(0, 5, 1)                  # too late: counted, not lost silently
+    assert a.late_releases == 1
+
+
+def test_flush_passes_everything_on_and_counts_unmatched_releases():
+    out = []
+    a = Assembler(out.append, hold_ns=10**12)
+    a.switch(rec(0, 1))
+    a.release(3, 9, 5)
+    a.flush()
+    assert [r.seq for r in out] == [1] and a.orphan_releases == 1
+
+
+# ---- record's command line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, says", [
+    (["record"], "give -o/--output capture.csv"),
+    (["record", "-o", "/nonexistent-dir/c.csv"], "directory /nonexistent-dir does not exist"),
+    (["record", "-o", "c.csv", "--budget-ns", "0"], "--budget-ns 0: must be positive"),
+    (["record", "-o", "c.csv", "--duration", "-1"], "--duration -1.0: must be positive"),
+    (["record", "-o", "c.csv", "--vf", "1,x"], "--vf 'x': give integers"),
+    (["record", "-o", "c.csv", "--probe-mode", "uprobe"], "invalid choice: 'uprobe'"),
+])
+def test_record_bad_input_is_one_line(args, says, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60,
+                       env={"PYTHONPATH": str(bpf_dir().parent), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert says in r.stderr

@@ -1,0 +1,204 @@
+"""The live BPF source: compiles vftrace.bpf.c with BCC, attaches it, measures its own
+floor, and turns ring-buffer samples into SwitchRecords and CallRecords."""
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import layout, probes
+from .assemble import Assembler
+from .paths import bpf_dir
+from .probes import ABSENT, FENTRY, KPROBE, Plan
+from .schema import CallRecord, SwitchRecord
+
+CALIB_CALLS = 3000
+SWITCH_FIELDS = [f for f in SwitchRecord.__dataclass_fields__]
+
+
+@dataclass
+class Floor:
+    """What a probe pair adds to a near-empty call, per probe mode."""
+    func: str | None = None
+    modes: dict[str, dict] = field(default_factory=dict)
+
+    def as_meta(self) -> dict:
+        return {"function": self.func, **self.modes}
+
+
+def program_text(plan: Plan, calib_tgid: int) -> str:
+    """The program as BCC compiles it: the defines, then the source (for --ebpf)."""
+    defines = [f.removeprefix("-D").replace("=", " ", 1) for f in plan.cflags(bpf_dir(), calib_tgid)
+               if f.startswith("-D")]
+    src = (bpf_dir() / "vftrace.bpf.c").read_text()
+    hdr = (bpf_dir() / "vftrace.h").read_text()
+    src = src.replace('#include "vftrace.h"\n', hdr)
+    return "".join(f"#define {d}\n" for d in defines) + "\n" + src
+
+
+class Engine:
+    def __init__(self, plan: Plan, *, budget_ns: int, on_switch: Callable[[SwitchRecord], None],
+                 on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 50_000_000):
+        self.plan, self.budget_ns, self.on_call = plan, budget_ns, on_call
+        self.assembler = Assembler(on_switch, hold_ns)
+        self.kinds = layout.header().kinds()
+        self.bpf = None
+        self.floor = Floor(plan.calib_func)
+        self.warnings: list[str] = plan.warnings()
+        self.user_lost = 0          # perf buffer losses reported to user space
+        self.samples = 0
+
+    # -- set-up -------------------------------------------------------------------------
+    def start(self) -> None:
+        from bcc import BPF
+        self.bpf = BPF(src_file=str(bpf_dir() / "vftrace.bpf.c"),
+                       cflags=self.plan.cflags(bpf_dir(), os.getpid()))
+        self._attach_source()
+        for choice in self.plan.choices:
+            if choice.mode == KPROBE:
+                self._attach_kprobes(choice)
+        self._calibrate()
+        self._open_buffers()
+        self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+
+    def _attach_source(self) -> None:
+        src, b = self.plan.source, self.bpf
+        if src.startswith("func:") and self.plan.source_mode == KPROBE:
+            b.attach_kprobe(event=src[5:], fn_name="switch_begin")
+            b.attach_kretprobe(event=src[5:], fn_name="switch_end")
+        elif src.startswith("tp:"):
+            begin, end = src[3:].split(",")
+            b.attach_tracepoint(tp=begin, fn_name="switch_begin")
+            b.attach_tracepoint(tp=end, fn_name="switch_end")
+        # pf_sched's (raw) tracepoints and fentry windows are attached by BCC itself.
+
+    def _attach_kprobes(self, choice: probes.Choice) -> None:
+        name = choice.hook.kprobe
+        attached = []
+        for fn in choice.functions:
+            try:
+                self.bpf.attach_kprobe(event=fn, fn_name=f"kp_{name}")
+                if choice.hook.timed:
+                    self.bpf.attach_kretprobe(event=fn, fn_name=f"krp_{name}", maxactive=64)
+                attached.append(fn)
+            except Exception as e:          # BCC raises bare Exception on attach failure
+                self.warnings.append(f"{choice.hook.name}: kprobe on {fn} failed ({e}); skipped")
+        if not attached:
+            choice.mode = ABSENT
+        choice.functions = tuple(attached)
+
+    def _calibrate(self) -> None:
+        """Time the same probe pair around a near-empty call we make ourselves."""
+        func = self.plan.calib_func
+        if not func:
+            self.warnings.append("floor: no calibration function in this kernel; floor unknown")
+            return
+        trigger = (lambda: os.getsid(os.getpid())) if func == "security_task_getsid" else os.getpid
+        for mode in self.plan.calib_modes:
+            count = self.bpf["calib_count"]
+            count[ctypes.c_int(0)] = ctypes.c_uint64(0)
+            if mode == KPROBE:
+                self.bpf.attach_kprobe(event=func, fn_name="kp_calib")
+                self.bpf.attach_kretprobe(event=func, fn_name="krp_calib")
+            for _ in range(CALIB_CALLS):
+                trigger()
+            n = min(count[ctypes.c_int(0)].value, layout.header().constants["VFT_CALIB_SAMPLES"])
+            table = self.bpf["calib"]
+            vals = sorted(table[ctypes.c_int(i)].value for i in range(n))
+            if mode == FENTRY:
+                self.bpf.detach_kretfunc(fn_name=func.encode())
+                self.bpf.detach_kfunc(fn_name=func.encode())
+            else:
+                self.bpf.detach_kretprobe(event=func)
+                self.bpf.detach_kprobe(event=func)
+            if len(vals) < 10:
+                self.warnings.append(f"floor: {mode} calibration saw {len(vals)} calls of {func}")
+                continue
+            q = statistics.quantiles(vals, n=10)
+            self.floor.modes[mode] = {"median_ns": int(statistics.median(vals)),
+                                      "p10_ns": int(q[0]), "p90_ns": int(q[-1]),
+                                      "samples": len(vals)}
+
+    def _open_buffers(self) -> None:
+        b = self.bpf
+        names = [("switches", self._on_switch), ("releases", self._on_release)]
+        if self.plan.emit_calls:
+            names.append(("calls", self._on_call))
+        for name, cb in names:
+            if self.plan.ringbuf:
+                b[name].open_ring_buffer(lambda ctx, data, size, cb=cb: cb(data))
+            else:
+                b[name].open_perf_buffer(lambda cpu, data, size, cb=cb: cb(data),
+                                         page_cnt=self.plan.ringbuf_pages // 4 or 8,
+                                         lost_cb=self._on_perf_lost)
+
+    # -- running ------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 100) -> None:
+        if self.plan.ringbuf:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+        self.assembler.tick()
+
+    def _on_switch(self, data) -> None:
+        raw = layout.decode("vft_switch", data)
+        values = {f: getattr(raw, f, 0) for f in SWITCH_FIELDS}
+        values["over_budget"] = int(raw.switch_ns > self.budget_ns)
+        self.samples += 1
+        self.assembler.switch(SwitchRecord(**values))
+
+    def _on_release(self, data) -> None:
+        r = layout.decode("vft_release", data)
+        self.assembler.release(r.pf, r.seq, r.wait_ns)
+
+    def _on_call(self, data) -> None:
+        c = layout.decode("vft_call", data)
+        if self.on_call:
+            self.on_call(CallRecord(kind=self.kinds.get(c.kind, str(c.kind)), t_ns=c.t_ns, ns=c.ns,
+                                    size=c.size, pid=c.pid, cpu=c.cpu, seq=c.seq or None))
+
+    def _on_perf_lost(self, count: int) -> None:
+        self.user_lost += count
+
+    # -- read-outs ----------------------------------------------------------------------
+    def lost_per_cpu(self) -> dict[int, int]:
+        """Records the kernel could not hand over, per CPU (all buffers)."""
+        out: dict[int, int] = {}
+        if self.bpf is None:
+            return out
+        table = self.bpf["lost"]
+        for idx in range(layout.header().constants["VFT_NR_LOST"]):
+            for cpu, v in enumerate(table[ctypes.c_int(idx)]):
+                if v:
+                    out[cpu] = out.get(cpu, 0) + int(v)
+        if self.user_lost:
+            out[-1] = self.user_lost        # perf buffer overruns, CPU not reported
+        return out
+
+    def partial_windows(self) -> int:
+        return int(self.bpf["partial"][ctypes.c_int(0)].value) if self.bpf else 0
+
+    def background(self) -> dict:
+        """Totals outside/inside windows: iommu and VFIO calls per pid, KVM exits."""
+        calls = {}
+        for k, v in self.bpf["bg_calls"].items():
+            calls.setdefault(str(k.pid), {})[self.kinds.get(k.kind, str(k.kind))] = {
+                "count": v.count, "ns": v.ns, "max_ns": v.max_ns, "bytes": v.bytes}
+        exits = []
+        for k, v in self.bpf["exits"].items():
+            exits.append({"pid": k.pid, "vcpu": k.vcpu, "reason": k.reason,
+                          "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
+        return {"calls_by_pid": calls, "kvm_exits": exits}
+
+    def close(self) -> None:
+        self.assembler.flush()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def warn(msg: str) -> None:
+    print(f"vftrace: warning: {msg}", file=sys.stderr)

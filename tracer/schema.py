@@ -1,0 +1,93 @@
+"""The record shapes shared by the BPF decoder, the statistics core and the captures.
+
+``COLUMNS`` is the contract of ``capture.csv``: its order is the CSV header order and the
+field order of ``SwitchRecord``.  New columns go at the end so older readers, which
+select columns by name, keep working.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+COLUMNS: tuple[str, ...] = (
+    "seq", "t_ns", "pf", "from_vf", "to_vf", "cpu",
+    "switch_ns", "revoke_ns", "grant_ns",
+    "unmap_calls", "unmap_ns", "unmap_max_ns", "unmap_bytes",
+    "map_calls", "map_ns", "map_max_ns", "map_bytes",
+    "sync_calls", "sync_ns",
+    "mmu_ns", "mmu_notifier_ns",
+    "kvm_exits", "exit_ns", "vcpu_kicks",
+    "blocked_accesses", "blocked_ns",
+    "source_ns", "over_budget",
+)
+
+NO_VF = -1
+"""``from_vf`` of a switch that had no outgoing VF (the first grant after idle)."""
+
+
+@dataclass(slots=True)
+class SwitchRecord:
+    """One VF switch: the revoke of ``from_vf`` and the grant of ``to_vf`` on ``pf``.
+
+    Every field is an int; durations are integer nanoseconds.  ``source_ns`` is the
+    switch source's own timing (0 when it has none); ``over_budget`` is the kernel-side
+    0/1 verdict against the budget in force when the record was made.
+    """
+    seq: int
+    t_ns: int
+    pf: int
+    from_vf: int
+    to_vf: int
+    cpu: int
+    switch_ns: int
+    revoke_ns: int
+    grant_ns: int
+    unmap_calls: int
+    unmap_ns: int
+    unmap_max_ns: int
+    unmap_bytes: int
+    map_calls: int
+    map_ns: int
+    map_max_ns: int
+    map_bytes: int
+    sync_calls: int
+    sync_ns: int
+    mmu_ns: int
+    mmu_notifier_ns: int
+    kvm_exits: int
+    exit_ns: int
+    vcpu_kicks: int
+    blocked_accesses: int
+    blocked_ns: int
+    source_ns: int
+    over_budget: int
+
+    def as_row(self) -> tuple[int, ...]:
+        """The values in ``COLUMNS`` order (what one CSV row holds)."""
+        return tuple(getattr(self, name) for name in COLUMNS)
+
+
+CALL_COLUMNS: tuple[str, ...] = ("kind", "t_ns", "ns", "size", "pid", "cpu", "seq")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One traced kernel call (iommu_map, iommu_unmap, iotlb_sync, vfio_map_dma, kvm_exit...).
+
+    ``seq`` is the switch the call belongs to, or None when it happened outside any
+    switch (it is written as an empty CSV field).
+    """
+    kind: str
+    t_ns: int
+    ns: int
+    size: int
+    pid: int
+    cpu: int
+    seq: int | None
+
+    def as_row(self) -> tuple:
+        return tuple(getattr(self, name) for name in CALL_COLUMNS)
+
+
+# The dataclasses must never drift from the column tuples that define the file formats.
+assert tuple(f.name for f in fields(SwitchRecord)) == COLUMNS
+assert tuple(f.name for f in fields(CallRecord)) == CALL_COLUMNS

@@ -1,0 +1,496 @@
+"""The one statistics core behind every front end (recorder, dashboard, reports).
+
+Memory stays bounded however long a run is: nothing per record is kept, only per-group
+sums and log-linear histograms (HDR style).  Records are accumulated into the finest
+group, one cell per (PF, from VF, to VF); the per-VF, per-PF and overall figures are
+merges of those cells made when a snapshot is taken, so the hot path touches one cell.
+
+``add()`` only queues a record; queued records are folded in by numpy in batches (at
+``BATCH`` records or at any read-out), which is what lets pure Python keep up with
+several hundred thousand switches a second.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from operator import attrgetter
+from typing import Iterable
+
+import numpy as np
+
+# --- log-linear histogram ---------------------------------------------------------------
+
+SUB_BITS = 10
+SUB = 1 << SUB_BITS            # sub-buckets per power of two
+EXACT_LIMIT = 2 * SUB          # values below this have a bucket of their own (exact)
+RELATIVE_ERROR = 1 / (2 * SUB)  # a reported value is within 0.049% of a true one
+MAX_VALUE = (1 << 62) - 1      # ~146 years in ns; larger values are clamped
+
+
+def bucket_index(value: int) -> int:
+    """The bucket of one non-negative value (the scalar twin of ``bucket_indices``)."""
+    v = min(max(int(value), 0), MAX_VALUE)
+    if v < EXACT_LIMIT:
+        return v
+    k = v.bit_length() - 1
+    return EXACT_LIMIT + (k - SUB_BITS - 1) * SUB + ((v >> (k - SUB_BITS)) - SUB)
+
+
+def bucket_indices(values: np.ndarray) -> np.ndarray:
+    v = np.clip(values.astype(np.int64, copy=False), 0, MAX_VALUE)
+    # frexp's exponent is bit_length, exactly below 2**53.  Above, float rounding can
+    # add one, but only for a value in the top sub-bucket of its octave, and the formula
+    # below then gives that same bucket (sub-bucket -1 of the next octave).
+    k = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
+    shift = np.maximum(k - SUB_BITS, 0)
+    big = EXACT_LIMIT + (k - SUB_BITS - 1) * SUB + ((v >> shift) - SUB)
+    return np.where(v < EXACT_LIMIT, v, big)
+
+
+def bucket_bounds(index: int) -> tuple[int, int]:
+    """(lowest, highest) value that falls in bucket ``index``."""
+    if index < EXACT_LIMIT:
+        return index, index
+    j = index - EXACT_LIMIT
+    shift = j // SUB + 1
+    low = (SUB + j % SUB) << shift
+    return low, low + (1 << shift) - 1
+
+
+def bucket_value(index: int) -> int:
+    """The value reported for a bucket: its middle, so the error is half a bucket."""
+    low, high = bucket_bounds(index)
+    return (low + high + 1) // 2
+
+
+class Histogram:
+    """Counts per log-linear bucket over the window of buckets seen so far, plus exact
+    min and max (so p100 and the extremes are exact)."""
+
+    __slots__ = ("base", "counts", "total", "min", "max")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.total = 0
+        self.min: int | None = None
+        self.max: int | None = None
+
+    def add(self, value: int) -> None:
+        self.add_array(np.array([value], dtype=np.int64))
+
+    def add_array(self, values: np.ndarray) -> None:
+        if values.size:
+            values = np.clip(values.astype(np.int64, copy=False), 0, MAX_VALUE)
+            idx = bucket_indices(values)
+            self.add_indices(idx, int(idx.min()), int(idx.max()),
+                             int(values.min()), int(values.max()))
+
+    def add_indices(self, idx: np.ndarray, lo: int, hi: int, vmin: int, vmax: int) -> None:
+        """Count bucket indices already computed (lo/hi are their extremes, vmin/vmax
+        the extreme values): the batch path computes them for many groups at once."""
+        self._cover(lo, hi)
+        counts = np.bincount(idx - lo)
+        self.counts[lo - self.base: lo - self.base + counts.size] += counts
+        self.total += int(idx.size)
+        self.min = vmin if self.min is None else min(self.min, vmin)
+        self.max = vmax if self.max is None else max(self.max, vmax)
+
+    def _cover(self, lo: int, hi: int) -> None:
+        """Grow the bucket window to include [lo, hi], in steps so growth is rare."""
+        end = self.base + self.counts.size
+        if self.counts.size and lo >= self.base and hi < end:
+            return
+        new_lo = lo if not self.counts.size else min(lo, self.base)
+        new_hi = hi if not self.counts.size else max(hi, end - 1)
+        new_lo = max(0, new_lo - new_lo % 256)
+        new_end = new_hi + 256 - new_hi % 256
+        grown = np.zeros(new_end - new_lo, dtype=np.int64)
+        if self.counts.size:
+            grown[self.base - new_lo: end - new_lo] = self.counts
+        self.base, self.counts = new_lo, grown
+
+    def merge(self, other: Histogram) -> None:
+        if not other.total:
+            return
+        self._cover(other.base, other.base + other.counts.size - 1)
+        start = other.base - self.base
+        self.counts[start: start + other.counts.size] += other.counts
+        self.total += other.total
+        self.min = other.min if self.min is None else min(self.min, other.min)
+        self.max = other.max if self.max is None else max(self.max, other.max)
+
+    def percentiles(self, ps: Iterable[float]) -> list[int | None]:
+        """Nearest-rank percentiles (numpy's ``inverted_cdf``), within RELATIVE_ERROR."""
+        ps = list(ps)
+        if not self.total:
+            return [None] * len(ps)
+        cumulative = np.cumsum(self.counts)
+        out = []
+        for p in ps:
+            rank = max(1, math.ceil(p / 100 * self.total - 1e-9))
+            i = int(np.searchsorted(cumulative, rank))
+            value = bucket_value(self.base + i)
+            out.append(min(max(value, self.min), self.max))
+        return out
+
+    def count_above(self, threshold: int) -> int:
+        """How many values are > threshold.  Exact unless the threshold falls inside a
+        bucket wider than 1 ns (>= EXACT_LIMIT): that bucket's count is then split
+        linearly, so only values within 0.1% of the threshold can be misplaced."""
+        if not self.total or threshold >= self.max:
+            return 0
+        if threshold < self.min:
+            return self.total
+        b = bucket_index(threshold)
+        i = b - self.base
+        above = int(self.counts[i + 1:].sum()) if i + 1 < self.counts.size else 0
+        if 0 <= i < self.counts.size and self.counts[i]:
+            low, high = bucket_bounds(b)
+            above += round(int(self.counts[i]) * (high - threshold) / (high - low + 1))
+        return above
+
+    def nbytes(self) -> int:
+        return self.counts.nbytes
+
+
+# --- per-group accumulation -------------------------------------------------------------
+
+KEY_FIELDS = ("pf", "from_vf", "to_vf", "seq")
+DIST_FIELDS = ("switch_ns", "revoke_ns", "grant_ns")
+SUM_FIELDS = (
+    "switch_ns", "revoke_ns", "grant_ns",
+    "unmap_calls", "unmap_ns", "unmap_bytes", "map_calls", "map_ns", "map_bytes",
+    "sync_calls", "sync_ns", "mmu_ns", "mmu_notifier_ns",
+    "kvm_exits", "exit_ns", "vcpu_kicks", "blocked_accesses", "blocked_ns", "source_ns",
+)
+_EXTRACT = attrgetter(*KEY_FIELDS, *SUM_FIELDS)
+_PF, _FROM, _TO, _SEQ = range(4)
+_SUMS = slice(4, 4 + len(SUM_FIELDS))
+_SWITCH = 4 + SUM_FIELDS.index("switch_ns")
+_DIST_COLS = [4 + SUM_FIELDS.index(name) for name in DIST_FIELDS]
+
+BATCH = 16384         # large enough to amortise per-group numpy calls
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+class _Cell:
+    """Everything kept for one group: counts, exact sums, three histograms."""
+
+    __slots__ = ("count", "sums", "hists", "over")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums = [0] * len(SUM_FIELDS)
+        self.hists = [Histogram() for _ in DIST_FIELDS]
+        self.over = 0
+
+    def merge(self, other: _Cell) -> None:
+        self.count += other.count
+        self.sums = [a + b for a, b in zip(self.sums, other.sums)]
+        for mine, theirs in zip(self.hists, other.hists):
+            mine.merge(theirs)
+        self.over += other.over
+
+
+# --- read-out -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    count: int
+    mean: float
+    min: int | None
+    max: int | None
+    p50: int | None
+    p90: int | None
+    p99: int | None
+    p999: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKey:
+    """``level`` is "all", "pf", "vf" (PF and incoming VF) or "pair" (PF, from -> to)."""
+    level: str
+    pf: int | None = None
+    from_vf: int | None = None
+    to_vf: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.level == "all":
+            return "all"
+        if self.level == "pf":
+            return f"pf{self.pf}"
+        if self.level == "vf":
+            return f"pf{self.pf}/vf{self.to_vf}"
+        # No spaces in a label, so the table splits cleanly with awk.
+        src = "none" if self.from_vf is not None and self.from_vf < 0 else self.from_vf
+        return f"pf{self.pf}/{src}->{self.to_vf}"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    key: GroupKey
+    count: int
+    switch: Dist
+    revoke: Dist
+    grant: Dist
+    over_budget: int
+    over_budget_share: float
+    exits_per_switch: float
+    kicks_per_switch: float
+    blocked_per_switch: float
+    blocked_ns_per_switch: float
+    unmap_calls_per_switch: float
+    unmap_bytes_per_switch: float
+    map_calls_per_switch: float
+    map_bytes_per_switch: float
+    means: dict[str, float] = field(default_factory=dict)   # every SUM_FIELDS column
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    budget_ns: int
+    records: int              # records counted (after filters)
+    ignored: int              # records the filters dropped
+    overall: GroupStats
+    per_pf: list[GroupStats]
+    per_vf: list[GroupStats]
+    per_pair: list[GroupStats]
+    seq_gaps: dict[int, int]  # PF -> seqs missing between the first and last seen
+    rate_per_s: float
+    filters: dict
+
+    @property
+    def seq_gaps_total(self) -> int:
+        return sum(self.seq_gaps.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dist(hist: Histogram, total: int) -> Dist:
+    p50, p90, p99, p999 = hist.percentiles(PERCENTILES)
+    return Dist(hist.total, total / hist.total if hist.total else 0.0,
+                hist.min, hist.max, p50, p90, p99, p999)
+
+
+def _group_stats(key: GroupKey, cell: _Cell) -> GroupStats:
+    n = cell.count
+    means = {name: (s / n if n else 0.0) for name, s in zip(SUM_FIELDS, cell.sums)}
+    sums = dict(zip(SUM_FIELDS, cell.sums))
+    return GroupStats(
+        key=key, count=n,
+        switch=_dist(cell.hists[0], sums["switch_ns"]),
+        revoke=_dist(cell.hists[1], sums["revoke_ns"]),
+        grant=_dist(cell.hists[2], sums["grant_ns"]),
+        over_budget=cell.over,
+        over_budget_share=cell.over / n if n else 0.0,
+        exits_per_switch=means["kvm_exits"],
+        kicks_per_switch=means["vcpu_kicks"],
+        blocked_per_switch=means["blocked_accesses"],
+        blocked_ns_per_switch=means["blocked_ns"],
+        unmap_calls_per_switch=means["unmap_calls"],
+        unmap_bytes_per_switch=means["unmap_bytes"],
+        map_calls_per_switch=means["map_calls"],
+        map_bytes_per_switch=means["map_bytes"],
+        means=means,
+    )
+
+
+# --- the core ---------------------------------------------------------------------------
+
+class Stats:
+    """Switch statistics, overall and per PF, per (PF, incoming VF), per (PF, from->to).
+
+    ``pfs``/``vfs`` restrict what is counted: a record is kept when its PF is in ``pfs``
+    and its incoming or outgoing VF is in ``vfs`` (a switch involves both).  Seq gaps
+    are counted over every record of a kept PF, before the VF filter, since seqs are
+    numbered per PF and a VF filter would otherwise look like loss.
+    """
+
+    def __init__(self, budget_ns: int = 100, *, pfs: Iterable[int] | None = None,
+                 vfs: Iterable[int] | None = None, rate_window_s: float = 5.0) -> None:
+        self.pfs = frozenset(pfs) if pfs is not None else None
+        self.vfs = frozenset(vfs) if vfs is not None else None
+        self.rate_window_s = rate_window_s
+        self.budget_ns = int(budget_ns)
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending: list = []
+        self._cells: dict[tuple[int, int, int], _Cell] = {}
+        self._seqs: dict[int, list[int]] = {}     # pf -> [min, max, count]
+        self._records = 0
+        self._ignored = 0
+        self._ticks: deque[list] = deque()        # [tick, arrivals] for the rate
+        self._first_arrival: float | None = None
+
+    # feeding
+
+    def add(self, rec, now: float | None = None) -> None:
+        self._pending.append(rec)
+        self._arrived(1, now)
+        if len(self._pending) >= BATCH:
+            self._flush()
+
+    def add_many(self, recs: Iterable, now: float | None = None) -> None:
+        before = len(self._pending)
+        self._pending.extend(recs)
+        self._arrived(len(self._pending) - before, now)
+        if len(self._pending) >= BATCH:
+            self._flush()
+
+    def set_budget(self, budget_ns: int) -> None:
+        """Change the budget; the over-budget counts so far are recomputed from the
+        switch histograms (see Histogram.count_above for the exactness)."""
+        self._flush()
+        self.budget_ns = int(budget_ns)
+        for cell in self._cells.values():
+            cell.over = cell.hists[0].count_above(self.budget_ns)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), BATCH):
+            self._fold(pending[start:start + BATCH])
+
+    def _fold(self, recs: list) -> None:
+        if not recs:
+            return
+        tuples = list(map(_EXTRACT, recs))
+        try:
+            rows = np.array(tuples, dtype=np.int64).reshape(len(recs), -1)
+        except OverflowError:
+            # A u64 garbage value (a negative difference in the kernel) must not stop
+            # the run: clamp into int64, where the histograms clamp it again.
+            rows = np.array([[min(max(v, -MAX_VALUE), MAX_VALUE) for v in t] for t in tuples],
+                            dtype=np.int64)
+        if self.pfs is not None:
+            rows = self._keep(rows, np.isin(rows[:, _PF], list(self.pfs)), len(recs))
+        self._track_seqs(rows)
+        if self.vfs is not None:
+            wanted = list(self.vfs)
+            rows = self._keep(rows, np.isin(rows[:, _TO], wanted) |
+                              np.isin(rows[:, _FROM], wanted), rows.shape[0])
+        if not rows.shape[0]:
+            return
+        self._records += rows.shape[0]
+        # One sort by group key makes each group a contiguous slice; per-group sums,
+        # extremes and over-budget counts then come from one reduceat each.
+        order = np.lexsort((rows[:, _TO], rows[:, _FROM], rows[:, _PF]))
+        rows = rows[order]
+        keys = rows[:, :3]
+        starts = np.concatenate(([0], np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1))
+        ends = [*starts[1:].tolist(), rows.shape[0]]
+        dists = np.clip(rows[:, _DIST_COLS], 0, MAX_VALUE)
+        idx = bucket_indices(dists)
+        sums = np.add.reduceat(rows[:, _SUMS], starts, axis=0).tolist()
+        vmins = np.minimum.reduceat(dists, starts, axis=0).tolist()
+        vmaxs = np.maximum.reduceat(dists, starts, axis=0).tolist()
+        imins = np.minimum.reduceat(idx, starts, axis=0).tolist()
+        imaxs = np.maximum.reduceat(idx, starts, axis=0).tolist()
+        over = np.add.reduceat((rows[:, _SWITCH] > self.budget_ns).astype(np.int64),
+                               starts).tolist()
+        for g, (a, b) in enumerate(zip(starts.tolist(), ends)):
+            key = tuple(keys[a].tolist())
+            cell = self._cells.get(key)
+            if cell is None:
+                cell = self._cells[key] = _Cell()
+            cell.count += b - a
+            cell.sums = [s + x for s, x in zip(cell.sums, sums[g])]
+            cell.over += over[g]
+            for m, hist in enumerate(cell.hists):
+                hist.add_indices(idx[a:b, m], imins[g][m], imaxs[g][m], vmins[g][m], vmaxs[g][m])
+
+    def _keep(self, rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+        kept = rows[mask]
+        self._ignored += n - kept.shape[0]
+        return kept
+
+    def _track_seqs(self, rows: np.ndarray) -> None:
+        # min/max/count per PF instead of "expected next": per-CPU buffers deliver
+        # records out of order, which must not count as loss.
+        for pf in np.unique(rows[:, _PF]).tolist():
+            seqs = rows[rows[:, _PF] == pf, _SEQ]
+            lo, hi, n = int(seqs.min()), int(seqs.max()), int(seqs.size)
+            seen = self._seqs.get(pf)
+            if seen is None:
+                self._seqs[pf] = [lo, hi, n]
+            else:
+                seen[0], seen[1], seen[2] = min(seen[0], lo), max(seen[1], hi), seen[2] + n
+
+    @property
+    def records(self) -> int:
+        """Records counted so far (after the filters)."""
+        self._flush()
+        return self._records
+
+    @property
+    def ignored(self) -> int:
+        """Records the filters dropped."""
+        self._flush()
+        return self._ignored
+
+    # rate
+
+    def _arrived(self, n: int, now: float | None) -> None:
+        if not n:
+            return
+        now = time.monotonic() if now is None else now
+        if self._first_arrival is None:
+            self._first_arrival = now
+        tick = int(now * 10)
+        if self._ticks and self._ticks[-1][0] == tick:
+            self._ticks[-1][1] += n
+        else:
+            self._ticks.append([tick, n])
+            horizon = tick - int(self.rate_window_s * 10)
+            while self._ticks and self._ticks[0][0] <= horizon:
+                self._ticks.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        """Records/s that arrived over the last ``rate_window_s`` seconds (0.1 s ticks);
+        over the time since the first record while the run is younger than that."""
+        if self._first_arrival is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        horizon = int(now * 10) - int(self.rate_window_s * 10)
+        arrived = sum(n for tick, n in self._ticks if tick > horizon)
+        span = min(self.rate_window_s, max(now - self._first_arrival, 1.0))
+        return arrived / span
+
+    # read-out
+
+    def seq_gaps(self) -> dict[int, int]:
+        self._flush()
+        return {pf: max(0, hi - lo + 1 - n) for pf, (lo, hi, n) in sorted(self._seqs.items())}
+
+    def memory_bytes(self) -> int:
+        """Histogram memory: bounded by groups x buckets, never by the record count."""
+        self._flush()
+        return sum(h.nbytes() for c in self._cells.values() for h in c.hists)
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        self._flush()
+        per_pf: dict = {}
+        per_vf: dict = {}
+        overall = _Cell()
+        for (pf, src, dst), cell in self._cells.items():
+            overall.merge(cell)
+            per_pf.setdefault(GroupKey("pf", pf), _Cell()).merge(cell)
+            per_vf.setdefault(GroupKey("vf", pf, None, dst), _Cell()).merge(cell)
+
+        def ordered(groups: dict) -> list[GroupStats]:
+            return [_group_stats(k, c) for k, c in sorted(
+                groups.items(), key=lambda kv: (kv[0].pf, kv[0].from_vf or 0, kv[0].to_vf or 0))]
+
+        pairs = {GroupKey("pair", *key): cell for key, cell in self._cells.items()}
+        filters = {"pfs": sorted(self.pfs) if self.pfs is not None else None,
+                   "vfs": sorted(self.vfs) if self.vfs is not None else None}
+        return Snapshot(
+            budget_ns=self.budget_ns, records=self._records, ignored=self._ignored,
+            overall=_group_stats(GroupKey("all"), overall),
+            per_pf=ordered(per_pf), per_vf=ordered(per_vf), per_pair=ordered(pairs),
+            seq_gaps=self.seq_gaps(), rate_per_s=self.rate(now), filters=filters)
