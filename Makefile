@@ -22,7 +22,7 @@ kmod:
 	@sh scripts/build-kmod.sh
 
 lab: setup
-	$(VENV)/bin/vftrace lab --pfs $(PFS) $(if $(KERNEL),--kernel $(KERNEL))
+	$(VENV)/bin/vftrace lab --pf-sched --pfs $(PFS) $(if $(KERNEL),--kernel $(KERNEL))
 
 test: setup
 	$(PY) -m pytest

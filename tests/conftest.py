@@ -75,8 +75,11 @@ class LabRun:
         RESULTS.mkdir(parents=True, exist_ok=True)
         xml = RESULTS / f"{self.release}.xml"
         xml.unlink(missing_ok=True)
+        # The test ids go through a file: the guest command must fit the kernel cmdline.
+        ids = RESULTS / f"{self.release}.tests"
+        ids.write_text("\n".join(self.nodeids) + "\n")
         inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
-                 f"--junitxml={xml}", "-o", "junit_family=xunit2", *self.nodeids]
+                 f"--junitxml={xml}", "-o", "junit_family=xunit2", f"@{ids}"]
         cmd = [sys.executable, "-m", "tracer.cli", "lab", "--kernel", self.release,
                "--pfs", str(LAB_PFS), "--timeout", str(LAB_TIMEOUT_S), "--", *inner]
         with open(self.log, "w") as log:

@@ -18,7 +18,7 @@ MAX_PENDING_RELEASES = 65536
 
 
 class Assembler:
-    def __init__(self, emit: Callable[[SwitchRecord], None], hold_ns: int = 50_000_000,
+    def __init__(self, emit: Callable[[SwitchRecord], None], hold_ns: int = 250_000_000,
                  clock: Callable[[], int] = time.monotonic_ns):
         self.emit, self.hold_ns, self.clock = emit, hold_ns, clock
         self.held: OrderedDict[tuple[int, int], tuple[int, SwitchRecord]] = OrderedDict()

@@ -11,6 +11,7 @@ EPILOG = """examples:
   vftrace record -o cap.csv -d 10     # 10 s of pf_sched switches to cap.csv (+ cap.meta.json)
   vftrace record -o cap.csv --switch func:my_pf_switch --budget-ns 500
   vftrace lab                         # a shell in the lab VM (newest kernel, one PF)
+  vftrace lab -P --pfs 2              # the same with pf_sched switching on two PFs
   vftrace lab --kernel 6.1 --pfs 2 -- vftrace doctor
   vftrace lab --timeout 600 -- python -m pytest tests/lab
 """
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "IOMMU, one edu PCI device per PF) with the repository shared read-write, "
                     "run CMD there and return its exit status.",
         epilog="examples:\n  vftrace lab\n  vftrace lab -k 6.1 -- vftrace doctor\n"
-               "  vftrace lab -k 6.12 --pfs 2 -t 900 -- python -m pytest tests/lab",
+               "  vftrace lab -k 6.12 --pfs 2 -t 900 -- python -m pytest tests/lab\n"
+               "  vftrace lab -P --pfs 2 -- vftrace record -o build/cap.csv -d 10",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     lab.add_argument("-k", "--kernel", help="6.1, 6.12, a release string or a vmlinuz path "
                      "(default: the newest installed)")
@@ -52,10 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-c", "--cpus", type=int, default=2, help="guest CPUs (default 2)")
     lab.add_argument("-m", "--memory", default="2G", help="guest memory (default 2G)")
     lab.add_argument("-t", "--timeout", type=float, help="stop the VM after this many seconds")
+    lab.add_argument("--boot-timeout", type=float, default=150,
+                     help="retry the boot when CMD has not started after this many seconds "
+                          "(default 150; up to 3 attempts)")
     lab.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                      help="auto probes once whether KVM boots a standard kernel here")
+    lab.add_argument("-P", "--pf-sched", action="store_true",
+                     help="start pf_sched on every PF before CMD (or the shell)")
     lab.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
     lab.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: what to run in the guest")
+    pf = sub.add_parser(
+        "pf-sched", help="load/unload pf_sched on the lab's edu devices (in the lab VM)",
+        epilog="examples:\n  vftrace pf-sched up --slice-us 500 --unmap-mode batched\n"
+               "  vftrace pf-sched status\n  vftrace pf-sched down",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pf.add_argument("action", choices=("up", "down", "status"))
+    pf.add_argument("--slice-us", type=int, help="time slice per VF (default 2000)")
+    pf.add_argument("--nr-vfs", type=int, help="VFs per PF (default 4)")
+    pf.add_argument("--bar-pages", type=int, help="pages per VF BAR (default 4)")
+    pf.add_argument("--unmap-mode", choices=("strict", "batched"), help="IOTLB sync per unmap or per switch")
+
     rec = sub.add_parser(
         "record", help="record switch timings to a CSV capture (headless)",
         description="Attach vftrace's BPF program and write one row per VF switch to a CSV "
@@ -89,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from . import doctor
             return doctor.main(args)
+        if args.command == "pf-sched":
+            from . import labguest
+            try:
+                return labguest.main(args)
+            except (labguest.GuestError, OSError) as e:
+                raise UsageError(f"vftrace pf-sched: error: {e}") from None
         if args.command == "record":
             from . import record
             try:

@@ -41,7 +41,7 @@ def program_text(plan: Plan, calib_tgid: int) -> str:
 
 class Engine:
     def __init__(self, plan: Plan, *, budget_ns: int, on_switch: Callable[[SwitchRecord], None],
-                 on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 50_000_000):
+                 on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 250_000_000):
         self.plan, self.budget_ns, self.on_call = plan, budget_ns, on_call
         self.assembler = Assembler(on_switch, hold_ns)
         self.kinds = layout.header().kinds()

@@ -28,6 +28,12 @@ MODULES = Path("/lib/modules")
 KVM_OK_MARK = "VFTRACE_KVM_BOOTED"
 KVM_PROBE_TIMEOUT = 90
 STOP_GRACE_S = 5.0
+BOOT_TIMEOUT_S = 150      # a TCG boot takes ~20 s; ~60 s on a loaded 2-core machine
+BOOT_ATTEMPTS = 3
+BOOT_HANG = -1            # run_vm's verdict when the guest never started the command
+# virtme-ng hands --exec to the guest base64-encoded on the kernel command line, which
+# x86 truncates at 2048 bytes (COMMAND_LINE_SIZE) with its own ~700 bytes of parameters.
+MAX_GUEST_CMD = 900
 
 
 class LabError(Exception):
@@ -115,7 +121,7 @@ def kvm_usable() -> bool:
 
 
 def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
-             share: Path, guest_cmd: str | None) -> list[str]:
+             share: Path, guest_cmd: str | None, shell: Path | None = None) -> list[str]:
     qemu_opts = ["-device", "intel-iommu,intremap=on,caching-mode=on"]
     if accel == "kvm":
         qemu_opts += ["-machine", "kernel-irqchip=split"]   # intremap needs a split irqchip
@@ -127,19 +133,26 @@ def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
         argv.append("--disable-kvm")
     if guest_cmd is not None:
         argv += ["--exec", guest_cmd]
+    elif shell is not None:
+        argv += ["--shell", str(shell)]
     return argv
 
 
-def guest_command(cmd: list[str], share: Path, pfs: int) -> str:
-    """The shell line the guest runs: in the shared tree, with the lab's environment."""
-    env = {"VFTRACE_LAB": "1", "VFTRACE_LAB_PFS": str(pfs)}
+def guest_command(cmd: list[str], share: Path, pfs: int, pf_sched: bool = False,
+                  started: Path | None = None) -> str:
+    """The shell line the guest runs: in the shared tree, with the lab's environment.
+
+    It first creates ``started`` (in the shared tree) so the host knows the boot is over."""
+    env = {"VFTRACE_LAB": "1", "VFTRACE_LAB_PFS": str(pfs), "PYTHONUNBUFFERED": "1"}
     for passthrough in ("CI", "VFTRACE_BUDGET_NS", "PYTEST_ADDOPTS", "TERM", "COLUMNS", "LINES"):
         if passthrough in os.environ:
             env[passthrough] = os.environ[passthrough]
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     venv_bin = shlex.quote(str(Path(sys.executable).parent))
-    return (f"cd {shlex.quote(str(share))} && export {exports} PATH={venv_bin}:$PATH "
-            f"&& exec {shlex.join(cmd)}")
+    mark = f": > {shlex.quote(str(started))} && " if started else ""
+    start = "vftrace pf-sched up >&2 && " if pf_sched else ""
+    return (f"{mark}cd {shlex.quote(str(share))} && export {exports} PATH={venv_bin}:$PATH "
+            f"&& {start}exec {shlex.join(cmd)}")
 
 
 def _child_env() -> dict[str, str]:
@@ -172,10 +185,12 @@ class _Stop(Exception):
         self.signum = signum
 
 
-def run_vm(argv: list[str], timeout: float | None, interactive: bool) -> int:
+def run_vm(argv: list[str], timeout: float | None, interactive: bool,
+           started: Path | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> int:
     """Run vng in its own process group; return the guest's exit status.
 
-    124 on timeout (like coreutils' timeout), 128+N when stopped by signal N."""
+    124 on timeout (like coreutils' timeout), 128+N when stopped by signal N, BOOT_HANG
+    when ``started`` did not appear within ``boot_timeout`` (the VM is stopped)."""
     stdin = None if interactive or not sys.stdin.isatty() else subprocess.DEVNULL
     proc = subprocess.Popen(argv, env=_child_env(), stdin=stdin, process_group=0)
     tty_fd = None
@@ -189,13 +204,26 @@ def run_vm(argv: list[str], timeout: float | None, interactive: bool) -> int:
         raise _Stop(signum)
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    deadline = time.monotonic() + timeout if timeout else None
+    t0 = time.monotonic()
+    deadline = t0 + timeout if timeout else None
+    boot_deadline = t0 + boot_timeout if started else None
     try:
         while True:
+            now = time.monotonic()
+            wake = min(d for d in (deadline, boot_deadline, now + 3600) if d is not None)
+            step = wake - now if boot_deadline is None else min(wake - now, 0.5)
             try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return proc.wait(timeout=left)
+                return proc.wait(timeout=max(0.0, step))
             except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if boot_deadline is not None:
+                if started.exists():
+                    boot_deadline = None
+                elif now >= boot_deadline:
+                    _stop_group(proc)
+                    return BOOT_HANG
+            if deadline is not None and now >= deadline:
                 print(f"vftrace lab: timed out after {timeout:g} s; stopping the VM", file=sys.stderr)
                 _stop_group(proc)
                 return 124
@@ -266,6 +294,10 @@ def main(args) -> int:
         raise LabError(f"--cpus {args.cpus}: give 1 to 64")
     if not re.fullmatch(r"\d+[MG]", args.memory):
         raise LabError(f"--memory {args.memory}: give a size like 2G or 1536M")
+    if args.pf_sched and args.pfs < 1:
+        raise LabError("--pf-sched needs at least one PF (--pfs N)")
+    if args.boot_timeout <= 0:
+        raise LabError(f"--boot-timeout {args.boot_timeout}: give a positive number of seconds")
     if args.timeout is not None and args.timeout <= 0:
         raise LabError(f"--timeout {args.timeout}: give a positive number of seconds")
     cmd = list(args.cmd)
@@ -274,16 +306,37 @@ def main(args) -> int:
     kernel = resolve_kernel(args.kernel, installed_kernels())
     share = share_dir()
     interactive = not cmd
-    if interactive and not sys.stdin.isatty():
+    if interactive and not sys.stdin.isatty() and not args.dry_run:
         raise LabError("no command given and stdin is not a terminal: pass `-- CMD...`")
     qemu_version()
     accel, why = ("tcg", "dry run") if args.dry_run and args.accel == "auto" else \
         choose_accel(args.accel, kernel)
+    shell = (paths.source_tree() or share) / "scripts" / "lab-shell.sh" if args.pf_sched else None
+    started = None if interactive else share / "build" / ".lab-run" / f"started-{os.getpid()}"
     argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
-                    share=share, guest_cmd=None if interactive else guest_command(cmd, share, args.pfs))
+                    share=share, shell=shell,
+                    guest_cmd=None if interactive else guest_command(cmd, share, args.pfs,
+                                                                     args.pf_sched, started))
+    if not interactive and len(argv[-1]) > MAX_GUEST_CMD:
+        raise LabError(f"the command is {len(argv[-1])} bytes with the lab's set-up, over the "
+                       f"{MAX_GUEST_CMD} that fit on the guest kernel's command line; "
+                       "put it in a script in the shared tree and run that")
     if args.dry_run:
         print(shlex.join(argv))
         return 0
     print(f"vftrace lab: {kernel.release}, {accel.upper()} ({why}), {args.pfs} PF(s), "
           f"{args.cpus} CPUs, {args.memory}; sharing {share}", file=sys.stderr)
-    return run_vm(argv, args.timeout, interactive)
+    if started is None:
+        return run_vm(argv, args.timeout, interactive)
+    started.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            started.unlink(missing_ok=True)
+            rc = run_vm(argv, args.timeout, interactive, started, args.boot_timeout)
+            if rc != BOOT_HANG:
+                return rc
+            print(f"vftrace lab: the guest did not start the command within {args.boot_timeout:g} s "
+                  f"(a stuck boot); attempt {attempt} of {BOOT_ATTEMPTS}", file=sys.stderr)
+        raise LabError(f"the VM did not boot in {BOOT_ATTEMPTS} attempts of {args.boot_timeout:g} s")
+    finally:
+        started.unlink(missing_ok=True)

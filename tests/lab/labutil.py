@@ -13,58 +13,13 @@ import platform
 import subprocess
 from pathlib import Path
 
+from tracer.labguest import bind, current_driver, edu_devices, kmod_path, unbind  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
-EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
-PCI = Path("/sys/bus/pci")
 
 
 def kernel_release() -> str:
     return platform.release()
-
-
-def kmod_path(name: str = "pf_sched") -> Path:
-    """The module built for the running kernel by ``make kmod`` (build/kmod/<release>/)."""
-    return REPO / "build" / "kmod" / kernel_release() / f"{name}.ko"
-
-
-def edu_devices() -> list[str]:
-    """PCI names (0000:00:0a.0, ...) of the lab's edu devices, in bus order."""
-    found = []
-    for dev in sorted((PCI / "devices").iterdir()):
-        if (dev / "vendor").read_text().strip() == EDU_VENDOR and \
-                (dev / "device").read_text().strip() == EDU_DEVICE:
-            found.append(dev.name)
-    return found
-
-
-def current_driver(bdf: str) -> str | None:
-    link = PCI / "devices" / bdf / "driver"
-    return link.resolve().name if link.exists() else None
-
-
-def unbind(bdf: str) -> None:
-    drv = current_driver(bdf)
-    if drv:
-        (PCI / "drivers" / drv / "unbind").write_text(bdf)
-    (PCI / "devices" / bdf / "driver_override").write_text("\n")
-
-
-def bind(bdf: str, driver: str) -> None:
-    """Hand ``bdf`` to ``driver`` through driver_override (the driver must be loaded)."""
-    unbind(bdf)
-    (PCI / "devices" / bdf / "driver_override").write_text(driver)
-    (PCI / "drivers_probe").write_text(bdf)
-    if current_driver(bdf) != driver:
-        raise RuntimeError(f"{bdf}: {driver} did not bind (see dmesg)")
-
-
-@contextlib.contextmanager
-def bound_to(bdf: str, driver: str):
-    bind(bdf, driver)
-    try:
-        yield bdf
-    finally:
-        unbind(bdf)
 
 
 def free_edu_devices() -> list[str]:

@@ -156,3 +156,87 @@ def test_ebpf_prints_the_program_with_its_defines():
                            timeout=120)
     assert r.returncode == 0, r.stderr
     assert "#define MAP_MODE " in r.stdout and "struct vft_switch {" in r.stdout
+
+
+def test_kvm_exits_during_switches_are_attributed_to_windows(pfs):
+    """A real KVM guest exits continuously while the PFs switch."""
+    from tracer.workloads import kvm
+    stop = threading.Event()
+    seen = []
+
+    def guest():
+        while not stop.is_set():
+            with kvm.TinyVM(kvm.io_loop_code(port=0x10, count=200)) as vm:
+                seen.extend(vm.run_until_hlt())
+
+    pfsched.set_enabled(False)
+    rec = Recorder("kvm")
+    t = threading.Thread(target=guest)
+    t.start()
+    try:
+        window(pfs, lambda: time.sleep(3))
+    finally:
+        stop.set()
+        t.join()
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    assert meta["probe_modes"]["kvm_exit"] == "tracepoint"
+    mine = [e for e in meta["background"]["kvm_exits"] if e["pid"] == os.getpid()]
+    total = sum(e["count"] for e in mine)
+    inside = sum(e["count"] for e in mine if e["in_window"])
+    assert total >= len(seen) > 0          # every exit to user space was a kvm_exit too
+    assert 0 < inside < total
+    # An exit that began while two PFs' windows were open counts in both rows.
+    assert sum(r.kvm_exits for r in rows) >= inside
+    assert sum(r.exit_ns for r in rows) > 0
+
+
+def test_blocked_accesses_join_the_switch_that_released_them(pfs):
+    """Trapped reads of a VF that is off block until a switch grants it."""
+    import mmap as _mmap  # noqa: F401  (pread is enough: the trapped form)
+    bdf = pfs[0]
+    st = pfsched.stats(bdf)
+    dev = f"/dev/pf_sched{st['pf']}"
+    bar = st["bar_pages"] * 4096
+    stop = threading.Event()
+
+    def reader():
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            while not stop.is_set():
+                for vf in range(st["nr_vfs"]):
+                    os.pread(fd, 4, vf * bar)
+        finally:
+            os.close(fd)
+
+    pfsched.set_enabled(False)
+    rec = Recorder("blocked")
+    t = threading.Thread(target=reader)
+    before, after = {}, {}
+
+    def body():
+        t.start()
+        time.sleep(3)
+        stop.set()
+        t.join()
+
+    before, after = window(pfs, body)
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    b, a = before[bdf], after[bdf]
+    mine = [r for r in rows if r.pf == a["pf"]]
+    released = a["blocked_accesses"] - b["blocked_accesses"]
+    assert released > 0
+    assert sum(r.blocked_accesses for r in mine) + meta["late_releases"] == released
+    assert meta["late_releases"] == 0 and meta["orphan_releases"] == 0
+    assert sum(r.blocked_ns for r in mine) == a["blocked_wait_ns"] - b["blocked_wait_ns"]
+
+
+def test_perf_buffer_fallback_records_every_switch(pfs):
+    pfsched.set_enabled(False)
+    rec = Recorder("perfbuf", "--perf-buffer")
+    before, after = window(pfs, lambda: time.sleep(2))
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    assert meta["buffer"] == "perf" and meta["lost_total"] == 0
+    assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())

@@ -43,3 +43,8 @@ def test_version_and_help_name_every_subcommand():
         assert sub in help_text
     assert "examples:" in help_text
     assert "examples:" in vftrace("lab", "--help").stdout
+
+
+def test_a_lab_command_too_long_for_the_kernel_cmdline_is_refused():
+    r = vftrace("lab", "--dry-run", "--", "echo", "x" * 2000)
+    assert r.returncode == 2 and "kernel's command line" in r.stderr

@@ -123,3 +123,17 @@ def test_signal_stops_the_vm_and_leaves_no_process(sig, tmp_path):
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not group_alive(pgid), "a process of the VM's group outlived the runner"
+
+
+def test_boot_watchdog_stops_a_vm_that_never_starts_the_command(tmp_path):
+    started = tmp_path / "started"
+    t0 = time.monotonic()
+    rc = lab.run_vm(SLEEPER, timeout=None, interactive=False, started=started, boot_timeout=1.0)
+    assert rc == lab.BOOT_HANG and time.monotonic() - t0 < 15
+
+
+def test_boot_watchdog_lets_a_started_command_run_to_its_exit_status(tmp_path):
+    started = tmp_path / "started"
+    argv = ["sh", "-c", f": > {started}; sleep 2; exit 3"]
+    assert lab.run_vm(argv, timeout=None, interactive=False, started=started,
+                      boot_timeout=1.0) == 3
