@@ -85,8 +85,15 @@ class LabRun:
         with open(self.log, "w") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL).returncode
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            try:
+                rc = proc.wait()
+            except BaseException:
+                # SIGTERM, not SIGKILL: `vftrace lab` stops its VM before it exits.
+                proc.terminate()
+                proc.wait(timeout=60)
+                raise
         if not xml.exists():
             self.problem = (f"the lab VM ({self.release}) produced no results (exit {rc}); "
                             f"see {self.log}:\n{self.tail()}")
@@ -165,7 +172,9 @@ def pytest_collection_modifyitems(session, config, items):
     for release in lab_kernels():
         label = release.split("-")[0] if not release.startswith("missing:") else release
         for item in lab:
-            proxies.append(LabProxy.from_parent(
-                item.parent, name=f"{item.name}@{label}", release=release,
-                inner_nodeid=item.nodeid, group=group))
+            proxy = LabProxy.from_parent(item.parent, name=f"{item.name}@{label}",
+                                         release=release, inner_nodeid=item.nodeid, group=group)
+            # The first proxy of a kernel waits for that kernel's whole lab run.
+            proxy.add_marker(pytest.mark.timeout(LAB_TIMEOUT_S + 120))
+            proxies.append(proxy)
     items[:] = rest + proxies

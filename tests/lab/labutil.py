@@ -22,6 +22,15 @@ def kernel_release() -> str:
     return platform.release()
 
 
+@contextlib.contextmanager
+def bound_to(bdf: str, driver: str):
+    bind(bdf, driver)
+    try:
+        yield bdf
+    finally:
+        unbind(bdf)
+
+
 def free_edu_devices() -> list[str]:
     return [d for d in edu_devices() if current_driver(d) is None]
 

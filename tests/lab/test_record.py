@@ -240,3 +240,15 @@ def test_perf_buffer_fallback_records_every_switch(pfs):
     pfsched.set_enabled(True)
     assert meta["buffer"] == "perf" and meta["lost_total"] == 0
     assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+
+
+def test_switch_tp_window_on_any_pair_of_tracepoints(pfs):
+    pfsched.set_enabled(False)
+    rec = Recorder("tp", "--switch", "tp:pf_sched:vf_switch_begin,pf_sched:vf_switch_end")
+    before, after = window(pfs, lambda: time.sleep(2))
+    meta, rows, _ = rec.stop()
+    pfsched.set_enabled(True)
+    assert meta["probe_modes"]["switch"] == "tp"
+    n = sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+    assert len(rows) == n and sorted(r.seq for r in rows) == list(range(1, n + 1))
+    assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in rows)
