@@ -461,6 +461,12 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 		__sync_fetch_and_add(&w->rec.kvm_exits, 1);
 		e.open_mask |= 1u << i;
 	}
+	/* Counted now: a vCPU whose VM is torn down never enters again. */
+	struct vft_exit_key k = { .pid = bpf_get_current_pid_tgid() >> 32, .vcpu = e.vcpu,
+				  .reason = e.reason, .in_window = e.open_mask != 0 };
+	struct vft_exit_val zero = {}, *v = exits.lookup_or_try_init(&k, &zero);
+	if (v)
+		__sync_fetch_and_add(&v->count, 1);
 	exit_starts.update(&tid, &e);
 	return 0;
 }
@@ -494,11 +500,9 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	}
 	struct vft_exit_key k = { .pid = id >> 32, .vcpu = e->vcpu, .reason = e->reason,
 				  .in_window = e->open_mask != 0 };
-	struct vft_exit_val zero = {}, *v = exits.lookup_or_try_init(&k, &zero);
-	if (v) {
-		__sync_fetch_and_add(&v->count, 1);
+	struct vft_exit_val *v = exits.lookup(&k);
+	if (v)
 		__sync_fetch_and_add(&v->ns, ns);
-	}
 	emit_call(args, VFT_KVM_EXIT, e->ts, ns, e->reason, seq, pf, e->vcpu);
 	exit_starts.delete(&tid);
 	return 0;

@@ -82,12 +82,15 @@ class LabRun:
                  f"--junitxml={xml}", "-o", "junit_family=xunit2", f"@{ids}"]
         cmd = [sys.executable, "-m", "tracer.cli", "lab", "--kernel", self.release,
                "--pfs", str(LAB_PFS), "--timeout", str(LAB_TIMEOUT_S), "--", *inner]
-        with open(self.log, "w") as log:
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+        # Through a pipe: QEMU reopens its stdout by path, which would truncate a file.
+        with open(self.log, "wb") as log:
+            log.write(f"$ {' '.join(cmd)}\n".encode())
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
+                for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                    log.write(chunk)
+                    log.flush()
                 rc = proc.wait()
             except BaseException:
                 # SIGTERM, not SIGKILL: `vftrace lab` stops its VM before it exits.

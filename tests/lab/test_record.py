@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -159,32 +158,31 @@ def test_ebpf_prints_the_program_with_its_defines():
 
 
 def test_kvm_exits_during_switches_are_attributed_to_windows(pfs):
-    """A real KVM guest exits continuously while the PFs switch."""
-    from tracer.workloads import kvm
-    stop = threading.Event()
-    seen = []
-
-    def guest():
-        while not stop.is_set():
-            with kvm.TinyVM(kvm.io_loop_code(port=0x10, count=200)) as vm:
-                seen.extend(vm.run_until_hlt())
-
+    """A real KVM guest, in its own process as a VMM would be, exits while the PFs switch."""
     pfsched.set_enabled(False)
     rec = Recorder("kvm")
-    t = threading.Thread(target=guest)
-    t.start()
-    try:
-        window(pfs, lambda: time.sleep(3))
-    finally:
-        stop.set()
-        t.join()
+    guest = {}
+
+    def body():
+        guest["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "tracer.workloads.kvm", "--seconds", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = guest["proc"].communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            guest["proc"].kill()
+            raise AssertionError("the KVM guest did not finish: KVM_RUN never returned")
+        assert guest["proc"].returncode == 0, err
+        guest["exits"] = int(out)
+
+    window(pfs, body)
     meta, rows, _ = rec.stop()
     pfsched.set_enabled(True)
     assert meta["probe_modes"]["kvm_exit"] == "tracepoint"
-    mine = [e for e in meta["background"]["kvm_exits"] if e["pid"] == os.getpid()]
-    total = sum(e["count"] for e in mine)
-    inside = sum(e["count"] for e in mine if e["in_window"])
-    assert total >= len(seen) > 0          # every exit to user space was a kvm_exit too
+    theirs = [e for e in meta["background"]["kvm_exits"] if e["pid"] == guest["proc"].pid]
+    total = sum(e["count"] for e in theirs)
+    inside = sum(e["count"] for e in theirs if e["in_window"])
+    assert total >= guest["exits"] > 0     # every exit to user space was a kvm_exit too
     assert 0 < inside < total
     # An exit that began while two PFs' windows were open counts in both rows.
     assert sum(r.kvm_exits for r in rows) >= inside
@@ -193,7 +191,6 @@ def test_kvm_exits_during_switches_are_attributed_to_windows(pfs):
 
 def test_blocked_accesses_join_the_switch_that_released_them(pfs):
     """Trapped reads of a VF that is off block until a switch grants it."""
-    import mmap as _mmap  # noqa: F401  (pread is enough: the trapped form)
     bdf = pfs[0]
     st = pfsched.stats(bdf)
     dev = f"/dev/pf_sched{st['pf']}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.need import need
+
 REPO = Path(__file__).resolve().parents[2]
 KMOD = REPO / "kmod"
 NO_HEADERS = "no kernel headers under /lib/modules/*/build: run make setup"
@@ -34,9 +36,9 @@ def test_kmod_sources_present():
                          ids=lambda d: d.parent.name if d else "none")
 def test_kmod_builds_without_warnings(kdir, tmp_path):
     if kdir is None:
-        pytest.skip(NO_HEADERS)
+        need(False, NO_HEADERS)
     if shutil.which("make") is None:
-        pytest.skip("make is not installed")
+        need(False, "make is not installed (apt-get install make)")
     out = tmp_path / "kmod"
     out.mkdir()
     for pattern in ("Kbuild", "Makefile", "*.c", "*.h"):

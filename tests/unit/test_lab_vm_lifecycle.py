@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.need import need
 from tracer import lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,10 +28,7 @@ def require_lab():
         why = "no lab kernel in /boot with /lib/modules (make setup installs them)"
     elif not (Path(sys.executable).parent / "vng").exists() and not shutil.which("vng"):
         why = "virtme-ng (vng) missing from the environment (make setup)"
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot run in CI: {why}")
-        pytest.skip(why)
+    need(why is None, why or "")
 
 
 def qemu_pids(memory: str) -> list[int]:

@@ -122,3 +122,23 @@ class TinyVM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run tiny VMs back to back for a while; print how many exits reached user space."""
+    import argparse
+    import time
+    p = argparse.ArgumentParser(prog="python -m tracer.workloads.kvm")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--outs", type=int, default=200, help="port writes per VM run")
+    args = p.parse_args(argv)
+    exits, deadline = 0, time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        with TinyVM(io_loop_code(port=0x10, count=args.outs)) as vm:
+            exits += len(vm.run_until_hlt())
+    print(exits)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
