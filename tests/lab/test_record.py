@@ -157,38 +157,6 @@ def test_ebpf_prints_the_program_with_its_defines():
     assert "#define MAP_MODE " in r.stdout and "struct vft_switch {" in r.stdout
 
 
-def test_kvm_exits_during_switches_are_attributed_to_windows(pfs):
-    """A real KVM guest, in its own process as a VMM would be, exits while the PFs switch."""
-    pfsched.set_enabled(False)
-    rec = Recorder("kvm")
-    guest = {}
-
-    def body():
-        guest["proc"] = subprocess.Popen(
-            [sys.executable, "-m", "tracer.workloads.kvm", "--seconds", "3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = guest["proc"].communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            guest["proc"].kill()
-            raise AssertionError("the KVM guest did not finish: KVM_RUN never returned")
-        assert guest["proc"].returncode == 0, err
-        guest["exits"] = int(out)
-
-    window(pfs, body)
-    meta, rows, _ = rec.stop()
-    pfsched.set_enabled(True)
-    assert meta["probe_modes"]["kvm_exit"] == "tracepoint"
-    theirs = [e for e in meta["background"]["kvm_exits"] if e["pid"] == guest["proc"].pid]
-    total = sum(e["count"] for e in theirs)
-    inside = sum(e["count"] for e in theirs if e["in_window"])
-    assert total >= guest["exits"] > 0     # every exit to user space was a kvm_exit too
-    assert 0 < inside < total
-    # An exit that began while two PFs' windows were open counts in both rows.
-    assert sum(r.kvm_exits for r in rows) >= inside
-    assert sum(r.exit_ns for r in rows) > 0
-
-
 def test_blocked_accesses_join_the_switch_that_released_them(pfs):
     """Trapped reads of a VF that is off block until a switch grants it."""
     bdf = pfs[0]
