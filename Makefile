@@ -4,12 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PFS    ?= 2
 KERNEL ?=
+MODE   ?= mmap
+VMS    ?= 2
 
-.PHONY: all setup lab test unit kmod clean help
+.PHONY: all setup lab shell test unit kmod clean help
 all: help
 
 help:
-	@echo "make lab    boot the lab VM (newest kernel; KERNEL=6.1 for the other) with pf_sched"
+	@echo "make lab    the lab VM: pf_sched, KVM guests on its VFs, the live dashboard (KERNEL=6.1, MODE=trap)"
+	@echo "make shell  the lab VM with pf_sched switching, in a shell"
 	@echo "make test   run every test: unit tests here, lab tests in a VM per kernel"
 	@echo "make unit   only the unit tests (no VM, no root)"
 	@echo "make setup  install what is missing (Debian packages, kernels, .venv, pf_sched)"
@@ -21,7 +24,12 @@ setup:
 kmod:
 	@sh scripts/build-kmod.sh
 
+# The main job: pf_sched switching, KVM guests on its VFs, and the live dashboard; q quits
+# the dashboard and shuts the VM down.  MODE=trap for trapped BARs.
 lab: setup
+	$(VENV)/bin/vftrace lab --mode $(MODE) --pfs $(PFS) --vms $(VMS) $(if $(KERNEL),--kernel $(KERNEL))
+
+shell: setup
 	$(VENV)/bin/vftrace lab --pf-sched --pfs $(PFS) $(if $(KERNEL),--kernel $(KERNEL))
 
 test: setup

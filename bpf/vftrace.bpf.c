@@ -75,7 +75,7 @@ BPF_ARRAY(armed, u32, 1);
 
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
-BPF_RINGBUF_OUTPUT(releases, 16);
+BPF_RINGBUF_OUTPUT(releases, 64);     /* a zap can release every guest vCPU at once */
 #if EMIT_CALLS
 BPF_RINGBUF_OUTPUT(calls, RINGBUF_PAGES);
 #endif
@@ -158,7 +158,8 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	struct window *w = windows.lookup(&tid);
 
 	if (!w) {
-		u64 *p = partial.lookup(&zero);
+		/* Before arming every end is unmatched (begins are gated): not a loss. */
+		u64 *p = is_armed() ? partial.lookup(&zero) : 0;
 		if (p)
 			__sync_fetch_and_add(p, 1);
 		return 0;

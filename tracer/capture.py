@@ -294,9 +294,12 @@ class CallWriter(_CsvSink):
         self.close()
 
 
+_CALL_SEQ = CALL_COLUMNS.index("seq")
+
+
 def _call_row(rec: CallRecord) -> tuple:
     row = rec.as_row()
-    return row if row[-1] is not None else (*row[:-1], "")
+    return row if row[_CALL_SEQ] is not None else (*row[:_CALL_SEQ], "", *row[_CALL_SEQ + 1:])
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -347,10 +350,11 @@ def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
         if len(set(header)) != len(header):
             dup = sorted({c for c in header if header.count(c) > 1})
             raise CaptureError(f"{path}: duplicate columns in header: {', '.join(dup)}")
-        missing = [c for c in columns if c not in header]
+        missing = [c for c in columns if c not in header and c not in optional]
         if missing:
             raise CaptureError(f"{path}: header lacks column(s): {', '.join(missing)}")
-        where = [header.index(c) for c in columns]
+        # An optional column an older writer did not have reads as "0".
+        where = [header.index(c) if c in header else None for c in columns]
         width = len(header)
         for fields in reader:
             if not last_whole[0]:
@@ -362,7 +366,7 @@ def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
             if len(fields) != width:
                 raise CaptureError(f"{path}: line {reader.line_num}: {len(fields)} fields, "
                                    f"header has {width}")
-            yield reader.line_num, [fields[i] for i in where]
+            yield reader.line_num, [fields[i] if i is not None else "0" for i in where]
 
 
 def _bad(path: Path, line: int, column: str, value: str) -> CaptureError:
@@ -402,11 +406,14 @@ def read_capture(path: str | os.PathLike, require_meta: bool = True
     return meta, records, problems
 
 
+CALL_COLUMNS_ADDED = frozenset({"tid", "vcpu", "pf"})   # absent from 0.1.0's call files
+
+
 def iter_calls(path: str | os.PathLike,
                problems: list[str] | None = None) -> Iterator[CallRecord]:
     """Stream a per-call CSV."""
     path = Path(path)
-    for line, (kind, *nums) in _rows(path, CALL_COLUMNS, problems):
+    for line, (kind, *nums) in _rows(path, CALL_COLUMNS, problems, CALL_COLUMNS_ADDED):
         values = []
         for name, value in zip(CALL_COLUMNS[1:], nums):
             if name == "seq" and value == "":

@@ -5,6 +5,13 @@ import argparse
 import sys
 
 from . import __version__
+from .errors import VftraceError
+
+# Subcommands whose parsers and code live with their front end.  Each module has
+# add_parsers(subparsers) and run(args) -> int and raises VftraceError on bad input;
+# it imports its heavy libraries (Textual, matplotlib) inside run(), so `vftrace --help`
+# and the other commands stay fast.
+FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.calibrate")
 
 EPILOG = """examples:
   vftrace doctor                      # what this kernel lets vftrace do, and what to install
@@ -14,6 +21,8 @@ EPILOG = """examples:
   vftrace lab -P --pfs 2              # the same with pf_sched switching on two PFs
   vftrace lab --kernel 6.1 --pfs 2 -- vftrace doctor
   vftrace lab --timeout 600 -- python -m pytest tests/lab
+  vftrace lab --mode mmap --vms 2     # KVM guests on pf_sched's VFs, in the dashboard
+  vftrace lab experiment -d 20        # mmap vs trap, strict vs batched: a comparison
 """
 
 
@@ -46,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "run CMD there and return its exit status.",
         epilog="examples:\n  vftrace lab\n  vftrace lab -k 6.1 -- vftrace doctor\n"
                "  vftrace lab -k 6.12 --pfs 2 -t 900 -- python -m pytest tests/lab\n"
-               "  vftrace lab -P --pfs 2 -- vftrace record -o build/cap.csv -d 10",
+               "  vftrace lab -P --pfs 2 -- vftrace record -o build/cap.csv -d 10\n"
+               "  vftrace lab --mode mmap --vms 2 --vcpus 2       # guests + the dashboard\n"
+               "  vftrace lab --mode trap --record trap.csv -d 20  # headless capture\n"
+               "  vftrace lab experiment -d 20 -o results/        # mmap/trap x strict/batched",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     lab.add_argument("-k", "--kernel", help="6.1, 6.12, a release string or a vmlinuz path "
                      "(default: the newest installed)")
@@ -62,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-P", "--pf-sched", action="store_true",
                      help="start pf_sched on every PF before CMD (or the shell)")
     lab.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
+    g = lab.add_argument_group("guests preset (pf_sched + KVM guests on its VFs + the dashboard)")
+    g.add_argument("-M", "--mode", choices=("mmap", "trap"),
+                   help="guests with the VF BAR mmap'd (zapped on a switch) or trapped (every "
+                        "access an exit); with it, the lab shows the dashboard")
+    g.add_argument("--vms", type=int, default=2, help="KVM guests, one VF each (default 2)")
+    g.add_argument("--vcpus", type=int, default=1, help="vCPUs per guest (default 1)")
+    g.add_argument("--vfs", type=int, default=4, help="VFs per PF (default 4)")
+    g.add_argument("--slice-us", type=int, default=2000, help="pf_sched time slice (default 2000)")
+    g.add_argument("--unmap-mode", choices=("strict", "batched"), default="strict")
+    g.add_argument("-r", "--record", metavar="FILE",
+                   help="headless: record the guests' switches to FILE (on this host) instead")
+    g.add_argument("-d", "--duration", type=float, default=10.0,
+                   help="seconds of guests for --record and for experiment (default 10)")
+    g.add_argument("-o", "--output", help="experiment: directory for its results "
+                   "(default build/experiment/<kernel>)")
     lab.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: what to run in the guest")
     pf = sub.add_parser(
         "pf-sched", help="load/unload pf_sched on the lab's edu devices (in the lab VM)",
@@ -82,23 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
                "  vftrace record -o cap.csv -d 10\n"
                "  vftrace record -o cap.csv --pf 0 --budget-ns 1000 --probe-mode kprobe\n"
                "  vftrace record -o cap.csv --calls calls.csv --pid 4242\n"
-               "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done",
+               "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done\n"
+               "  vftrace record -o cap.csv -- python -m tracer.workloads.kvm  # stops with it",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
     rec.add_argument("-d", "--duration", type=float, help="stop after this many seconds")
-    rec.add_argument("-s", "--switch", help="what delimits a switch: pf_sched (default), "
-                     "func:SYMBOL or tp:SYS:BEGIN,SYS:END")
-    rec.add_argument("--pf", action="append", help="only these PFs (comma list, repeatable)")
-    rec.add_argument("--vf", action="append", help="only switches from or to these VFs")
-    rec.add_argument("-p", "--pid", action="append", help="per-call rows of these pids only")
-    rec.add_argument("-b", "--budget-ns", type=int, default=100, help="switch budget (default 100)")
-    rec.add_argument("-m", "--probe-mode", choices=("auto", "fentry", "kprobe"), default="auto",
-                     help="auto: fentry where possible, kprobes elsewhere")
-    rec.add_argument("-c", "--calls", help="also write one row per timed call to this CSV")
-    rec.add_argument("--perf-buffer", action="store_true", help="use the perf buffer, not the ring buffer")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-    rec.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    from .session import add_trace_options
+    add_trace_options(rec)
+    for name in FRONT_ENDS:
+        _front_end(name).add_parsers(sub)
     return p
+
+
+def _front_end(name: str):
+    import importlib
+    return importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 return lab.main(args)
             except lab.LabError as e:
                 raise UsageError(f"vftrace lab: error: {e}") from None
+        for name in FRONT_ENDS:
+            mod = _front_end(name)
+            if args.command in getattr(mod, "COMMANDS", ()):
+                try:
+                    return mod.run(args)
+                except VftraceError as e:
+                    raise UsageError(f"vftrace {args.command}: error: {e}") from None
     except UsageError as e:
         print(f"error: {e}" if not str(e).startswith("vftrace") else str(e), file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import statistics
+import time
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -158,7 +159,8 @@ class Engine:
         c = layout.decode("vft_call", data)
         if self.on_call:
             self.on_call(CallRecord(kind=self.kinds.get(c.kind, str(c.kind)), t_ns=c.t_ns, ns=c.ns,
-                                    size=c.size, pid=c.pid, cpu=c.cpu, seq=c.seq or None))
+                                    size=c.size, pid=c.pid, cpu=c.cpu, seq=c.seq or None,
+                                    tid=c.tid, vcpu=c.vcpu, pf=c.pf))
 
     def _on_perf_lost(self, count: int) -> None:
         self.user_lost += count
@@ -193,7 +195,22 @@ class Engine:
                           "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
         return {"calls_by_pid": calls, "kvm_exits": exits}
 
+    def drain(self) -> None:
+        """Stop making records and hand over every one already in the buffers.
+
+        The reader can lag the kernel by a fraction of a second at high call rates;
+        without this, what was still queued at stop would be dropped silently."""
+        if self.bpf is None:
+            return
+        self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        time.sleep(0.05)                # let windows already open close and emit
+        if self.plan.ringbuf:
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(0)
+
     def close(self) -> None:
+        self.drain()
         self.assembler.flush()
         if self.bpf is not None:
             self.bpf.cleanup()

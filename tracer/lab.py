@@ -131,6 +131,12 @@ def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
             "--append", "intel_iommu=on", "--qemu-opts=" + " ".join(qemu_opts)]
     if accel == "tcg":
         argv.append("--disable-kvm")
+        # One TCG thread for all vCPUs: with multi-threaded TCG, kernel text patched
+        # (probes attached, static keys flipped) while a nested KVM guest ran has left
+        # stale int3s executing on the other vCPU ("Oops: int3" in __schedule; ~half of
+        # the runs with guests).  Serialised vCPUs saw none; the lab gets slower, not wrong.
+        argv[argv.index("--qemu-opts=" + " ".join(qemu_opts))] = (
+            "--qemu-opts=" + " ".join(["-accel", "tcg,thread=single", *qemu_opts]))
     if guest_cmd is not None:
         argv += ["--exec", guest_cmd]
     elif shell is not None:
@@ -283,6 +289,118 @@ def choose_accel(requested: str, kernel: LabKernel) -> tuple[str, str]:
     return ("kvm" if ok else "tcg"), why
 
 
+class Preset:
+    """The guests presets: pf_sched with the given geometry, KVM guests on its VFs, then
+    the dashboard (``--mode``), a headless capture copied back (``--record FILE``) or the
+    whole experiment (``experiment``).  The guest side runs from a script written into
+    the shared tree, so the kernel command line stays short."""
+
+    def __init__(self, args, kind: str, run_dir: Path, kernel: LabKernel):
+        self.args, self.kind, self.run_dir, self.kernel = args, kind, run_dir, kernel
+        self.command: list[str] = []
+        self.shell: Path | None = None
+
+    @classmethod
+    def from_args(cls, args, cmd: list[str], share: Path, kernel: LabKernel) -> Preset:
+        kind = "experiment" if cmd[:1] == ["experiment"] else "record" if args.record else "live"
+        if kind == "experiment" and len(cmd) > 1:
+            raise LabError(f"experiment takes options before it, not {shlex.join(cmd[1:])!r} "
+                           "(e.g. vftrace lab -d 20 experiment)")
+        if kind != "experiment" and cmd:
+            raise LabError("--mode/--record run the guests preset; give no command with them")
+        if kind == "record" and not args.mode:
+            raise LabError("--record needs --mode mmap or --mode trap")
+        for name, lo, hi in (("vms", 1, 64), ("vcpus", 1, 8), ("vfs", 1, 64),
+                             ("slice_us", 1, 10_000_000)):
+            value = getattr(args, name)
+            if not lo <= value <= hi:
+                raise LabError(f"--{name.replace('_', '-')} {value}: give {lo} to {hi}")
+        if args.duration <= 0:
+            raise LabError(f"--duration {args.duration}: give a positive number of seconds")
+        pfs = max(args.pfs, 1)
+        if args.vms > pfs * args.vfs:
+            raise LabError(f"--vms {args.vms}: one VF per guest, and {pfs} PF(s) x {args.vfs} "
+                           "VFs is fewer (raise --vfs or --pfs)")
+        if args.record:
+            out = Path(args.record)
+            if not out.parent.is_dir():
+                raise LabError(f"--record {args.record}: directory {out.parent} does not exist")
+        args.pfs = pfs
+        run_dir = share / "build" / ".lab-run" / f"run-{os.getpid()}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        preset = cls(args, kind, run_dir, kernel)
+        preset._write(share)
+        return preset
+
+    def _guests(self, mode: str) -> str:
+        a = self.args
+        return (f"python -m tracer.workloads.guests --mode {mode} --vms {a.vms} "
+                f"--vcpus {a.vcpus}")
+
+    def _write(self, share: Path) -> None:
+        a = self.args
+        up = (f"vftrace pf-sched up --slice-us {a.slice_us} --nr-vfs {a.vfs} "
+              f"--unmap-mode {a.unmap_mode} >&2")
+        run = shlex.quote(str(self.run_dir))
+        if self.kind == "experiment":
+            body = (f"set -e\n{up}\nexec python -m tracer.experiment compare -o {run}/experiment "
+                    f"-d {a.duration:g} --vms {a.vms} --vcpus {a.vcpus}\n")
+        elif self.kind == "record":
+            body = (f"set -e\n{up}\nexec python -m tracer.experiment run --mode {a.mode} "
+                    f"-o {run}/capture.csv -d {a.duration:g} --vms {a.vms} --vcpus {a.vcpus}\n")
+        else:
+            # Interactive: a --shell script, so the dashboard gets the terminal; leaving
+            # it (q) ends the script and so the VM.  The tracer starts the guests once it
+            # is armed and stops them before it detaches (see tracer/experiment.py).  The
+            # guests' vCPUs spin; niced, they leave the dashboard and its reader the CPU
+            # they need (un-niced, the reader starved and the ring buffer overflowed).
+            body = (f"cd {shlex.quote(str(share))}\n"
+                    f"export VFTRACE_LAB=1 VFTRACE_LAB_PFS={a.pfs} "
+                    f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
+                    f"{up} || {{ echo 'pf_sched did not start; a shell instead'; exec bash -i; }}\n"
+                    f"exec vftrace live -- nice -n 10 {self._guests(a.mode)}\n")
+        script = self.run_dir / ("shell.sh" if self.kind == "live" else "run.sh")
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(0o755)
+        if self.kind == "live":
+            self.shell = script
+        else:
+            self.command = ["sh", str(script)]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def finish(self, rc: int) -> int:
+        """Copy what the guest side wrote to where the user asked; the run dir goes."""
+        try:
+            if self.kind == "record":
+                src = self.run_dir / "capture.csv"
+                if not src.exists():
+                    print("vftrace lab: no capture was written (see above)", file=sys.stderr)
+                    return rc or 1
+                out = Path(self.args.record)
+                shutil.copyfile(src, out)
+                shutil.copyfile(self.run_dir / "capture.meta.json", out.with_suffix(".meta.json"))
+                guests = self.run_dir / "capture.guests.json"
+                if guests.exists():
+                    shutil.copyfile(guests, out.with_suffix(".guests.json"))
+                print(f"vftrace lab: wrote {out} (+ .meta.json, .guests.json)", file=sys.stderr)
+            elif self.kind == "experiment":
+                src = self.run_dir / "experiment"
+                if not (src / "comparison.csv").exists():
+                    print("vftrace lab: the experiment did not finish (see above)", file=sys.stderr)
+                    return rc or 1
+                out = Path(self.args.output or Path("build") / "experiment" / self.kernel.release)
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(src, out)
+                print(f"vftrace lab: wrote {out}/comparison.csv, comparison.txt and the "
+                      "captures", file=sys.stderr)
+            return rc
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 def share_dir() -> Path:
     return paths.source_tree() or Path.cwd()
 
@@ -305,13 +423,20 @@ def main(args) -> int:
         cmd = cmd[1:]
     kernel = resolve_kernel(args.kernel, installed_kernels())
     share = share_dir()
+    preset = Preset.from_args(args, cmd, share, kernel) if (
+        args.mode or args.record or cmd[:1] == ["experiment"]) else None
+    shell = (paths.source_tree() or share) / "scripts" / "lab-shell.sh" if args.pf_sched else None
+    if preset is not None:
+        cmd, shell = preset.command, preset.shell
     interactive = not cmd
     if interactive and not sys.stdin.isatty() and not args.dry_run:
-        raise LabError("no command given and stdin is not a terminal: pass `-- CMD...`")
+        if preset:
+            preset.discard()
+        raise LabError("no command given and stdin is not a terminal: pass `-- CMD...`"
+                       + (" (or --record FILE for the guests preset)" if preset else ""))
     qemu_version()
     accel, why = ("tcg", "dry run") if args.dry_run and args.accel == "auto" else \
         choose_accel(args.accel, kernel)
-    shell = (paths.source_tree() or share) / "scripts" / "lab-shell.sh" if args.pf_sched else None
     started = None if interactive else share / "build" / ".lab-run" / f"started-{os.getpid()}"
     argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
                     share=share, shell=shell,
@@ -323,18 +448,21 @@ def main(args) -> int:
                        "put it in a script in the shared tree and run that")
     if args.dry_run:
         print(shlex.join(argv))
+        if preset:
+            preset.discard()
         return 0
     print(f"vftrace lab: {kernel.release}, {accel.upper()} ({why}), {args.pfs} PF(s), "
           f"{args.cpus} CPUs, {args.memory}; sharing {share}", file=sys.stderr)
     if started is None:
-        return run_vm(argv, args.timeout, interactive)
+        rc = run_vm(argv, args.timeout, interactive)
+        return preset.finish(rc) if preset else rc
     started.parent.mkdir(parents=True, exist_ok=True)
     try:
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             started.unlink(missing_ok=True)
             rc = run_vm(argv, args.timeout, interactive, started, args.boot_timeout)
             if rc != BOOT_HANG:
-                return rc
+                return preset.finish(rc) if preset else rc
             print(f"vftrace lab: the guest did not start the command within {args.boot_timeout:g} s "
                   f"(a stuck boot); attempt {attempt} of {BOOT_ATTEMPTS}", file=sys.stderr)
         raise LabError(f"the VM did not boot in {BOOT_ATTEMPTS} attempts of {args.boot_timeout:g} s")

@@ -66,7 +66,8 @@ class SwitchRecord:
         return tuple(getattr(self, name) for name in COLUMNS)
 
 
-CALL_COLUMNS: tuple[str, ...] = ("kind", "t_ns", "ns", "size", "pid", "cpu", "seq")
+CALL_COLUMNS: tuple[str, ...] = ("kind", "t_ns", "ns", "size", "pid", "cpu", "seq",
+                                 "tid", "vcpu", "pf")
 
 
 @dataclass(slots=True)
@@ -74,7 +75,8 @@ class CallRecord:
     """One traced kernel call (iommu_map, iommu_unmap, iotlb_sync, vfio_map_dma, kvm_exit...).
 
     ``seq`` is the switch the call belongs to, or None when it happened outside any
-    switch (it is written as an empty CSV field).
+    switch (it is written as an empty CSV field).  For ``kvm_exit`` rows ``size`` is the
+    exit reason and ``vcpu`` the vCPU id; ``pf`` is the PF of the switch (with ``seq``).
     """
     kind: str
     t_ns: int
@@ -83,6 +85,9 @@ class CallRecord:
     pid: int
     cpu: int
     seq: int | None
+    tid: int = 0
+    vcpu: int = 0
+    pf: int = 0
 
     def as_row(self) -> tuple:
         return tuple(getattr(self, name) for name in CALL_COLUMNS)

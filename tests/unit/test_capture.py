@@ -206,13 +206,20 @@ def test_context_manager_records_error_reason(tmp_path):
 
 def test_call_writer_round_trip(tmp_path):
     path = tmp_path / "calls.csv"
-    calls = [CallRecord("iommu_map", 1, 200, 4096, 7, 0, 3),
-             CallRecord("kvm_exit", 2, 900, 0, 8, 1, None)]
+    calls = [CallRecord("iommu_map", 1, 200, 4096, 7, 0, 3, 7, 0, 1),
+             CallRecord("kvm_exit", 2, 900, 30, 8, 1, None, 9, 2, 0)]
     with CallWriter(path) as w:
         w.write_many(calls)
-    assert path.read_text().splitlines() == [",".join(CALL_COLUMNS), "iommu_map,1,200,4096,7,0,3",
-                                             "kvm_exit,2,900,0,8,1,"]
+    assert path.read_text().splitlines() == [",".join(CALL_COLUMNS),
+                                             "iommu_map,1,200,4096,7,0,3,7,0,1",
+                                             "kvm_exit,2,900,30,8,1,,9,2,0"]
     assert list(iter_calls(path)) == calls
+
+
+def test_call_reader_takes_files_without_the_added_columns(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("kind,t_ns,ns,size,pid,cpu,seq\niommu_map,1,200,4096,7,0,3\n")
+    assert list(iter_calls(path)) == [CallRecord("iommu_map", 1, 200, 4096, 7, 0, 3)]
 
 
 def test_call_writer_refuses_symlink(tmp_path):

@@ -61,12 +61,14 @@ def test_vng_argv_has_iommu_one_edu_per_pf_and_shares_the_tree(tmp_path):
     assert qemu.count("-device edu") == 3
     assert "-device intel-iommu,intremap=on,caching-mode=on" in qemu
     assert "--disable-kvm" in argv and "--disable-microvm" in argv
+    assert "-accel tcg,thread=single" in qemu       # see vng_argv: stale int3s with MTTCG
     assert argv[argv.index("--rwdir") + 1] == str(tmp_path)
     assert argv[argv.index("--append") + 1] == "intel_iommu=on"
     assert argv[-2:] == ["--exec", "true"]
     kvm = lab.vng_argv(k, pfs=1, cpus=2, memory="2G", accel="kvm", share=tmp_path, guest_cmd=None)
     assert "--disable-kvm" not in kvm and "--exec" not in kvm
     assert "kernel-irqchip=split" in next(a for a in kvm if a.startswith("--qemu-opts="))
+    assert "thread=single" not in next(a for a in kvm if a.startswith("--qemu-opts="))
 
 
 def test_guest_command_quotes_arguments_and_sets_the_lab_environment(tmp_path):

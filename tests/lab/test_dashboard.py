@@ -1,0 +1,74 @@
+"""The real dashboard (`vftrace live`) over pf_sched, driven in tmux as a user would."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.lab import pfsched
+from tracer.capture import read_capture
+
+pytestmark = pytest.mark.lab
+START_S = 300                   # BCC compiles slowly under TCG
+
+
+def tmux(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=check)
+
+
+def pane(session: str) -> str:
+    return tmux("capture-pane", "-p", "-t", session).stdout
+
+
+def switches_shown(screen: str) -> int:
+    m = re.search(r"switches (\d+)", screen)
+    return int(m.group(1)) if m else 0
+
+
+def vftrace_kprobes() -> list[str]:
+    events = "/sys/kernel/tracing/kprobe_events"
+    if not os.path.exists(events):
+        events = "/sys/kernel/debug/tracing/kprobe_events"
+    with open(events) as f:
+        return [line for line in f if "kp_" in line or "krp_" in line or "bcc" in line.lower()]
+
+
+def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
+    session = f"vftrace-{os.getpid()}"
+    capture = tmp_path / "live.csv"
+    cmd = shlex.join([sys.executable, "-m", "tracer.cli", "live", "--csv", str(capture)])
+    with pfsched.loaded(1, slice_us=2000) as bdfs:
+        tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
+             f"TERM=xterm-256color {cmd}; echo exited $? > {tmp_path}/rc; sleep 600")
+        try:
+            deadline, screen, first = time.monotonic() + START_S, "", 0
+            while time.monotonic() < deadline:
+                screen = pane(session)
+                first = switches_shown(screen)
+                if first > 0:
+                    break
+                time.sleep(2)
+            assert first > 0, f"no switches on screen after {START_S} s:\n{screen}"
+            assert "pf0" in screen and "lost 0" in screen, screen
+            time.sleep(3)                               # it keeps streaming
+            later = switches_shown(pane(session))
+            assert later > first, pane(session)
+            tmux("send-keys", "-t", session, "q")
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "rc").exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            truth = pfsched.stats(bdfs[0])["switches"]       # every switch so far
+            assert (tmp_path / "rc").read_text().split() == ["exited", "0"], pane(session)
+        finally:
+            tmux("kill-session", "-t", session, check=False)
+    # q stopped the recording cleanly: the capture is closed and whole, nothing is left
+    # attached in the kernel.
+    meta, rows, problems = read_capture(capture)
+    assert meta["complete"] and not problems
+    assert later <= len(rows) <= truth
+    assert not vftrace_kprobes()

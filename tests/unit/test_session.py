@@ -1,0 +1,344 @@
+"""The recording session's order of operations, with a fake engine (no BCC, no root).
+
+The rule under test: a workload (``-- CMD``) starts only after the probes are armed, and
+on every way a run can end it is stopped before the probes are detached, which is before
+the capture is closed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tracer import record, session as session_mod
+from tracer.capture import read_capture
+from tracer.cli import build_parser
+from tracer.probes import Plan
+from tracer.schema import COLUMNS, SwitchRecord
+from tracer.session import RecordError, Session, TraceOptions, Workload, group_members
+from tui.sources import Batch, LiveSource
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def switch(seq: int, pf: int = 0, to_vf: int = 1) -> SwitchRecord:
+    values = dict.fromkeys(COLUMNS, 0)
+    values.update(seq=seq, t_ns=seq * 1000, pf=pf, from_vf=to_vf - 1, to_vf=to_vf,
+                  switch_ns=500 + seq, revoke_ns=300, grant_ns=200 + seq)
+    return SwitchRecord(**values)
+
+
+class FakeEngine:
+    """The parts of tracer.engine.Engine a Session uses; every step lands in ``events``."""
+
+    events: list[str] = []
+    fail_start = False
+    per_poll = 3
+
+    def __init__(self, plan, *, budget_ns, on_switch, on_call=None):
+        self.plan, self.on_switch, self.on_call = plan, on_switch, on_call
+        self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
+        self.warnings = ["a hook failed"]
+        self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0)
+        self.bpf = None
+        self.seq = 0
+
+    def start(self):
+        FakeEngine.events.append("engine.start")
+        if FakeEngine.fail_start:
+            raise Exception("bpf: failed to compile\nmore lines")
+        self.bpf = object()
+
+    def poll(self, timeout_ms):
+        for _ in range(self.per_poll):
+            self.seq += 1
+            self.on_switch(switch(self.seq, pf=self.seq % 2))
+        time.sleep(min(timeout_ms, 20) / 1000)
+
+    def lost_per_cpu(self):
+        return {1: 4}
+
+    def partial_windows(self):
+        return 0
+
+    def background(self):
+        return {"calls_by_pid": {}, "kvm_exits": [{"pid": 7, "vcpu": 0, "reason": 120,
+                                                   "in_window": False, "count": 3, "ns": 9}]}
+
+    def close(self):
+        FakeEngine.events.append("engine.close")
+        self.seq += 1
+        self.on_switch(switch(self.seq))           # held records flushed at close
+        self.bpf = None
+
+
+@pytest.fixture
+def events(monkeypatch):
+    FakeEngine.events = events = []
+    FakeEngine.fail_start = False
+    real_start, real_stop = Workload.start, Workload.stop
+
+    def start(self):
+        events.append("workload.start")
+        real_start(self)
+
+    def stop(self):
+        events.append("workload.stop")
+        status = real_stop(self)
+        # Nothing of the workload's process group may outlive its stop.
+        assert self.proc is None or not group_members(self.proc.pid)
+        return status
+
+    monkeypatch.setattr(Workload, "start", start)
+    monkeypatch.setattr(Workload, "stop", stop)
+    real_close = session_mod.CaptureWriter.close
+
+    def close(self, *a, **kw):
+        events.append("capture.close")
+        return real_close(self, *a, **kw)
+
+    monkeypatch.setattr(session_mod.CaptureWriter, "close", close)
+    return events
+
+
+def make_session(tmp_path, workload=None, duration=None, **kw) -> Session:
+    opts = TraceOptions(workload=workload, duration=duration,
+                        ready_file=tmp_path / "ready")
+    return Session(opts, Plan("pf_sched", "raw_tp"), tool="test", output=tmp_path / "c.csv",
+                   engine_factory=FakeEngine, **kw)
+
+
+def run_until_stop(s: Session, limit_s: float = 20) -> str:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        reason = s.poll(20)
+        if reason is not None:
+            return reason
+    raise AssertionError("the session never asked to stop")
+
+
+def assert_order(events):
+    assert events.index("engine.start") < events.index("workload.start")
+    assert events.index("workload.start") < events.index("workload.stop")
+    assert events.index("workload.stop") < events.index("engine.close")
+    assert events.index("engine.close") < events.index("capture.close")
+
+
+def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
+    s = make_session(tmp_path, workload=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    s.start()
+    assert (tmp_path / "ready").exists()
+    reason = run_until_stop(s)
+    assert reason == "workload exited (3)"
+    meta = s.stop(reason)
+    assert_order(events)
+    assert meta["workload"] == {"argv": s.workload.argv, "exit_status": 3,
+                                "stopped_by_vftrace": False}
+    assert s.workload_warning() == f"workload {' '.join(s.workload.argv)} exited with status 3"
+    on_disk, rows, problems = read_capture(tmp_path / "c.csv")
+    assert on_disk["workload"]["exit_status"] == 3 and on_disk["stop_reason"] == reason
+    assert on_disk["lost_total"] == 4 and not problems
+    assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
+
+
+def test_duration_stops_the_workload_before_the_probes(tmp_path, events):
+    s = make_session(tmp_path, workload=SLEEPER, duration=0.3)
+    s.start()
+    assert run_until_stop(s) == "duration"
+    meta = s.stop("duration")
+    assert_order(events)
+    assert meta["workload"]["stopped_by_vftrace"] is True
+    assert meta["workload"]["exit_status"] == -signal.SIGTERM
+    assert s.workload_warning() is None          # we stopped it: not its failure
+
+
+def test_a_signal_stops_the_workload_before_the_probes(tmp_path, events):
+    s = make_session(tmp_path, workload=SLEEPER, signals=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    s.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert run_until_stop(s) == "SIGTERM"
+    s.stop("SIGTERM")
+    assert_order(events)
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_quitting_the_dashboard_stops_the_workload_before_the_probes(tmp_path, events):
+    live = LiveSource(make_session(tmp_path, workload=SLEEPER))
+    live.start()
+    batch = live.read(0.05)
+    assert batch.switches and all(isinstance(r, SwitchRecord) for r in batch.switches)
+    live.stop("quit")
+    assert_order(events)
+    meta = live.session.meta
+    assert meta["stop_reason"] == "quit" and meta["workload"]["stopped_by_vftrace"]
+    live.stop("quit again")                      # idempotent
+    assert events.count("engine.close") == 1
+
+
+def test_the_live_source_stops_itself_when_the_workload_ends(tmp_path, events):
+    live = LiveSource(make_session(tmp_path, workload=[sys.executable, "-c", "pass"]))
+    live.start()
+    deadline = time.monotonic() + 20
+    while not (batch := live.read(0.02)).finished:
+        assert time.monotonic() < deadline
+    assert_order(events)
+    assert batch.status == "recording stopped: workload exited (0)"
+    assert batch.lost_per_cpu == {1: 4}
+    assert batch.guest_totals["kvm_exits"][0]["count"] == 3
+
+
+def test_an_error_while_polling_still_stops_in_order(tmp_path, events, monkeypatch):
+    s = make_session(tmp_path, workload=SLEEPER)
+    s.start()
+
+    def broken(_ms):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(s.engine, "poll", broken)
+    with pytest.raises(OSError):
+        try:
+            s.poll(10)
+        finally:
+            s.stop("error: disk full")
+    assert_order(events)
+
+
+def test_a_failed_engine_start_starts_no_workload(tmp_path, events):
+    FakeEngine.fail_start = True
+    s = make_session(tmp_path, workload=SLEEPER)
+    with pytest.raises(RecordError, match="could not load the BPF program: bpf: failed to "
+                                          "compile$"):
+        s.start()
+    assert "workload.start" not in events and events[-1] == "engine.close"
+    assert not (tmp_path / "ready").exists()
+
+
+def test_a_workload_that_cannot_start_detaches_the_probes(tmp_path, events):
+    s = make_session(tmp_path, workload=[str(tmp_path / "no-such-program")])
+    with pytest.raises(RecordError, match="cannot start the workload"):
+        s.start()
+    assert events[:2] == ["engine.start", "workload.start"]
+    assert "engine.close" in events and "capture.close" in events
+
+
+def test_the_whole_process_group_is_stopped_and_sigterm_escalates(tmp_path):
+    script = ("import signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    w = Workload([sys.executable, "-c", script], grace_s=0.3, stdout=subprocess.PIPE)
+    w.start()
+    grandchild = int(w.proc.stdout.readline())
+    assert grandchild in group_members(w.proc.pid)
+    assert w.stop() == -signal.SIGKILL                # it ignored SIGTERM
+    assert not group_members(w.proc.pid)
+    w.proc.stdout.close()
+
+
+def test_filters_decide_what_the_capture_and_callback_see(tmp_path, events):
+    seen = []
+    opts = TraceOptions(pfs={1})
+    s = Session(opts, Plan("pf_sched", "raw_tp"), tool="test", output=tmp_path / "c.csv",
+                engine_factory=FakeEngine, on_switch=seen.append)
+    s.start()
+    s.poll(10)
+    s.stop("done")
+    _, rows, _ = read_capture(tmp_path / "c.csv")
+    assert rows and all(r.pf == 1 for r in rows)
+    assert [r.seq for r in rows] == [r.seq for r in seen]
+
+
+# --- vftrace record end to end, on the fake engine --------------------------------------
+
+def record_args(tmp_path, *extra):
+    return build_parser().parse_args(["record", "-o", str(tmp_path / "rec.csv"), "-q", *extra])
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    monkeypatch.setattr(record, "require_root", lambda: None)
+    monkeypatch.setattr(record, "require_bcc", lambda: None)
+    monkeypatch.setattr(record, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
+    monkeypatch.setattr(session_mod, "require_bcc", lambda: None)
+    import tracer.engine
+    monkeypatch.setattr(tracer.engine, "Engine", FakeEngine)
+
+
+def test_record_with_a_workload_keeps_its_messages_and_exit_status(tmp_path, events,
+                                                                   fake_kernel, capsys):
+    args = record_args(tmp_path, "--", sys.executable, "-c", "import sys; sys.exit(5)")
+    assert record.main(args) == 0                    # the workload's failure is a warning
+    out, err = capsys.readouterr()
+    assert_order(events)
+    assert "vftrace: warning: a hook failed" in err
+    assert "vftrace: recording pf_sched to" in err and "Ctrl-C to stop" in err
+    assert "exited with status 5" in err
+    assert f"vftrace: wrote {tmp_path / 'rec.csv'}" in err
+    meta, rows, _ = read_capture(tmp_path / "rec.csv")
+    assert f"VF switches: {len(rows)}" in out
+    assert meta["tool"] == "vftrace record" and meta["workload"]["exit_status"] == 5
+
+
+def test_record_duration_without_workload(tmp_path, events, fake_kernel, capsys):
+    assert record.main(record_args(tmp_path, "-d", "0.2")) == 0
+    meta, rows, _ = read_capture(tmp_path / "rec.csv")
+    assert meta["stop_reason"] == "duration" and "workload" not in meta and rows
+    assert events == ["engine.start", "engine.close", "capture.close"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pf", "x"], "--pf 'x': give integers, e.g. --pf 0,1"),
+    (["--budget-ns", "0"], "--budget-ns 0: must be positive"),
+    (["-d", "-1"], "--duration -1.0: must be positive"),
+    (["bogus"], "unexpected argument 'bogus'"),
+    (["--"], "-- without a command"),
+])
+def test_record_bad_options_are_record_errors(tmp_path, argv, message):
+    with pytest.raises(RecordError) as err:
+        record.main(record_args(tmp_path, *argv))
+    assert message in str(err.value)
+
+
+def test_record_needs_root_with_the_same_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(RecordError, match=r"^needs root \(BPF tracing needs CAP_BPF and "
+                                          r"CAP_PERFMON\); run with sudo$"):
+        record.main(record_args(tmp_path))
+
+
+def test_record_and_live_share_the_trace_options():
+    rec = build_parser().parse_args(["record", "-o", "x.csv", "-s", "func:f", "--pf", "1",
+                                     "-b", "7", "-m", "kprobe", "-c", "c.csv"])
+    live = build_parser().parse_args(["live", "-s", "func:f", "--pf", "1", "-b", "7", "-m",
+                                      "kprobe", "-c", "c.csv"])
+    names = ("switch", "pf", "vf", "pid", "budget_ns", "probe_mode", "calls", "perf_buffer",
+             "ebpf", "ready_file", "cmd")
+    assert {n: getattr(rec, n) for n in names} == {n: getattr(live, n) for n in names}
+    assert Path(TraceOptions.from_args(live, "live").calls) == Path("c.csv")
+
+
+def test_a_write_error_while_live_stops_in_order_and_keeps_the_capture(tmp_path, events,
+                                                                       monkeypatch):
+    live = LiveSource(make_session(tmp_path, workload=SLEEPER))
+    live.start()
+
+    def disk_full(_ms):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(live.session.engine, "poll", disk_full)
+    got, deadline = Batch(), time.monotonic() + 20      # the pump thread meets the error
+    while not got.finished:
+        assert time.monotonic() < deadline
+        got.merge(live.read(0.05))
+    assert got.status.startswith("recording stopped: error:")
+    assert "the capture up to here is kept" in got.problems[0]
+    assert_order(events)
+    assert read_capture(tmp_path / "c.csv")[0]["complete"]

@@ -1,0 +1,1 @@
+"""Reports and exports of captures: ``vftrace report`` and ``vftrace export``."""

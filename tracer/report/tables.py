@@ -1,0 +1,282 @@
+"""The report's tables: rows built from the statistics core's snapshot, rendered as
+text (stdout), HTML or JSON from the same ``Row`` values, so every output agrees.
+
+Losses are never silent: each capture's block opens with its loss line, and a capture
+that lost records, has seq gaps or was cut short gets a WARNING line above its table.
+"""
+from __future__ import annotations
+
+import html
+import textwrap
+from dataclasses import asdict, dataclass
+
+from tracer import exit_reasons
+from tracer.report.load import Capture
+from tracer.stats import GroupStats
+from tracer.summary import fmt_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One table line: a group of one capture, numbers straight from ``GroupStats``."""
+    capture: str
+    group: str            # "all", "pf0", "pf0/vf1", "pf0/0->1"
+    level: str            # "all", "pf", "vf", "pair"
+    count: int
+    p50: int | None
+    p90: int | None
+    p99: int | None
+    p999: int | None
+    max: int | None
+    over_budget: int
+    over_budget_share: float
+    revoke_mean: float
+    grant_mean: float
+    revoke_share: float   # of the switch time, in revoke (the rest is grant)
+    exits_per_switch: float
+    exit_ns_per_switch: float
+    blocked_per_switch: float
+    blocked_ns_per_switch: float
+
+
+def row_of(capture: str, g: GroupStats) -> Row:
+    s = g.switch
+    return Row(
+        capture=capture, group=g.key.label, level=g.key.level, count=g.count,
+        p50=s.p50, p90=s.p90, p99=s.p99, p999=s.p999, max=s.max,
+        over_budget=g.over_budget, over_budget_share=g.over_budget_share,
+        revoke_mean=g.revoke.mean, grant_mean=g.grant.mean,
+        revoke_share=g.revoke.mean / s.mean if s.mean else 0.0,
+        exits_per_switch=g.exits_per_switch, exit_ns_per_switch=g.means.get("exit_ns", 0.0),
+        blocked_per_switch=g.blocked_per_switch, blocked_ns_per_switch=g.blocked_ns_per_switch)
+
+
+def capture_rows(cap: Capture) -> list[Row]:
+    """Overall, per PF, per (PF, incoming VF) and per (PF, from->to); a level with one
+    group only repeats "all" and is left out (the pairs are always shown)."""
+    snap = cap.snapshot
+    if not snap.records:
+        return []
+    groups = [snap.overall]
+    for level in (snap.per_pf, snap.per_vf, snap.per_pair):
+        if len(level) > 1 or level is snap.per_pair:
+            groups.extend(level)
+    return [row_of(cap.label, g) for g in groups]
+
+
+def comparison_rows(captures: list[Capture]) -> list[Row]:
+    """Overall and per-PF rows of every capture, for side-by-side reading."""
+    rows = []
+    for cap in captures:
+        if cap.snapshot.records:
+            rows.append(row_of(cap.label, cap.snapshot.overall))
+            rows.extend(row_of(cap.label, g) for g in cap.snapshot.per_pf)
+    return rows
+
+
+HEADER = ("GROUP", "COUNT", "P50", "P90", "P99", "P99.9", "MAX", ">BUDGET",
+          "REVOKE", "GRANT", "REV%", "EXITS/SW", "EXIT_T/SW", "BLOCK_T/SW")
+LEGEND = ("P50..MAX: switch time; >BUDGET: share of switches over the budget; REVOKE, "
+          "GRANT: mean time per switch in each phase, REV%: revoke's share of the switch "
+          "time; EXITS/SW: KVM exits per switch; EXIT_T/SW, BLOCK_T/SW: mean time per "
+          "switch in KVM exits and in guest accesses blocked on the switched-off VF")
+
+
+def _per_switch(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    return (row.group, str(row.count), fmt_ns(row.p50), fmt_ns(row.p90), fmt_ns(row.p99),
+            fmt_ns(row.p999), fmt_ns(row.max), f"{100 * row.over_budget_share:.2f}%",
+            fmt_ns(row.revoke_mean), fmt_ns(row.grant_mean), f"{100 * row.revoke_share:.1f}%",
+            _per_switch(row.exits_per_switch), fmt_ns(row.exit_ns_per_switch),
+            fmt_ns(row.blocked_ns_per_switch))
+
+
+def align(table: list[tuple[str, ...]], names: int = 1) -> list[str]:
+    """The first ``names`` columns left-aligned, numbers right-aligned, two spaces apart."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return ["  ".join([c.ljust(w) for c, w in zip(r[:names], widths)] +
+                      [c.rjust(w) for c, w in zip(r[names:], widths[names:])]).rstrip()
+            for r in table]
+
+
+# --- what the capture's meta says: losses, problems, context ------------------------------
+
+def _of_type(value, kind: type):
+    """A meta field as the type the report expects, or empty: an odd hand-edited meta
+    loses that line of context, not the report."""
+    return value if isinstance(value, kind) else kind()
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    warning: bool         # shown as WARNING (data is missing) rather than as a note
+    text: str
+
+
+def losses_line(cap: Capture) -> str:
+    m = cap.meta
+    lost = cap.lost_total
+    parts = [f"lost records {lost if lost is not None else 'unknown'}",
+             f"seq gaps {cap.snapshot.seq_gaps_total}"]
+    for key, name in (("partial_windows", "partial windows"),
+                      ("late_releases", "late releases"), ("orphan_releases", "orphan releases")):
+        parts.append(f"{name} {m[key] if key in m else 'unknown'}")
+    return "losses: " + ", ".join(parts)
+
+
+def notes(cap: Capture) -> list[Note]:
+    m, snap = cap.meta, cap.snapshot
+    out = [Note(True, p) for p in cap.problems]
+    if cap.truncated:
+        out.append(Note(True, "the capture was truncated: the figures cover its whole rows "
+                              "only"))
+    lost = cap.lost_total
+    if lost:
+        per_cpu = m.get("lost_records_per_cpu") or {}
+        cpus = " ".join(f"{cpu}:{n}" for cpu, n in sorted(per_cpu.items()) if n)
+        out.append(Note(True, f"{lost} records lost by the kernel" +
+                        (f" (per CPU {cpus})" if cpus else "") +
+                        ": the figures miss those switches"))
+    if snap.seq_gaps_total:
+        pfs = " ".join(f"pf{pf}:{n}" for pf, n in snap.seq_gaps.items() if n)
+        out.append(Note(True, f"{snap.seq_gaps_total} seq gaps ({pfs}): switches missing "
+                              "from the capture"))
+    if m.get("partial_windows"):
+        out.append(Note(False, f"{m['partial_windows']} partial windows: switch ends seen "
+                               "without their start (probes armed mid-switch or a missed "
+                               "begin); not counted"))
+    releases = int(m.get("late_releases") or 0) + int(m.get("orphan_releases") or 0)
+    if releases:
+        out.append(Note(True, f"{releases} blocked-access releases not joined to their switch "
+                              "(late or orphaned): blocked time is undercounted"))
+    for w in _of_type(m.get("warnings"), list):
+        out.append(Note(False, f"recorder: {w}"))
+    filters = {k: v for k, v in _of_type(m.get("filters"), dict).items() if v}
+    if filters:
+        out.append(Note(False, "recorded with filters " + ", ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in filters.items())))
+    return out
+
+
+def context_line(cap: Capture) -> str:
+    m = cap.meta
+    bits = [f"{key} {m[key]}" for key in ("kernel", "host", "switch_source", "buffer")
+            if m.get(key)]
+    if m.get("start_time"):
+        bits.append(f"start {m['start_time']}")
+    bits.append(f"span {cap.duration_s:.1f} s")
+    return "  ".join(bits)
+
+
+def probes_line(cap: Capture) -> str | None:
+    modes = _of_type(cap.meta.get("probe_modes"), dict)
+    if not modes:
+        return None
+    floor = _of_type(cap.meta.get("floor_ns"), dict)
+    floors = ", ".join(f"{mode} {v['median_ns']}ns" for mode, v in floor.items()
+                       if isinstance(v, dict) and "median_ns" in v)
+    text = "probes: " + ", ".join(f"{hook} {mode}" for hook, mode in modes.items())
+    return text + (f"  (probe floor: {floors})" if floors else "")
+
+
+# --- KVM exits by reason, from the meta's background totals ---------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ExitRow:
+    reason: str
+    in_switch: int
+    in_switch_ns: int
+    outside: int
+    outside_ns: int
+
+
+def exit_rows(cap: Capture) -> list[ExitRow]:
+    """Exits per reason inside switch windows and outside them (the whole capture,
+    including exits that the per-switch counts cannot show)."""
+    vendor = cap.meta.get("kvm_vendor")
+    totals: dict[str, list[int]] = {}
+    for e in _of_type(_of_type(cap.meta.get("background"), dict).get("kvm_exits"), list):
+        try:
+            name = exit_reasons.name(int(e["reason"]), vendor)
+            t = totals.setdefault(name, [0, 0, 0, 0])
+            base = 0 if e.get("in_window") else 2
+            t[base] += int(e["count"])
+            t[base + 1] += int(e["ns"])
+        except (KeyError, TypeError, ValueError):
+            continue                 # a malformed entry does not hide the others
+    rows = [ExitRow(name, *t) for name, t in totals.items()]
+    return sorted(rows, key=lambda r: (-r.in_switch, -r.outside, r.reason))
+
+
+EXIT_HEADER = ("KVM EXIT", "IN SWITCHES", "TIME", "OUTSIDE", "TIME")
+
+
+def exit_cells(r: ExitRow) -> tuple[str, ...]:
+    return (r.reason, str(r.in_switch), fmt_ns(r.in_switch_ns), str(r.outside),
+            fmt_ns(r.outside_ns))
+
+
+# --- renderings ---------------------------------------------------------------------------
+
+def render_text(captures: list[Capture]) -> str:
+    out: list[str] = []
+    for cap in captures:
+        out.append(f"== {cap.label} ({cap.path}) ==")
+        out.append(context_line(cap))
+        out.append(f"VF switches: {cap.records}   budget: {fmt_ns(cap.budget_ns)}   "
+                   f"{losses_line(cap)}")
+        if (line := probes_line(cap)) is not None:
+            out.append(line)
+        for n in notes(cap):
+            out.append(("WARNING: " if n.warning else "note: ") + n.text)
+        rows = capture_rows(cap)
+        if rows:
+            out.append("")
+            out.extend(align([HEADER, *map(cells, rows)]))
+        else:
+            out.append("no switches in this capture")
+        if exits := exit_rows(cap):
+            out.append("")
+            out.extend(align([EXIT_HEADER, *map(exit_cells, exits)]))
+        out.append("")
+    if len(captures) > 1 and (rows := comparison_rows(captures)):
+        out.append("== comparison ==")
+        table = [("CAPTURE", *HEADER)] + [(r.capture, *cells(r)) for r in rows]
+        out.extend(align(table, names=2))
+        out.append("")
+    out.append(textwrap.fill(LEGEND, 100))
+    return "\n".join(out) + "\n"
+
+
+def report_json(captures: list[Capture]) -> dict:
+    """The same numbers, machine-readable (``vftrace report --json``)."""
+    return {"captures": [{
+        "label": cap.label, "path": str(cap.path), "budget_ns": cap.budget_ns,
+        "records": cap.records, "lost_total": cap.lost_total,
+        "seq_gaps": {str(k): v for k, v in cap.snapshot.seq_gaps.items()},
+        "partial_windows": cap.meta.get("partial_windows"),
+        "late_releases": cap.meta.get("late_releases"),
+        "orphan_releases": cap.meta.get("orphan_releases"),
+        "truncated": cap.truncated, "problems": cap.problems,
+        "notes": [asdict(n) for n in notes(cap)],
+        "rows": [asdict(r) for r in capture_rows(cap)],
+        "kvm_exits": [asdict(r) for r in exit_rows(cap)],
+    } for cap in captures]}
+
+
+def html_table(header: tuple[str, ...], rows: list[tuple[str, ...]], names: int = 1) -> str:
+    """A table whose first ``names`` columns are names (left-aligned), the rest numbers."""
+    esc = html.escape
+
+    def cell(tag: str, i: int, text: str) -> str:
+        return f"<{tag} class=\"name\">{esc(text)}</{tag}>" if i < names else \
+            f"<{tag}>{esc(text)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "\n".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>"
+                     for r in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"

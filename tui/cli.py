@@ -1,0 +1,156 @@
+"""``vftrace live`` and ``vftrace replay``: the dashboard over the kernel or a capture.
+
+Textual is imported inside ``run()`` so ``vftrace --help`` and the other commands stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+
+from tracer.errors import VftraceError
+from tracer.session import (Session, TraceOptions, add_trace_options, check_output,
+                            make_plan, parse_ints, require_bcc, require_root)
+
+COMMANDS: tuple[str, ...] = ("live", "replay")
+
+LIVE_EPILOG = """examples:
+  sudo vftrace live                           # pf_sched's switches, as they happen
+  sudo vftrace live --csv cap.csv -d 60       # and record them (cap.csv + cap.meta.json)
+  sudo vftrace live --calls calls.csv         # per-call rows: KVM exit and VFIO rates
+  sudo vftrace live --pf 0 -b 5000 -- python -m tracer.workloads.kvm
+                                              # a guest started once armed, stopped first
+keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+
+REPLAY_EPILOG = """examples:
+  vftrace replay cap.csv                      # as recorded (paced by the records' t_ns)
+  vftrace replay cap.csv --speed max          # as fast as possible
+  vftrace replay cap.csv --speed 10 --pf 0 -b 5000
+  vftrace replay --follow cap.csv             # like tail -f: a recorder still writing it
+keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+
+
+def add_parsers(sub) -> None:
+    live = sub.add_parser(
+        "live", help="live dashboard of VF switches (root; BPF)",
+        description="Attach vftrace's BPF program (as vftrace record does) and show the "
+                    "switches, their statistics per PF and VF, the latency distribution and "
+                    "the guests' KVM exits in a terminal dashboard.",
+        epilog=LIVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    live.add_argument("--csv", metavar="FILE",
+                      help="record the capture too (FILE + FILE.meta.json, as vftrace record)")
+    live.add_argument("-d", "--duration", type=float,
+                      help="stop recording after this many seconds (the dashboard stays)")
+    add_trace_options(live)
+
+    rep = sub.add_parser(
+        "replay", help="the dashboard over a capture file (or one being written: --follow)",
+        description="Replay a capture written by vftrace record (or vftrace live --csv) in "
+                    "the dashboard, paced as recorded; with --follow, watch a capture "
+                    "another vftrace is still writing.",
+        epilog=REPLAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep.add_argument("file", help="the capture CSV (its NAME.meta.json is read beside it)")
+    rep.add_argument("-x", "--speed", default="1",
+                     help="replay speed: 1 as recorded (default), 10 ten times faster, "
+                          "max (or 0) as fast as possible")
+    rep.add_argument("-F", "--follow", action="store_true",
+                     help="follow a capture being written (waits for it to appear)")
+    rep.add_argument("-b", "--budget-ns", type=int,
+                     help="switch budget (default: the capture's)")
+    rep.add_argument("--pf", action="append", help="only these PFs (comma list, repeatable)")
+    rep.add_argument("--vf", action="append", help="only switches from or to these VFs")
+
+
+def run(args) -> int:
+    if args.command == "replay":
+        return _replay(args)
+    return _live(args)
+
+
+def parse_speed(text: str) -> float:
+    """"max"/"0" -> 0.0 (as fast as possible); else a positive finite factor."""
+    if text.strip().lower() == "max":
+        return 0.0
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = math.nan
+    if not math.isfinite(speed) or speed < 0:
+        raise VftraceError(f"--speed {text}: give a factor like 2 or 0.5, or max")
+    return speed
+
+
+def require_tty() -> None:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise VftraceError("the dashboard needs a terminal (stdin and stdout are not a TTY); "
+                           "record headless with vftrace record")
+
+
+def _replay(args) -> int:
+    from .sources import FollowSource, ReplaySource
+
+    speed = parse_speed(args.speed)
+    if args.budget_ns is not None and args.budget_ns <= 0:
+        raise VftraceError(f"--budget-ns {args.budget_ns}: must be positive")
+    pfs, vfs = parse_ints(args.pf, "--pf"), parse_ints(args.vf, "--vf")
+    if args.follow:
+        if args.speed != "1":
+            raise VftraceError("--speed paces a finished capture; --follow shows records as "
+                               "they are written")
+        source = FollowSource(args.file)
+    else:
+        source = ReplaySource(args.file, speed)
+    require_tty()
+    return _show(source, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
+
+
+def _live(args) -> int:
+    opts = TraceOptions.from_args(args, "live")
+    out = check_output(args.csv, "--csv")
+    if not opts.ebpf:
+        require_root()
+    plan = make_plan(opts)
+    if opts.ebpf:
+        from tracer.engine import program_text
+        print(program_text(plan, os.getpid()))
+        return 0
+    require_bcc()
+    require_tty()
+    from .sources import LiveSource
+
+    # The workload's output would scribble over the dashboard.
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+             "stderr": subprocess.DEVNULL}
+    session = Session(opts, plan, tool="vftrace live", output=out, workload_stdio=quiet)
+    source = LiveSource(session)
+    print(f"vftrace: arming the probes on {plan.source} (BCC compiles the program first)...",
+          file=sys.stderr)
+    source.start()
+    code = _show(source, budget_ns=opts.budget_ns)
+    if (problem := session.workload_warning()) is not None:
+        print(f"vftrace: warning: {problem}", file=sys.stderr)
+    if out is not None:
+        from tracer.capture import meta_path
+        print(f"vftrace: wrote {out} and {meta_path(out)}", file=sys.stderr)
+    return code
+
+
+def _show(source, **options) -> int:
+    from .app import VftraceApp
+
+    # Some consoles hand us a non-blocking terminal (the lab VM's, for one): Textual's
+    # writer thread then dies on the first EAGAIN and the screen freezes for good.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.set_blocking(stream.fileno(), True)
+        except (OSError, ValueError):       # not a real file (tests): nothing to fix
+            pass
+    app = VftraceApp(source, handle_signals=True, **options)
+    try:
+        app.run()
+    finally:
+        app.stop_source()
+    return 0
+

@@ -1,0 +1,236 @@
+"""What the dashboard holds, without any Textual: one ``tracer.stats.Stats`` fed with every
+switch the filters keep, the kept records (for filter rebuilds and export), the latency
+histogram and the trace-time rate series for the Distribution panel, the guest figures.
+
+The App folds batches in here as they come and reads it out at ~10 Hz.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tracer.capture import CaptureWriter
+from tracer.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
+
+from .guests import GuestModel
+from .sources import Batch
+from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, filter_mask, to_records, to_rows
+
+NS_PER_S = 1_000_000_000
+RATE_SECONDS = 120               # trace seconds of the rate sparkline kept
+
+# (name shown, key) for ``s``: the per-PF/VF table cycles through these, largest first.
+SORTS: tuple[tuple[str, Callable[[GroupStats], float] | None], ...] = (
+    ("group", None),
+    ("count", lambda g: g.count),
+    ("p50", lambda g: g.switch.p50 or 0),
+    ("p99", lambda g: g.switch.p99 or 0),
+    ("p99.9", lambda g: g.switch.p999 or 0),
+    ("max", lambda g: g.switch.max or 0),
+    (">budget", lambda g: g.over_budget_share),
+    ("exits/sw", lambda g: g.exits_per_switch),
+    ("blocked/sw", lambda g: g.blocked_ns_per_switch),
+)
+
+
+@dataclass
+class ExportPlan:
+    """What ``e`` writes: taken on the UI thread, written by a worker."""
+    path: Path
+    rows: np.ndarray
+    meta: dict
+    lost: dict[int, int]
+    left_out: int
+
+
+class DashboardModel:
+    def __init__(self, budget_ns: int, *, pfs: set[int] | None = None,
+                 vfs: set[int] | None = None, max_records: int = DEFAULT_MAX_RECORDS,
+                 vendor: str | None = None) -> None:
+        self.budget_ns = int(budget_ns)
+        self.pfs, self.vfs = pfs, vfs
+        self.store = RecordStore(max_records)
+        self.guests = GuestModel(vendor)
+        self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
+        self.sort_index = 0
+        self.lost: dict[int, int] = {}
+        self.problems: list[str] = []
+        self.bad_lines = 0
+        self.status = ""
+        self.finished = False
+        self.resets = 0
+        self.seen = 0                    # switches received since the last reset
+        self._clear_views()
+
+    def _clear_views(self) -> None:
+        self.hist = Histogram()          # switch_ns of the records the filters keep
+        self._per_second: dict[int, int] = {}
+
+    # -- input ------------------------------------------------------------------------
+    def fold(self, batch: Batch, now: float) -> None:
+        if batch.restart:
+            self.reset()
+            self.finished = False
+        rows = to_rows(batch.switches)
+        if rows.shape[0]:
+            self.store.append(rows)
+            self.stats.add_many(batch.switches, now=now)
+            self._view(rows)
+            self.seen += rows.shape[0]
+        if batch.calls:
+            self.guests.add_calls(batch.calls)
+        if batch.guest_totals is not None:
+            self.guests.set_totals(batch.guest_totals, now)
+        if batch.lost_per_cpu is not None:
+            self.lost = dict(batch.lost_per_cpu)
+        if batch.problems:
+            self.problems = (self.problems + batch.problems)[-50:]
+        self.bad_lines += batch.bad_lines
+        if batch.status is not None:
+            self.status = batch.status
+        self.finished = self.finished or batch.finished
+
+    def _view(self, rows: np.ndarray) -> None:
+        kept = rows[filter_mask(rows, self.pfs, self.vfs)]
+        if not kept.shape[0]:
+            return
+        self.hist.add_array(kept[:, COL["switch_ns"]])
+        seconds, counts = np.unique(kept[:, COL["t_ns"]] // NS_PER_S, return_counts=True)
+        for s, n in zip(seconds.tolist(), counts.tolist()):
+            self._per_second[s] = self._per_second.get(s, 0) + n
+        if len(self._per_second) > 2 * RATE_SECONDS:
+            newest = max(self._per_second)
+            self._per_second = {s: n for s, n in self._per_second.items()
+                                if s > newest - RATE_SECONDS}
+
+    # -- the keys -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """``r``: statistics, kept records and guest figures start again from now."""
+        self.stats.reset()
+        self.store.clear()
+        self.guests.reset()
+        self._clear_views()
+        self.resets += 1
+        self.seen = 0
+
+    def set_filters(self, pfs: set[int] | None, vfs: set[int] | None, now: float) -> None:
+        """``f``: a new Stats with these filters, rebuilt from every kept record."""
+        self.pfs, self.vfs = pfs, vfs
+        self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
+        self._clear_views()
+        rows = self.store.rows()
+        if rows.shape[0]:
+            # Stats applies the VF filter itself (it tracks seq gaps per PF before it);
+            # rows of other PFs need no objects.
+            self.stats.add_many(to_records(rows[filter_mask(rows, pfs, None)]), now=now)
+            self._view(rows)
+
+    def set_budget(self, budget_ns: int) -> None:
+        """``b``: the over-budget counts so far are recomputed by the statistics core."""
+        self.budget_ns = int(budget_ns)
+        self.stats.set_budget(self.budget_ns)
+
+    def cycle_sort(self) -> str:
+        self.sort_index = (self.sort_index + 1) % len(SORTS)
+        return SORTS[self.sort_index][0]
+
+    def sort_by(self, name: str) -> None:
+        self.sort_index = [n for n, _ in SORTS].index(name)
+
+    @property
+    def sort_name(self) -> str:
+        return SORTS[self.sort_index][0]
+
+    # -- read-out ---------------------------------------------------------------------
+    def snapshot(self, now: float) -> Snapshot:
+        return self.stats.snapshot(now=now)
+
+    def group_rows(self, snap: Snapshot) -> list[GroupStats]:
+        """All, then the PFs, then (PF, VF): each level sorted by the current column."""
+        key = SORTS[self.sort_index][1]
+        levels = [snap.per_pf, snap.per_vf]
+        if key is not None:
+            levels = [sorted(level, key=key, reverse=True) for level in levels]
+        return [snap.overall, *levels[0], *levels[1]] if snap.records else []
+
+    def newest(self, n: int) -> np.ndarray:
+        return self.store.newest(n, self.pfs, self.vfs)
+
+    def distribution(self) -> tuple[np.ndarray, np.ndarray]:
+        """(value, count) of every non-empty histogram bucket."""
+        h = self.hist
+        idx = np.flatnonzero(h.counts)
+        values = np.array([bucket_value(h.base + int(i)) for i in idx], dtype=np.float64)
+        return values, h.counts[idx].astype(np.float64)
+
+    def rate_series(self, points: int = 60) -> list[float]:
+        """Switches per second of trace time, the newest ``points`` seconds."""
+        if not self._per_second:
+            return []
+        newest = max(self._per_second)
+        first = max(min(self._per_second), newest - points + 1)
+        return [float(self._per_second.get(s, 0)) for s in range(first, newest + 1)]
+
+    # -- export -------------------------------------------------------------------------
+    def plan_export(self, directory: Path, source_meta: dict, source_description: str,
+                    paused: bool = False) -> ExportPlan:
+        rows = self.store.rows()
+        rows = rows[filter_mask(rows, self.pfs, self.vfs)].copy()
+        skip = {"columns", "complete", "stop_time", "stop_reason", "records",
+                "lost_records_per_cpu", "lost_total", "start_time", "calls_file", "tool"}
+        meta = {k: v for k, v in source_meta.items() if k not in skip}
+        left_out = self.store.dropped
+        meta.update({
+            "tool": "vftrace dashboard export",
+            "budget_ns": self.budget_ns,
+            "filters": {"pf": sorted(self.pfs) if self.pfs is not None else None,
+                        "vf": sorted(self.vfs) if self.vfs is not None else None,
+                        "pid": (source_meta.get("filters") or {}).get("pid")},
+            "calls_file": None,
+            "export": {
+                "from": source_description,
+                "source_start_time": source_meta.get("start_time"),
+                "source_filters": source_meta.get("filters"),
+                "records": int(rows.shape[0]),
+                "records_left_out": left_out,
+                "max_records_kept": self.store.max_records,
+                "statistics_reset": self.resets > 0,
+                "paused": paused,
+            },
+        })
+        return ExportPlan(export_path(directory), rows, meta, dict(self.lost), left_out)
+
+
+def export_path(directory: Path, now: datetime | None = None) -> Path:
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    path = directory / f"vftrace-export-{stamp}.csv"
+    n = 1
+    while path.exists() or path.with_name(path.name[:-4] + ".meta.json").exists():
+        n += 1
+        path = directory / f"vftrace-export-{stamp}-{n}.csv"
+    return path
+
+
+def write_export(plan: ExportPlan) -> Path:
+    """Write the capture (CSV + meta) the plan describes; returns its path."""
+    writer = CaptureWriter(plan.path, plan.meta)
+    try:
+        step = 65536
+        for start in range(0, plan.rows.shape[0], step):
+            writer.write_many(to_records(plan.rows[start:start + step]))
+    finally:
+        writer.close(stop_reason="export", lost=plan.lost)
+    return plan.path
+
+
+def describe_export(plan: ExportPlan) -> str:
+    text = f"exported {plan.rows.shape[0]} switches to {os.path.relpath(plan.path)}"
+    if plan.left_out:
+        text += (f"; {plan.left_out} older switches were left out (the dashboard keeps "
+                 f"the newest {plan.meta['export']['max_records_kept']})")
+    return text

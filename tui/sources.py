@@ -1,0 +1,599 @@
+"""Where the dashboard's records come from: a finished capture, a growing one, or the kernel.
+
+The App is given one ``Source`` (so tests can give it their own).  ``start()`` returns
+what the header shows; ``read(timeout)`` is called in a worker thread, blocks for at most
+about ``timeout`` seconds and returns a ``Batch``; ``stop(reason)`` ends the source (for
+the live one: stop the workload, detach the probes, close the capture).  Nothing here
+imports Textual.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
+from tracer.errors import VftraceError
+from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+
+MAX_PROBLEMS = 50                 # problem lines kept per batch (the count is kept apart)
+REPLAY_CHUNK = 2048               # records per batch at --speed max
+FOLLOW_READ_BYTES = 4 << 20       # per poll, so a huge backlog still streams in steps
+CALL_OPTIONAL = frozenset({"tid", "vcpu", "pf"})   # absent from 0.1.0's call files
+
+
+@dataclass
+class HeaderInfo:
+    """What the header shows about the source (from a capture's meta or the session)."""
+    origin: str
+    kernel: str | None = None
+    switch_source: str | None = None
+    probe_modes: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    floor_ns: dict = field(default_factory=dict)
+    budget_ns: int | None = None
+    kvm_vendor: str | None = None
+    filters: dict = field(default_factory=dict)
+    has_calls: bool = False          # per-call rows will come (guest rates from them)
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_meta(cls, meta: dict, origin: str, has_calls: bool = False) -> HeaderInfo:
+        budget = meta.get("budget_ns")
+        return cls(origin=origin, kernel=meta.get("kernel"),
+                   switch_source=meta.get("switch_source"),
+                   probe_modes=dict(meta.get("probe_modes") or {}),
+                   warnings=[str(w) for w in meta.get("warnings") or []],
+                   floor_ns=dict(meta.get("floor_ns") or {}),
+                   budget_ns=budget if isinstance(budget, int) and budget > 0 else None,
+                   kvm_vendor=meta.get("kvm_vendor"), filters=dict(meta.get("filters") or {}),
+                   has_calls=has_calls, meta=meta)
+
+
+@dataclass
+class Batch:
+    """What one read (or several, coalesced) brought.  ``lost_per_cpu`` and
+    ``guest_totals`` are cumulative: a later value replaces an earlier one."""
+    switches: list[SwitchRecord] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    guest_totals: dict | None = None
+    lost_per_cpu: dict[int, int] | None = None
+    problems: list[str] = field(default_factory=list)
+    bad_lines: int = 0
+    status: str | None = None
+    finished: bool = False
+    restart: bool = False            # the capture was replaced or truncated: start over
+    header: HeaderInfo | None = None
+
+    def merge(self, later: Batch) -> None:
+        """Fold ``later`` into this batch (the worker coalesces bursts this way)."""
+        if later.restart:
+            self.switches, self.calls, self.restart = [], [], True
+            self.problems, self.bad_lines = [], 0
+        self.switches.extend(later.switches)
+        self.calls.extend(later.calls)
+        for name in ("guest_totals", "lost_per_cpu", "status", "header"):
+            if getattr(later, name) is not None:
+                setattr(self, name, getattr(later, name))
+        room = MAX_PROBLEMS - len(self.problems)
+        self.problems.extend(later.problems[:max(room, 0)])
+        self.bad_lines += later.bad_lines
+        self.finished = self.finished or later.finished
+
+    def is_empty(self) -> bool:
+        return self == Batch()
+
+
+class Source(Protocol):
+    description: str
+
+    def start(self) -> HeaderInfo: ...
+
+    def read(self, timeout: float) -> Batch: ...
+
+    def stop(self, reason: str) -> None: ...
+
+
+# --- capture files -------------------------------------------------------------------
+
+def check_capture(path: Path) -> None:
+    """A readable capture CSV, or a one-line VftraceError saying what it is instead."""
+    if not path.exists():
+        raise VftraceError(f"{path}: no such file (give a capture CSV written by vftrace "
+                           "record, or --follow to wait for one)")
+    if path.is_dir():
+        raise VftraceError(f"{path}: is a directory; give a capture CSV")
+    try:
+        with open(path, newline="") as f:
+            first = f.readline(1 << 16)
+    except OSError as e:
+        raise VftraceError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise VftraceError(f"{path}: not a capture (binary data, no CSV header)") from None
+    header = next(csv.reader([first]), [])
+    missing = [c for c in COLUMNS if c not in header]
+    if not first or missing:
+        hint = " (that is the metadata; give the .csv beside it)" \
+            if path.name.endswith(".json") else ""
+        raise VftraceError(f"{path}: not a capture: header lacks {', '.join(missing[:3])}"
+                           f"{'...' if len(missing) > 3 else ''}{hint}")
+
+
+def load_meta(path: Path) -> tuple[dict, list[str]]:
+    """The capture's meta (empty when absent) and what is worth telling about it."""
+    try:
+        meta = read_meta(path, require=False)
+    except CaptureError as e:
+        return {}, [str(e)]
+    if not meta:
+        return {}, [f"no meta file ({meta_path(path).name}): header details unknown"]
+    return meta, [] if meta.get("complete") else ["capture is not complete: its recorder "
+                                                  "did not close it"]
+
+
+def calls_path(path: Path, meta: dict) -> Path | None:
+    """The per-call CSV the meta names, when it is next to the capture."""
+    name = meta.get("calls_file")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        return None
+    return path.with_name(name)
+
+
+def lost_from_meta(meta: dict) -> dict[int, int]:
+    lost = meta.get("lost_records_per_cpu") or {}
+    try:
+        return {int(cpu): int(n) for cpu, n in lost.items()}
+    except (AttributeError, TypeError, ValueError):
+        return {}
+
+
+class ReplaySource:
+    """A finished capture, paced by the records' ``t_ns`` scaled by ``speed`` (0: as fast
+    as possible).  The per-call rows named by the meta are replayed on the same clock."""
+
+    def __init__(self, path: str | os.PathLike, speed: float = 1.0, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 chunk: int = REPLAY_CHUNK) -> None:
+        self.path = Path(path)
+        check_capture(self.path)
+        self.speed = speed
+        self.clock, self.sleep, self.chunk = clock, sleep, chunk
+        self.meta, self._meta_problems = load_meta(self.path)
+        self.calls_file = calls_path(self.path, self.meta)
+        if self.calls_file is not None and not self.calls_file.is_file():
+            self._meta_problems.append(f"per-call file {self.calls_file.name} not found: "
+                                       "guest rates unavailable")
+            self.calls_file = None
+        pace = "max speed" if not speed else f"{speed:g}x"
+        self.description = f"replay {self.path.name} ({pace})"
+        self._header: HeaderInfo | None = None
+        self._problems: list[str] = []
+        self._switches: Iterator[SwitchRecord] | None = None
+        self._calls: Iterator[CallRecord] | None = None
+        self._next_switch: SwitchRecord | None = None
+        self._next_call: CallRecord | None = None
+        self._t0: int | None = None
+        self._w0 = 0.0
+        self._count = 0
+        self._done = False
+        self._first = True
+
+    def start(self) -> HeaderInfo:
+        if self._header is None:
+            self._header = HeaderInfo.from_meta(self.meta, self.description,
+                                                has_calls=self.calls_file is not None)
+            self._switches = iter_capture(self.path, self._problems)
+            self._next_switch = self._pull_switch()
+            if self.calls_file is not None:
+                self._calls = iter_calls(self.calls_file, self._problems)
+                self._next_call = self._pull_call()
+            firsts = [r.t_ns for r in (self._next_switch, self._next_call) if r is not None]
+            self._t0 = min(firsts) if firsts else 0
+            self._w0 = self.clock()
+        return self._header
+
+    def _pull_switch(self) -> SwitchRecord | None:
+        try:
+            return next(self._switches, None)
+        except CaptureError as e:
+            self._problems.append(f"replay stopped: {e}")
+            return None
+
+    def _pull_call(self) -> CallRecord | None:
+        try:
+            return next(self._calls, None) if self._calls is not None else None
+        except CaptureError as e:
+            self._problems.append(f"per-call rows stopped: {e}")
+            return None
+
+    def read(self, timeout: float) -> Batch:
+        self.start()
+        batch = Batch()
+        if self._first:
+            self._first = False
+            batch.problems.extend(self._meta_problems)
+            batch.lost_per_cpu = lost_from_meta(self.meta)
+            batch.guest_totals = self.meta.get("background") or None
+            batch.status = f"replaying {'at max speed' if not self.speed else f'{self.speed:g}x'}"
+        if self._done:
+            self.sleep(timeout)
+            return batch
+        if self.speed:
+            horizon = self._due_horizon(timeout)
+        else:
+            horizon = None
+        while self._next_switch is not None and len(batch.switches) < self.chunk:
+            if horizon is not None and self._next_switch.t_ns > horizon:
+                break
+            batch.switches.append(self._next_switch)
+            self._next_switch = self._pull_switch()
+        if not self.speed:          # calls up to the newest switch; all of them at the end
+            horizon = None if self._next_switch is None else \
+                max((r.t_ns for r in batch.switches), default=self._t0)
+        while self._next_call is not None and (horizon is None or self._next_call.t_ns <= horizon):
+            batch.calls.append(self._next_call)
+            self._next_call = self._pull_call()
+        self._count += len(batch.switches)
+        batch.problems.extend(self._problems[:MAX_PROBLEMS])
+        del self._problems[:]
+        if self._next_switch is None and self._next_call is None:
+            self._done = batch.finished = True
+            batch.status = f"end of capture ({self._count} switches)"
+        return batch
+
+    def _due_horizon(self, timeout: float) -> int:
+        """The newest trace time due by now; waits (up to ``timeout``) if none is due."""
+        def horizon() -> int:
+            return self._t0 + int((self.clock() - self._w0) * self.speed * 1e9)
+
+        nexts = [r.t_ns for r in (self._next_switch, self._next_call) if r is not None]
+        due = horizon()
+        if nexts and min(nexts) > due:
+            wait = (min(nexts) - due) / 1e9 / self.speed
+            self.sleep(min(wait, timeout))
+            due = horizon()
+        return due
+
+    def stop(self, reason: str) -> None:
+        for it in (self._switches, self._calls):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        self._done = True
+
+
+# --- following a growing capture ------------------------------------------------------
+
+class LineParser:
+    """Rows of a capture CSV one line at a time, with the header checks of
+    ``tracer.capture`` (required columns, no duplicates; optional columns read as 0)."""
+
+    def __init__(self, header: list[str], columns: tuple[str, ...],
+                 optional: frozenset[str] = frozenset()) -> None:
+        if len(set(header)) != len(header):
+            dup = sorted({c for c in header if header.count(c) > 1})
+            raise ValueError(f"duplicate columns in header: {', '.join(dup)}")
+        missing = [c for c in columns if c not in header and c not in optional]
+        if missing:
+            raise ValueError(f"not a capture: header lacks {', '.join(missing)}")
+        self.where = [header.index(c) if c in header else None for c in columns]
+        self.width = len(header)
+
+    def fields(self, line: str) -> list[str]:
+        """The fields in ``columns`` order; ValueError when the line is malformed."""
+        parts = line.split(",")                   # integers and plain words: never quoted
+        if len(parts) != self.width:
+            raise ValueError(f"{len(parts)} fields, header has {self.width}")
+        return [parts[i] if i is not None else "0" for i in self.where]
+
+
+def parse_switch(fields: list[str]) -> SwitchRecord:
+    return SwitchRecord(*map(int, fields))
+
+
+def parse_call(fields: list[str]) -> CallRecord:
+    kind, *nums = fields
+    if not kind or not kind.replace("_", "").isalnum():
+        raise ValueError(f"kind {kind!r}")
+    seq_at = CALL_COLUMNS.index("seq") - 1
+    values: list = [int(v) if (i != seq_at or v != "") else None for i, v in enumerate(nums)]
+    return CallRecord(kind, *values)
+
+
+class Tailer:
+    """``tail -f`` of one CSV: whole lines only, a malformed one counted (never fatal),
+    truncation or replacement noticed (the reader then starts over)."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], parse: Callable,
+                 optional: frozenset[str] = frozenset()) -> None:
+        self.path, self.columns, self.parse, self.optional = path, columns, parse, optional
+        self._f = None
+        self._ident: tuple[int, int] | None = None
+        self._offset = 0
+        self._partial = b""
+        self._parser: LineParser | None = None
+        self._line = 0
+        self.header_problem: str | None = None
+        self.at_eof = False
+
+    @property
+    def opened(self) -> bool:
+        return self._f is not None
+
+    def _open(self) -> bool:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise VftraceError(f"cannot read {self.path}: {e.strerror}") from None
+        st = os.fstat(f.fileno())
+        self._f, self._ident = f, (st.st_dev, st.st_ino)
+        self._offset, self._partial, self._parser, self._line = 0, b"", None, 0
+        self.header_problem = None
+        return True
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def poll(self) -> tuple[list, list[str], int, bool]:
+        """(records, problems, malformed line count, restarted)."""
+        restarted = False
+        if self._f is None and not self._open():
+            self.at_eof = True
+            return [], [], 0, False
+        try:
+            st = os.stat(self.path)
+            replaced = (st.st_dev, st.st_ino) != self._ident
+        except FileNotFoundError:
+            st, replaced = None, False              # deleted: keep what we have
+        if replaced or (st is not None and st.st_size < self._offset):
+            self.close()
+            restarted = True
+            if not self._open():
+                return [], [], 0, True
+        self._f.seek(self._offset)
+        data = self._f.read(FOLLOW_READ_BYTES)
+        self._offset += len(data)
+        self.at_eof = len(data) < FOLLOW_READ_BYTES
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()                  # a line without its newline yet
+        records, problems, bad = [], [], 0
+        for raw in lines:
+            self._line += 1
+            try:
+                text = raw.decode().rstrip("\r")
+            except UnicodeDecodeError:
+                text = None
+            if self._parser is None and self.header_problem is None:
+                self._parse_header(text or "")
+                continue
+            if text == "":
+                continue
+            if self.header_problem is not None:
+                bad += 1
+                continue
+            try:
+                if text is None:
+                    raise ValueError("not text")
+                records.append(self.parse(self._parser.fields(text)))
+            except (ValueError, TypeError) as e:
+                bad += 1
+                if len(problems) < 5:
+                    problems.append(f"{self.path.name} line {self._line}: malformed, "
+                                    f"skipped ({str(e)[:80]})")
+        if self.header_problem is not None and bad:
+            problems.append(f"{self.path.name}: {self.header_problem}")
+        return records, problems, bad, restarted
+
+    def _parse_header(self, text: str) -> None:
+        try:
+            self._parser = LineParser(next(csv.reader([text]), []), self.columns,
+                                      self.optional)
+        except ValueError as e:
+            self.header_problem = str(e)
+
+
+class FollowSource:
+    """A capture another process is writing (``tail -f``): waits for the file, holds a
+    partial last line until it is whole, notices the recorder finishing (the meta turns
+    ``complete``) and the capture being truncated or replaced."""
+
+    def __init__(self, path: str | os.PathLike, *, poll_s: float = 0.2,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise VftraceError(f"{self.path}: is a directory; give a capture CSV")
+        if not self.path.parent.is_dir():
+            raise VftraceError(f"{self.path}: directory {self.path.parent} does not exist")
+        self.poll_s, self.sleep = poll_s, sleep
+        self.description = f"follow {self.path.name}"
+        self._switches = Tailer(self.path, COLUMNS, parse_switch)
+        self._calls: Tailer | None = None
+        self._meta_stamp: tuple | None = None
+        self.meta: dict = {}
+        self._finished_told = False
+        self._header: HeaderInfo | None = None
+        self._waiting_told = False
+
+    def start(self) -> HeaderInfo:
+        if self._header is None:
+            self._refresh_meta()
+            self._header = self._make_header()
+        return self._header
+
+    def _make_header(self) -> HeaderInfo:
+        return HeaderInfo.from_meta(self.meta, self.description,
+                                    has_calls=self._calls is not None)
+
+    def _refresh_meta(self) -> bool:
+        """Re-read the meta when it changed (it is replaced atomically by the writer)."""
+        mp = meta_path(self.path)
+        try:
+            st = mp.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._meta_stamp:
+            return False
+        self._meta_stamp = stamp
+        try:
+            self.meta = read_meta(self.path, require=False) if stamp else {}
+        except CaptureError:
+            self.meta = {}
+        cp = calls_path(self.path, self.meta)
+        if cp is not None and (self._calls is None or self._calls.path != cp):
+            self._calls = Tailer(cp, CALL_COLUMNS, parse_call, CALL_OPTIONAL)
+        return True
+
+    def read(self, timeout: float) -> Batch:
+        self.start()
+        batch = Batch()
+        if self._refresh_meta():
+            batch.header = self._header = self._make_header()
+            if not self.meta.get("complete"):
+                self._finished_told = False
+        records, problems, bad, restarted = self._switches.poll()
+        if restarted:
+            batch.restart = True
+            problems.insert(0, f"{self.path.name} was truncated or replaced: started over")
+            self._finished_told = False
+            if self._calls is not None:
+                self._calls.close()
+        batch.switches, batch.problems, batch.bad_lines = records, problems, bad
+        if self._calls is not None:
+            calls, call_problems, call_bad, _ = self._calls.poll()
+            batch.calls = calls
+            batch.problems.extend(call_problems)
+            batch.bad_lines += call_bad
+        if not self._switches.opened:
+            if not self._waiting_told:
+                batch.status = f"waiting for {self.path.name} to appear"
+                self._waiting_told = True
+        elif self._waiting_told or restarted:
+            batch.status = f"following {self.path.name}"
+            self._waiting_told = False
+        elif batch.switches and batch.status is None and not self._finished_told:
+            batch.status = f"following {self.path.name}"
+        if (self.meta.get("complete") and self._switches.at_eof and not self._finished_told
+                and self._switches.opened):
+            self._finished_told = True
+            batch.status = f"recorder finished ({self.meta.get('stop_reason', 'stopped')})"
+            batch.lost_per_cpu = lost_from_meta(self.meta)
+            batch.guest_totals = self.meta.get("background") or None
+        if not records and self._switches.at_eof:
+            self.sleep(min(self.poll_s, timeout))
+        return batch
+
+    def stop(self, reason: str) -> None:
+        self._switches.close()
+        if self._calls is not None:
+            self._calls.close()
+
+
+# --- the live engine -------------------------------------------------------------------
+
+class LiveSource:
+    """The BPF engine through ``tracer.session.Session`` (root only).
+
+    A pump thread polls the engine from the moment the probes are armed, whatever the
+    dashboard is doing: the ring buffer is drained even while Textual starts up or
+    redraws (under the lab's emulation that took long enough for the buffers to
+    overflow).  ``read`` hands over what the pump collected.  Guest totals and losses
+    are polled about once a second (cumulative; the dashboard takes rates by
+    difference)."""
+
+    def __init__(self, session, *, totals_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.session = session
+        self.session.on_switch = self._on_switch
+        self.session.on_call = self._on_call
+        out = session.output
+        self.description = "live" + (f" -> {out.name}" if out is not None else "")
+        self.totals_every_s, self.clock = totals_every_s, clock
+        self._pending = Batch()
+        self._cond = threading.Condition()
+        self._session_lock = threading.Lock()    # poll and stop never overlap
+        self._last_totals = float("-inf")
+        self._header: HeaderInfo | None = None
+        self._finished = False
+        self._stop_pump = threading.Event()
+        self._pump: threading.Thread | None = None
+
+    def _on_switch(self, rec: SwitchRecord) -> None:
+        self._pending.switches.append(rec)       # under _cond: called inside poll
+
+    def _on_call(self, rec: CallRecord) -> None:
+        self._pending.calls.append(rec)
+
+    def start(self) -> HeaderInfo:
+        if self._header is None:
+            self.session.start()
+            self._header = HeaderInfo.from_meta(self.session.meta, self.description,
+                                                has_calls=self.session.opts.calls is not None)
+            self._pump = threading.Thread(target=self._run_pump, name="vftrace-pump",
+                                          daemon=True)
+            self._pump.start()
+        return self._header
+
+    def _run_pump(self) -> None:
+        while not self._stop_pump.is_set():
+            with self._session_lock:
+                if self._finished:
+                    return
+                try:
+                    with self._cond:
+                        reason = self.session.poll(100)
+                except OSError as e:             # disk full, output gone: keep what was written
+                    reason = f"error: {e}"
+                    with self._cond:
+                        self._pending.problems.append(f"{e}; the capture up to here is kept")
+                except Exception as e:           # must not die silently with the probes on
+                    reason = f"error: {type(e).__name__}: {e}"
+                    with self._cond:
+                        self._pending.problems.append(f"reading the engine failed: {e}")
+                now = self.clock()
+                totals = reason is not None or now - self._last_totals >= self.totals_every_s
+                lost = guests = None
+                if reason is not None:
+                    self._stop_locked(reason)
+                if totals:
+                    self._last_totals = now
+                    lost = self.session.lost_per_cpu()
+                    guests = self.session.background() or None
+            with self._cond:
+                if lost is not None:
+                    self._pending.lost_per_cpu = lost
+                    self._pending.guest_totals = guests
+                if reason is not None:
+                    self._pending.finished = True
+                    self._pending.status = f"recording stopped: {reason}"
+                self._cond.notify_all()
+            if reason is not None:
+                return
+
+    def read(self, timeout: float) -> Batch:
+        with self._cond:
+            if self._pending.is_empty():
+                self._cond.wait(timeout)
+            batch, self._pending = self._pending, Batch()
+            return batch
+
+    def _stop_locked(self, reason: str) -> None:
+        if not self._finished:
+            self._finished = True
+            self.session.stop(reason)       # workload, then probes, then the capture
+
+    def stop(self, reason: str) -> None:
+        self._stop_pump.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join()
+        with self._session_lock:
+            self._stop_locked(reason)
