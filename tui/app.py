@@ -477,6 +477,10 @@ def _fill(table: DataTable, rows: list[list], keys: list[str] | None = None) -> 
         return
     table._vftrace_content = content
     table.clear()
+    # Widths from what is shown now: a DataTable only ever widens a column, so a value
+    # gone by (or shown half-way through a filter) would keep its column wide for good.
+    for column in table.columns.values():
+        column.content_width = column.label.cell_len
     for i, row in enumerate(rows):
         table.add_row(*row, key=keys[i] if keys else None)
 
