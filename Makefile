@@ -7,7 +7,7 @@ KERNEL ?=
 MODE   ?= mmap
 VMS    ?= 2
 
-.PHONY: all setup lab shell test unit kmod clean help
+.PHONY: all setup lab shell test unit bench kmod clean help
 all: help
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make shell  the lab VM with pf_sched switching, in a shell"
 	@echo "make test   run every test: unit tests here, lab tests in a VM per kernel"
 	@echo "make unit   only the unit tests (no VM, no root)"
+	@echo "make bench  the benchmarks (lab + host), printed and written to BENCHMARKS.md (ARGS=--full)"
 	@echo "make setup  install what is missing (Debian packages, kernels, .venv, pf_sched)"
 	@echo "make kmod   build pf_sched for every installed kernel (build/kmod/<release>/)"
 
@@ -37,6 +38,9 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit
+
+bench: setup
+	$(PY) bench/run.py $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache

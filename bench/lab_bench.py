@@ -1,0 +1,271 @@
+"""The in-VM half of ``make bench``: inflation, lossless rate, start-up (run as root in the lab).
+
+    python bench/lab_bench.py [--full] [--window 10] [-o build/bench/lab-RELEASE.json]
+
+Everything runs in one boot so the ratios compare like with like (TCG makes absolute
+times ~1000x a real host's).  pf_sched's debugfs counters time every switch without
+any tracer (``total_ns_*``); deltas over a window give its self-timed mean switch.
+
+1. Inflation: the same pf_sched settings, consecutive windows of equal length: no
+   tracer, vftrace fentry, vftrace kprobe, BCC funclatency, bpftrace, no tracer, then the
+   tracers again in reverse order and no tracer (drift falls on every case alike).
+2. Lossless rate: one recorder for the whole search; slice_us is lowered window by
+   window and each window's seq range is checked against the capture (every switch the
+   module made must be a row).  1 PF, then every PF the VM has (boot with --pfs 3).
+3. Start-up: launch of ``vftrace record`` to its "recording" line (armed; the first
+   switch follows within one slice), and the start-up figure it prints itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.lab import labutil, pfsched  # noqa: E402
+from tracer.calibrate import accuracy  # noqa: E402
+from tracer.capture import read_capture  # noqa: E402
+
+FUNCLATENCY = "/usr/sbin/funclatency-bpfcc"
+BPFTRACE = "/usr/bin/bpftrace"
+# What funclatency and bpftrace attach: a kprobe+kretprobe pair on each function.
+BPFTRACE_SCRIPT = ("kprobe:iommu_map,kprobe:iommu_unmap { @start[tid] = nsecs; } "
+                   "kretprobe:iommu_map,kretprobe:iommu_unmap /@start[tid]/ "
+                   "{ @ns = hist(nsecs - @start[tid]); delete(@start[tid]); }")
+TOOL_START_S = 300              # BCC compiles slowly under TCG
+INFLATION_SLICE_US = 2000
+LOSSLESS_SLICES_US = (2000, 1000, 500, 200, 100, 50, 20, 10, 5, 1)
+NR_VFS = 4
+
+
+def log(msg: str) -> None:
+    print(f"[lab_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- pf_sched's own accounting ----------------------------------------------------------
+
+def snapshot(bdfs: list[str]) -> dict[str, dict]:
+    return {b: pfsched.stats(b) for b in bdfs}
+
+
+def self_timed(before: dict, after: dict, seconds: float) -> dict:
+    """Mean self-timed switch ns and switches/s over a window, all PFs together."""
+    count = sum(after[b]["total_ns_count"] - before[b]["total_ns_count"] for b in before)
+    total = sum(after[b]["total_ns_sum"] - before[b]["total_ns_sum"] for b in before)
+    switches = sum(after[b]["switches"] - before[b]["switches"] for b in before)
+    return {"switches": switches, "mean_ns": total / count if count else None,
+            "seconds": seconds, "rate_per_s": switches / seconds if seconds else None}
+
+
+def measure(bdfs: list[str], seconds: float) -> dict:
+    before, t0 = snapshot(bdfs), time.monotonic()
+    time.sleep(seconds)
+    after, t1 = snapshot(bdfs), time.monotonic()
+    out = self_timed(before, after, t1 - t0)
+    out["seq"] = {str(after[b]["pf"]): [before[b]["seq"], after[b]["seq"]] for b in bdfs}
+    return out
+
+
+# --- tracers as a user starts them ------------------------------------------------------
+
+class Tool:
+    """A tracer process, started and waited for until it says it is attached."""
+
+    def __init__(self, argv: list[str], ready: str, stream: str) -> None:
+        self.argv = argv
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env, start_new_session=True)
+        pipe = self.proc.stderr if stream == "stderr" else self.proc.stdout
+        self.lines: list[str] = []
+        deadline = t0 + TOOL_START_S
+        while True:
+            line = pipe.readline()
+            self.lines.append(line)
+            if ready in line:
+                break
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{argv[0]} did not start: {''.join(self.lines)[-600:]}")
+        self.ready_s = time.monotonic() - t0
+
+    def stop(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = self.proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out, err
+
+
+def vftrace(out: Path, *extra: str) -> Tool:
+    return Tool([sys.executable, "-m", "tracer.cli", "record", "-o", str(out), "-q", *extra],
+                "recording", "stderr")
+
+
+def startup_figures(tool: Tool) -> dict:
+    said = re.search(r"start-up ([\d.]+) s", "".join(tool.lines))
+    return {"to_armed_s": tool.ready_s, "engine_startup_s": float(said.group(1)) if said else None}
+
+
+# --- 1. inflation -----------------------------------------------------------------------
+
+def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
+    """Each case ``rounds`` times in mirrored order (A B C .. C B A) with untraced windows
+    between the rounds, so slow drift of the emulated machine falls on every case alike."""
+    cases = [("none", "nothing", None)]
+    for mode in ("fentry", "kprobe"):
+        cases.append((f"vftrace {mode}", f"vftrace's program, hooks in {mode} mode "
+                      "(iommu_map/unmap, iotlb_sync, unmap_mapping_range; tracepoints)",
+                      lambda m=mode: vftrace(out_dir / f"inflation-{m}.csv", "--probe-mode", m)))
+    if Path(FUNCLATENCY).exists():
+        cases.append(("funclatency", "BCC funclatency -r '^iommu_(un)?map$': kprobe+kretprobe "
+                      "on iommu_map and iommu_unmap",
+                      lambda: Tool([FUNCLATENCY, "-r", "^iommu_(un)?map$"], "Tracing", "stdout")))
+    if Path(BPFTRACE).exists():
+        cases.append(("bpftrace", "bpftrace kprobe+kretprobe on iommu_map and iommu_unmap, "
+                      "@ns hist", lambda: Tool([BPFTRACE, "-B", "line", "-e", BPFTRACE_SCRIPT],
+                                               "Attaching", "stdout")))
+    order: list[tuple] = []
+    for r in range(rounds):
+        traced = cases[1:] if r % 2 == 0 else cases[:0:-1]
+        order += [cases[0], *traced]
+    order.append(cases[0])
+    windows: list[dict] = []
+    extra: dict = {}
+    with pfsched.loaded(1, slice_us=INFLATION_SLICE_US, nr_vfs=NR_VFS) as bdfs:
+        time.sleep(1)
+        for name, attaches, start in order:
+            log(f"inflation: {name}")
+            try:
+                tool = start() if start else None
+            except RuntimeError as e:            # a tool that cannot attach: say so, go on
+                windows.append({"case": name, "error": str(e)[-300:]})
+                continue
+            try:
+                row = {"case": name, **measure(bdfs, window)}
+            finally:
+                status = tool.stop() if tool else (0, "", "")
+            row["ready_s"] = tool.ready_s if tool else None
+            if status[0] not in (0, -signal.SIGINT):
+                row["error"] = f"exit {status[0]}: " + " ".join(status[2].strip().splitlines()[-1:])
+            windows.append(row)
+            if name.startswith("vftrace ") and name not in extra and tool is not None:
+                mode = name.split()[1]
+                meta, rows, _ = read_capture(out_dir / f"inflation-{mode}.csv")
+                extra[mode] = {"floor_ns": meta.get("floor_ns"), "startup": startup_figures(tool),
+                               "accuracy": accuracy(rows).as_dict() if rows else None,
+                               "probe_modes": meta.get("probe_modes"), "records": len(rows),
+                               "lost_total": meta.get("lost_total")}
+    return {"slice_us": INFLATION_SLICE_US, "window_s": window, "rounds": rounds,
+            "windows": windows, "cases": combine(windows, {c[0]: c[1] for c in cases}),
+            "vftrace": extra}
+
+
+def combine(windows: list[dict], attaches: dict[str, str]) -> list[dict]:
+    """One row per case: its windows' switches and mean pooled (sum of ns / switches)."""
+    out = []
+    for name, what in attaches.items():
+        mine = [w for w in windows if w["case"] == name and w.get("mean_ns")]
+        errors = [w["error"] for w in windows if w["case"] == name and w.get("error")]
+        switches = sum(w["switches"] for w in mine)
+        total = sum(w["mean_ns"] * w["switches"] for w in mine)
+        ready = [w["ready_s"] for w in mine if w.get("ready_s") is not None]
+        row = {"case": name, "attaches": what, "windows": len(mine), "switches": switches,
+               "mean_ns": total / switches if switches else None,
+               "window_means_ns": [w["mean_ns"] for w in mine],
+               "ready_s": sum(ready) / len(ready) if ready else None}
+        if errors:
+            row["error"] = errors[0]
+        out.append(row)
+    return out
+
+
+# --- 2. lossless rate -------------------------------------------------------------------
+
+def missing_seqs(rows, seq_ranges: dict[str, list[int]]) -> int:
+    """Switches the module made in the window (its seq range per PF) with no row."""
+    have: dict[int, set[int]] = {}
+    for r in rows:
+        have.setdefault(r.pf, set()).add(r.seq)
+    missing = 0
+    for pf, (lo, hi) in seq_ranges.items():
+        missing += len(set(range(lo + 1, hi + 1)) - have.get(int(pf), set()))
+    return missing
+
+
+def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
+    csv = out_dir / f"lossless-{n_pfs}pf.csv"
+    windows: list[dict] = []
+    with pfsched.loaded(n_pfs, slice_us=LOSSLESS_SLICES_US[0], nr_vfs=NR_VFS) as bdfs:
+        time.sleep(1)
+        tool = vftrace(csv)
+        try:
+            for slice_us in LOSSLESS_SLICES_US:
+                log(f"lossless {n_pfs} PF: slice {slice_us} us")
+                pfsched.set_param("slice_us", slice_us)
+                time.sleep(0.5)                      # the previous slice's last sleep ends
+                windows.append({"slice_us": slice_us, **measure(bdfs, window)})
+        finally:
+            pfsched.set_param("slice_us", LOSSLESS_SLICES_US[0])
+            status = tool.stop()
+    meta, rows, problems = read_capture(csv)
+    for w in windows:
+        w["missing"] = missing_seqs(rows, w["seq"])
+    best = None
+    for w in windows:                                # the search stops at the first loss
+        if w["missing"]:
+            break
+        best = w
+    return {"pfs": n_pfs, "window_s": window, "windows": windows,
+            "lost_total": meta.get("lost_total"), "exit_status": status[0],
+            "problems": problems, "lossless_slice_us": best and best["slice_us"],
+            "lossless_rate_per_s": best and best["rate_per_s"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="30 s lossless windows (default 5 s)")
+    ap.add_argument("--window", type=float, default=10.0, help="inflation window, s")
+    ap.add_argument("--rounds", type=int, default=2, help="inflation rounds (mirrored order)")
+    ap.add_argument("-o", "--output", help="JSON (default build/bench/lab-RELEASE.json)")
+    ap.add_argument("--only", choices=("inflation", "lossless"), help="one section")
+    args = ap.parse_args()
+    release = platform.release()
+    out = Path(args.output) if args.output else REPO / "build" / "bench" / f"lab-{release}.json"
+    work = out.parent / f"captures-{release}"
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"kernel": release, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "edu_devices": len(labutil.edu_devices()), "full": args.full}
+    lossless_window = 30.0 if args.full else 5.0
+    sections = [("inflation", lambda: inflation(args.window, work, args.rounds)),
+                ("lossless_1pf", lambda: lossless(1, lossless_window, work))]
+    n_all = len(labutil.free_edu_devices())
+    if n_all > 1:
+        sections.append(("lossless_npf", lambda: lossless(n_all, lossless_window, work)))
+    for name, fn in sections:
+        if args.only and not name.startswith(args.only):
+            continue
+        try:
+            result[name] = fn()
+        except Exception as e:                      # keep what the other sections measured
+            log(f"{name} failed: {e}")
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        out.write_text(json.dumps(result, indent=2))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

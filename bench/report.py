@@ -1,0 +1,258 @@
+"""Figures -> goal verdicts and tables (stdout and BENCHMARKS.md); no measuring here.
+
+``figures`` is what ``bench/run.py`` gathers: ``machine``, ``date``, ``kernels`` (one
+``bench/lab_bench.py`` JSON per kernel release), ``pipeline`` (case -> records/s) and
+``dashboard`` (CPU share at a record rate).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PIPELINE_GOAL_PER_S = 200_000
+DASHBOARD_GOAL_PERCENT = 25.0
+DASHBOARD_RATE = 10_000
+PIPELINE_CASE = "decode+stats+csv"
+RIVALS = ("funclatency", "bpftrace")
+
+
+@dataclass
+class Verdict:
+    goal: str
+    figure: str
+    met: bool | None            # None: not measured in this run
+    note: str = ""
+
+    @property
+    def word(self) -> str:
+        return {True: "met", False: "MISSED", None: "not measured"}[self.met]
+
+
+# --- parsing the host benches' output -----------------------------------------------------
+
+RATE_LINE = re.compile(r"^(\S.*?)\s+(\d+) records\s+([\d.]+)s\s+([\d.]+)k records/s", re.M)
+CPU_LINE = re.compile(r"CPU: (\d+(?:\.\d+)?)% of one core")
+MADE_LINE = re.compile(r"rate asked (\d+)/s, made (\d+)/s")
+
+
+def parse_rates(text: str) -> dict[str, float]:
+    """``bench_pipeline.py`` / ``bench_decode.py`` output -> case -> records/s."""
+    return {m.group(1).strip(): float(m.group(4)) * 1e3 for m in RATE_LINE.finditer(text)}
+
+
+def parse_tui(text: str) -> dict:
+    cpu, made = CPU_LINE.search(text), MADE_LINE.search(text)
+    return {"cpu_percent": float(cpu.group(1)) if cpu else None,
+            "asked_per_s": int(made.group(1)) if made else None,
+            "made_per_s": int(made.group(2)) if made else None}
+
+
+# --- derived figures ---------------------------------------------------------------------
+
+def inflation_rows(section: dict) -> list[dict]:
+    """Each case with its ratio to the first untraced window."""
+    cases = section.get("cases", [])
+    base = next((c.get("mean_ns") for c in cases if c["case"] == "none"), None)
+    rows = []
+    for c in cases:
+        mean = c.get("mean_ns")
+        ratio = mean / base if mean and base else None
+        rows.append({**c, "ratio": ratio})
+    return rows
+
+
+def untraced_spread(section: dict) -> str:
+    """The untraced windows' means and their spread: how far the machine drifted."""
+    means = next((c.get("window_means_ns") for c in section.get("cases", [])
+                  if c["case"] == "none"), None)
+    if not means:
+        return ""
+    spread = (max(means) / min(means) - 1) * 100
+    return ", ".join(f"{m:.0f}" for m in means) + f" ns (max/min - 1 = {spread:.0f}%)"
+
+
+def ratio_of(rows: list[dict], case: str) -> float | None:
+    return next((r["ratio"] for r in rows if r["case"] == case), None)
+
+
+def inflation_verdict(kernel: str, section: dict) -> Verdict:
+    goal = f"{kernel}: vftrace fentry inflates switch time less than funclatency and bpftrace"
+    if not section or "error" in section:
+        return Verdict(goal, "-", None, (section or {}).get("error", "not run"))
+    rows = inflation_rows(section)
+    mine = ratio_of(rows, "vftrace fentry")
+    rivals = {name: ratio_of(rows, name) for name in RIVALS}
+    measured = {k: v for k, v in rivals.items() if v is not None}
+    figure = f"fentry x{mine:.2f}" if mine else "fentry -"
+    figure += "".join(f", {k} x{v:.2f}" for k, v in measured.items())
+    if mine is None or len(measured) < len(RIVALS):
+        missing = [k for k in ["vftrace fentry", *RIVALS] if ratio_of(rows, k) is None]
+        return Verdict(goal, figure, None, "no figure for " + ", ".join(missing))
+    best_rival = min(measured.values())
+    if mine < best_rival:
+        return Verdict(goal, figure, True, f"{(best_rival - mine) * 100:.0f} points below the "
+                       "best rival")
+    return Verdict(goal, figure, False, f"missed by x{mine - best_rival:.2f} "
+                   f"({(mine / best_rival - 1) * 100:.0f}% above the best rival)")
+
+
+def accuracy_verdict(kernel: str, section: dict) -> Verdict:
+    goal = f"{kernel}: median |switch_ns - source_ns| within the fentry floor"
+    fentry = ((section or {}).get("vftrace") or {}).get("fentry") or {}
+    acc, floor = fentry.get("accuracy"), (fentry.get("floor_ns") or {}).get("fentry")
+    if not acc or not floor:
+        return Verdict(goal, "-", None, "no fentry capture or floor")
+    diff, ref = acc["median_abs_ns"], floor["median_ns"]
+    figure = f"{diff:.0f} ns vs floor {ref} ns (p10-p90 {floor['p10_ns']}-{floor['p90_ns']})"
+    if diff <= ref:
+        return Verdict(goal, figure, True)
+    return Verdict(goal, figure, False, f"missed by {diff - ref:.0f} ns (x{diff / ref:.1f} the floor)")
+
+
+def lossless_verdict(kernel: str, section: dict) -> Verdict:
+    goal = f"{kernel}: zero lost records at pf_sched's highest switch rate, one PF"
+    if not section or "error" in section:
+        return Verdict(goal, "-", None, (section or {}).get("error", "not run"))
+    windows = section["windows"]
+    fastest = windows[-1]
+    lossy = next((w for w in windows if w["missing"]), None)
+    best = section.get("lossless_slice_us")
+    figure = (f"lossless down to {best} us slices ({section['lossless_rate_per_s']:.0f}/s)"
+              if best else "lossy at every slice") + f", {section['window_s']:g} s windows"
+    if lossy is None and not section.get("lost_total"):
+        return Verdict(goal, figure + f"; fastest tried {fastest['slice_us']} us", True)
+    if lossy is None:
+        return Verdict(goal, figure, False, f"{section['lost_total']} records lost (lost_total)")
+    return Verdict(goal, figure, False, f"{lossy['missing']} of {lossy['switches']} switches "
+                   f"missing at {lossy['slice_us']} us ({lossy['rate_per_s']:.0f}/s)")
+
+
+def pipeline_verdict(pipeline: dict) -> Verdict:
+    goal = f"user-space pipeline ({PIPELINE_CASE}) >= {PIPELINE_GOAL_PER_S // 1000}k records/s, one core"
+    rate = (pipeline or {}).get(PIPELINE_CASE)
+    if rate is None:
+        return Verdict(goal, "-", None, "not run")
+    figure = f"{rate / 1e3:.0f}k records/s"
+    if rate >= PIPELINE_GOAL_PER_S:
+        return Verdict(goal, figure, True)
+    return Verdict(goal, figure, False, f"missed by {(PIPELINE_GOAL_PER_S - rate) / 1e3:.0f}k "
+                   f"records/s ({rate / PIPELINE_GOAL_PER_S * 100:.0f}% of the goal)")
+
+
+def dashboard_verdict(dashboard: dict) -> Verdict:
+    goal = f"dashboard < {DASHBOARD_GOAL_PERCENT:.0f}% of a core at {DASHBOARD_RATE // 1000}k records/s"
+    cpu = (dashboard or {}).get("cpu_percent")
+    if cpu is None:
+        return Verdict(goal, "-", None, "not run")
+    figure = f"{cpu:.0f}% of a core"
+    if cpu < DASHBOARD_GOAL_PERCENT:
+        return Verdict(goal, figure, True)
+    return Verdict(goal, figure, False, f"missed by {cpu - DASHBOARD_GOAL_PERCENT:.0f} points")
+
+
+def verdicts(figures: dict) -> list[Verdict]:
+    out = []
+    for kernel, lab in (figures.get("kernels") or {}).items():
+        out.append(inflation_verdict(kernel, lab.get("inflation")))
+        out.append(accuracy_verdict(kernel, lab.get("inflation")))
+        out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
+    out.append(pipeline_verdict(figures.get("pipeline")))
+    out.append(dashboard_verdict(figures.get("dashboard")))
+    return out
+
+
+# --- tables ------------------------------------------------------------------------------
+
+def _fmt(v, spec: str = ".0f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table (also readable as plain text); a "|" inside a cell is escaped."""
+    header = [h.replace("|", "\\|") for h in header]
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(r) for r in rows)]
+
+
+def kernel_sections(kernel: str, lab: dict) -> list[str]:
+    run = "full (30 s lossless windows)" if lab.get("full") else "quick (5 s lossless windows)"
+    out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}.", ""]
+    infl = lab.get("inflation") or {}
+    if "cases" in infl:
+        out += [f"Inflation: pf_sched self-timed switch (mean ns of every switch in the case's "
+                f"windows), 1 PF, slice {infl['slice_us']} us, {infl.get('rounds', 1)} round(s) "
+                f"of consecutive {infl['window_s']:g} s windows in one boot, mirrored order.", ""]
+        rows = [[r["case"], _fmt(r.get("mean_ns")), _fmt(r.get("ratio"), ".2f"),
+                 str(r.get("switches", "-")), _fmt(r.get("ready_s"), ".1f"),
+                 r.get("error") and str(r["error"])[:60] or r.get("attaches", "")]
+                for r in inflation_rows(infl)]
+        out += table(["case", "mean ns", "x untraced", "switches", "attach s", "what / error"],
+                     rows) + [""]
+        drift = untraced_spread(infl)
+        if drift:
+            out += [f"Untraced windows (drift check): {drift}.", ""]
+        for mode, v in (infl.get("vftrace") or {}).items():
+            acc = v.get("accuracy") or {}
+            floor = (v.get("floor_ns") or {}).get(mode) or {}
+            st = v.get("startup") or {}
+            out.append(f"- vftrace {mode}: floor {floor.get('median_ns', '-')} ns "
+                       f"(p10 {floor.get('p10_ns', '-')}, p90 {floor.get('p90_ns', '-')}); "
+                       f"switch_ns - source_ns median {_fmt(acc.get('median_ns'))} ns "
+                       f"(p10 {_fmt(acc.get('p10_ns'))}, p90 {_fmt(acc.get('p90_ns'))}, "
+                       f"p99 {_fmt(acc.get('p99_ns'))}) over {acc.get('switches', 0)} switches; "
+                       f"start-up: command to armed {_fmt(st.get('to_armed_s'), '.1f')} s "
+                       f"(engine {_fmt(st.get('engine_startup_s'), '.1f')} s)")
+        out.append("")
+    elif infl:
+        out += [f"Inflation: failed: {infl.get('error')}", ""]
+    for key, label in (("lossless_1pf", "1 PF"), ("lossless_npf", "all PFs")):
+        sec = lab.get(key)
+        if not sec:
+            continue
+        if "windows" not in sec:
+            out += [f"Lossless rate ({label}): failed: {sec.get('error')}", ""]
+            continue
+        out += [f"Lossless rate, {sec['pfs']} PF(s), one recorder, {sec['window_s']:g} s per "
+                f"slice (lost_total {sec.get('lost_total')}):", ""]
+        rows = [[str(w["slice_us"]), _fmt(w.get("rate_per_s")), str(w["switches"]),
+                 str(w["missing"]), "yes" if not w["missing"] else "no"] for w in sec["windows"]]
+        out += table(["slice us", "switches/s", "switches", "missing rows", "lossless"], rows)
+        out += ["", f"Lowest lossless slice: {sec.get('lossless_slice_us') or '-'} us "
+                f"({_fmt(sec.get('lossless_rate_per_s'))} switches/s).", ""]
+    return out
+
+
+def render(figures: dict, markdown: bool = True) -> str:
+    m = figures.get("machine", {})
+    vs = verdicts(figures)
+    out = ["# vftrace benchmarks", "",
+           "Generated by `make bench` (`bench/run.py`); do not edit by hand.", "",
+           f"- Date: {figures.get('date', '-')}",
+           f"- Host: {m.get('platform', '-')}; CPU: {m.get('cpu', '-')} ({m.get('cpus', '-')} CPUs)",
+           f"- Lab kernels: {', '.join(figures.get('kernels') or {}) or 'none'}",
+           "- The lab VM runs under QEMU TCG (emulation): its absolute ns are ~1000x a real "
+           "host's; only ratios measured side by side in one boot mean anything.", "",
+           "## Goals", ""]
+    out += table(["goal", "figure", "verdict", "note"],
+                 [[v.goal, v.figure, v.word, v.note] for v in vs]) + [""]
+    for kernel, lab in (figures.get("kernels") or {}).items():
+        out += kernel_sections(kernel, lab)
+    pipe = figures.get("pipeline") or {}
+    if pipe:
+        out += ["## User-space pipeline (host, one core, synthetic stream, no BPF)", ""]
+        out += table(["case", "records/s"], [[k, f"{v / 1e3:.0f}k"] for k, v in pipe.items()])
+        out += ["", "`decode` and `decode+stats+csv` feed raw ring-buffer bytes through the "
+                "engine's callback (bench/bench_decode.py); the others start from decoded "
+                "records (bench/bench_pipeline.py).", ""]
+    dash = figures.get("dashboard") or {}
+    if dash:
+        out += ["## Dashboard", "",
+                f"CPU {_fmt(dash.get('cpu_percent'))}% of one core while ingesting "
+                f"{_fmt(dash.get('made_per_s'))} records/s (asked {dash.get('asked_per_s', '-')}/s; "
+                "bench/bench_tui.py, headless).", ""]
+    text = "\n".join(out)
+    return text if markdown else text.replace("**", "")

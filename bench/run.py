@@ -1,0 +1,127 @@
+"""``make bench``: every benchmark, one table on stdout, the same in BENCHMARKS.md.
+
+    .venv/bin/python bench/run.py [--kernel 6.12] [--full] [--no-lab] [--render-only]
+
+Boots the lab VM once per kernel (``--pfs 3``) and runs bench/lab_bench.py there
+(inflation, lossless rate, start-up: all in one boot so ratios compare), then the
+host-side pipeline benches (decode -> statistics -> CSV; the dashboard at 10k
+records/s), then renders build/bench/figures.json to stdout and BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+
+OUT = REPO / "build" / "bench"
+PY = str(REPO / ".venv" / "bin" / "python")
+KERNELS = ("6.1", "6.12")
+LAB_LOCK = "/tmp/vftrace-lab.lock"
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    cpu = "-"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+def lab_run(kernel: str, full: bool) -> dict | None:
+    """bench/lab_bench.py in one boot of ``kernel``; its JSON, or None."""
+    out = OUT / f"lab-{kernel}.json"
+    out.unlink(missing_ok=True)
+    cmd = ["flock", LAB_LOCK, str(REPO / ".venv" / "bin" / "vftrace"), "lab", "-k", kernel,
+           "--pfs", "3", "-t", "3600" if full else "1500", "--", "python",
+           "bench/lab_bench.py", "-o", str(out.relative_to(REPO))] + (["--full"] if full else [])
+    log(f"lab {kernel}: {' '.join(cmd)}")
+    with open(OUT / f"lab-{kernel}.log", "w") as logf:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:                # through a pipe: QEMU wants no plain file
+            logf.write(line)
+            if line.startswith("[lab_bench"):
+                print(line, end="", file=sys.stderr, flush=True)
+        proc.wait()
+    if not out.exists():
+        log(f"lab {kernel}: no figures (exit {proc.returncode}; see {OUT}/lab-{kernel}.log)")
+        return None
+    return json.loads(out.read_text())
+
+
+def host_benches(quick: bool) -> tuple[dict, dict]:
+    n = "200000" if quick else "1000000"
+    log("pipeline: bench/bench_decode.py, bench/bench_pipeline.py")
+    rates = {}
+    for script in ("bench_decode.py", "bench_pipeline.py"):
+        r = subprocess.run([PY, str(REPO / "bench" / script), "-n", n], capture_output=True,
+                           text=True, cwd=REPO)
+        (OUT / f"{script}.log").write_text(r.stdout + r.stderr)
+        rates.update(report.parse_rates(r.stdout))
+    log("dashboard: bench/bench_tui.py --rate 10000")
+    r = subprocess.run([PY, str(REPO / "bench" / "bench_tui.py"), "--rate",
+                        str(report.DASHBOARD_RATE), "--seconds", "10"], capture_output=True,
+                       text=True, cwd=REPO)
+    (OUT / "bench_tui.py.log").write_text(r.stdout + r.stderr)
+    return rates, report.parse_tui(r.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", "--kernel", action="append", choices=KERNELS,
+                    help="only this lab kernel (repeatable; default: both)")
+    ap.add_argument("--full", action="store_true", help="30 s lossless windows, 1M-record pipeline")
+    ap.add_argument("--no-lab", action="store_true", help="host benches only")
+    ap.add_argument("--keep", action="store_true", help="keep the other kernels' figures "
+                    "from the last run (build/bench/figures.json)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-render BENCHMARKS.md from build/bench/figures.json")
+    ap.add_argument("-o", "--output", default=str(REPO / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    figures_path = OUT / "figures.json"
+    if args.render_only:
+        figures = json.loads(figures_path.read_text())
+    else:
+        figures = {"machine": machine(), "full": args.full,
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "kernels": {}}
+        if args.keep and figures_path.exists():
+            figures["kernels"] = json.loads(figures_path.read_text()).get("kernels", {})
+        if not args.no_lab:
+            for kernel in args.kernel or KERNELS:
+                lab = lab_run(kernel, args.full)
+                if lab is not None:
+                    figures["kernels"] = {k: v for k, v in figures["kernels"].items()
+                                          if k != lab.get("kernel", kernel)}
+                    figures["kernels"][lab.get("kernel", kernel)] = lab
+                    figures["kernels"] = dict(sorted(figures["kernels"].items()))
+        figures["pipeline"], figures["dashboard"] = host_benches(quick=not args.full)
+        figures_path.write_text(json.dumps(figures, indent=2))
+    text = report.render(figures)
+    print(text)
+    Path(args.output).write_text(text + "\n")
+    log(f"wrote {args.output} and {figures_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""bench/: parsing the host benches, goal verdicts and the rendered table (no measuring)."""
+from __future__ import annotations
+
+import pytest
+
+from bench import lab_bench, report
+from tracer.schema import COLUMNS, SwitchRecord
+
+PIPELINE_OUT = """2 PFs x 8 VFs: 144 possible from->to groups
+stats            1000000 records    2.000s     500.0k records/s
+stats add_many   1000000 records    1.000s    1000.0k records/s
+stats+csv        1000000 records    8.000s     125.0k records/s
+capture size 150 bytes/record
+"""
+DECODE_OUT = """decode                    300000 records    1.000s     300.0k records/s
+decode+stats+csv          300000 records    2.000s     150.0k records/s
+"""
+TUI_OUT = """rate asked 10000/s, made 9987/s over 10.0 s; folded 110000 records in all
+CPU: 31% of one core (reader thread + UI); 9.8 redraws/s
+key 's' took effect in 40 ms at worst (median 20 ms)
+"""
+
+
+def case(name, mean, **kw):
+    return {"case": name, "mean_ns": mean, "switches": 100, **kw}
+
+
+def lab(fentry=110.0, funclat=150.0, bpftrace=140.0, med_abs=50.0, floor=60, missing=(0, 0, 3),
+        lost=0):
+    cases = [case("none", 100.0, window_means_ns=[90.0, 110.0, 100.0]), case("vftrace fentry", fentry), case("vftrace kprobe", 130.0)]
+    if funclat is not None:
+        cases.append(case("funclatency", funclat))
+    cases += [case("bpftrace", bpftrace)]
+    slices = (2000, 100, 20)
+    return {"kernel": "6.12.9", "inflation": {
+        "slice_us": 2000, "window_s": 10, "cases": cases,
+        "vftrace": {"fentry": {"floor_ns": {"function": "f", "fentry": {
+            "median_ns": floor, "p10_ns": floor - 5, "p90_ns": floor + 5, "samples": 3000}},
+            "accuracy": {"median_abs_ns": med_abs, "median_ns": med_abs, "p10_ns": 1,
+                         "p90_ns": 2, "p99_ns": 3, "switches": 9},
+            "startup": {"to_armed_s": 12.5, "engine_startup_s": 9.0}}}},
+        "lossless_1pf": {"pfs": 1, "window_s": 5, "lost_total": lost, "windows": [
+            {"slice_us": s, "switches": 1000, "rate_per_s": 1e6 / s, "missing": m}
+            for s, m in zip(slices, missing)],
+            "lossless_slice_us": next((s for s, m in zip(slices[::-1], missing[::-1])
+                                       if not m and not any(missing[:slices.index(s)])), None),
+            "lossless_rate_per_s": 10_000.0}}
+
+
+def figures(**kw):
+    return {"machine": {"platform": "Linux-x", "cpu": "Test CPU 3000", "cpus": 2},
+            "date": "2026-01-01 00:00 UTC", "kernels": {"6.12.9": lab(**kw)},
+            "pipeline": {**report.parse_rates(DECODE_OUT), **report.parse_rates(PIPELINE_OUT)},
+            "dashboard": report.parse_tui(TUI_OUT)}
+
+
+def by_goal(vs, word):
+    return next(v for v in vs if word in v.goal)
+
+
+def test_parse_bench_outputs():
+    rates = report.parse_rates(PIPELINE_OUT + DECODE_OUT)
+    assert rates == {"stats": 500e3, "stats add_many": 1000e3, "stats+csv": 125e3,
+                     "decode": 300e3, "decode+stats+csv": 150e3}
+    assert report.parse_tui(TUI_OUT) == {"cpu_percent": 31.0, "asked_per_s": 10000,
+                                         "made_per_s": 9987}
+    assert report.parse_tui("crashed") == {"cpu_percent": None, "asked_per_s": None,
+                                           "made_per_s": None}
+
+
+def test_inflation_ratios_are_to_the_first_untraced_window():
+    rows = report.inflation_rows(lab()["inflation"])
+    assert report.ratio_of(rows, "vftrace fentry") == pytest.approx(1.10)
+    assert report.ratio_of(rows, "none") == pytest.approx(1.0)
+    assert report.untraced_spread(lab()["inflation"]) == "90, 110, 100 ns (max/min - 1 = 22%)"
+
+
+def test_inflation_met_and_missed_by_how_much():
+    met = report.inflation_verdict("k", lab()["inflation"])
+    assert met.met is True and "x1.10" in met.figure and "bpftrace x1.40" in met.figure
+    missed = report.inflation_verdict("k", lab(fentry=150.0)["inflation"])
+    assert missed.met is False and "missed by x0.10" in missed.note and "7%" in missed.note
+    unknown = report.inflation_verdict("k", lab(funclat=None)["inflation"])
+    assert unknown.met is None and "funclatency" in unknown.note
+    failed = report.inflation_verdict("k", {"error": "RuntimeError: boom"})
+    assert failed.met is None and "boom" in failed.note
+
+
+def test_accuracy_verdict():
+    assert report.accuracy_verdict("k", lab()["inflation"]).met is True
+    v = report.accuracy_verdict("k", lab(med_abs=180.0)["inflation"])
+    assert v.met is False and "missed by 120 ns" in v.note and "x3.0" in v.note
+
+
+def test_lossless_verdict_names_the_first_lossy_slice():
+    ok = report.lossless_verdict("k", lab(missing=(0, 0, 0))["lossless_1pf"])
+    assert ok.met is True
+    bad = report.lossless_verdict("k", lab(missing=(0, 0, 3))["lossless_1pf"])
+    assert bad.met is False and "3 of 1000" in bad.note and "20 us" in bad.note
+    lost = report.lossless_verdict("k", lab(missing=(0, 0, 0), lost=7)["lossless_1pf"])
+    assert lost.met is False and "7 records lost" in lost.note
+
+
+def test_pipeline_and_dashboard_verdicts():
+    vs = report.verdicts(figures())
+    pipe = by_goal(vs, "pipeline")
+    assert pipe.met is False and "missed by 50k" in pipe.note and "75%" in pipe.note
+    dash = by_goal(vs, "dashboard")
+    assert dash.met is False and "missed by 6 points" in dash.note
+    assert report.pipeline_verdict({"decode+stats+csv": 250e3}).met is True
+    assert report.dashboard_verdict({"cpu_percent": 12.0}).met is True
+    assert report.pipeline_verdict({}).met is None
+
+
+def test_render_has_machine_goals_and_every_section():
+    text = report.render(figures())
+    assert "Test CPU 3000" in text and "6.12.9" in text and "TCG" in text
+    assert "2026-01-01" in text and "do not edit by hand" in text
+    goal_lines = [l for l in text.splitlines() if l.startswith("| ") and "6.12.9:" in l]
+    assert len(goal_lines) == 3
+    assert "| vftrace kprobe" in text and "| 20 " in text and "drift check" in text      # inflation and lossless rows
+    assert "MISSED" in text and "| decode+stats+csv" in text
+    assert "CPU 31% of one core" in text
+
+
+def test_render_without_lab_figures_says_not_measured():
+    text = report.render({"machine": {}, "kernels": {}, "pipeline": {}, "dashboard": {}})
+    assert text.count("not measured") == 2 and "Lab kernels: none" in text
+
+
+def rec(pf, seq):
+    values = dict.fromkeys(COLUMNS, 0)
+    values.update(pf=pf, seq=seq)
+    return SwitchRecord(**values)
+
+
+def test_missing_seqs_counts_switches_without_a_row():
+    rows = [rec(0, s) for s in (11, 12, 14)] + [rec(1, 5)]
+    assert lab_bench.missing_seqs(rows, {"0": [10, 14], "1": [4, 5]}) == 1   # seq 13
+    assert lab_bench.missing_seqs(rows, {"0": [10, 12]}) == 0
+    assert lab_bench.missing_seqs(rows, {"2": [0, 3]}) == 3
+
+
+def test_self_timed_mean_is_delta_sum_over_delta_count():
+    before = {"a": {"total_ns_count": 10, "total_ns_sum": 1000, "switches": 10},
+              "b": {"total_ns_count": 0, "total_ns_sum": 0, "switches": 0}}
+    after = {"a": {"total_ns_count": 20, "total_ns_sum": 3000, "switches": 20},
+             "b": {"total_ns_count": 10, "total_ns_sum": 4000, "switches": 10}}
+    out = lab_bench.self_timed(before, after, 2.0)
+    assert out["mean_ns"] == pytest.approx(6000 / 20) and out["rate_per_s"] == 10
+    assert lab_bench.self_timed(before, before, 2.0)["mean_ns"] is None
+
+
+def test_combine_pools_windows_of_a_case():
+    windows = [{"case": "none", "mean_ns": 100.0, "switches": 10},
+               {"case": "a", "mean_ns": 200.0, "switches": 10, "ready_s": 2.0},
+               {"case": "a", "mean_ns": 400.0, "switches": 30, "ready_s": 4.0},
+               {"case": "b", "error": "did not start"}]
+    rows = {r["case"]: r for r in lab_bench.combine(windows, {"none": "", "a": "", "b": ""})}
+    assert rows["a"]["mean_ns"] == pytest.approx((2000 + 12000) / 40)
+    assert rows["a"]["windows"] == 2 and rows["a"]["ready_s"] == 3.0
+    assert rows["b"]["mean_ns"] is None and rows["b"]["error"] == "did not start"
+
+
+def test_table_escapes_pipes_inside_cells():
+    lines = report.table(["goal", "x"], [["median |a - b|", "1"]])
+    assert lines[2] == "| median \\|a - b\\| | 1 |"
+    assert all(l.count("|") - l.count("\\|") == 3 for l in lines)
