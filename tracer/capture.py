@@ -323,6 +323,19 @@ def read_meta(path: str | os.PathLike, require: bool = True) -> dict:
     return meta
 
 
+def header_positions(header: list[str], columns: tuple[str, ...],
+                     optional: frozenset[str] = frozenset()) -> list[int | None]:
+    """Where each of ``columns`` is in a capture's header (None: an optional column an
+    older writer did not have, read as "0"); ValueError names what is wrong."""
+    if len(set(header)) != len(header):
+        dup = sorted({c for c in header if header.count(c) > 1})
+        raise ValueError(f"duplicate columns in header: {', '.join(dup)}")
+    missing = [c for c in columns if c not in header and c not in optional]
+    if missing:
+        raise ValueError(f"header lacks column(s): {', '.join(missing)}")
+    return [header.index(c) if c in header else None for c in columns]
+
+
 def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
           optional: frozenset[str] = frozenset()) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, fields in ``columns`` order) for each whole row.
@@ -347,14 +360,10 @@ def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
             raise CaptureError(f"{path}: empty file, no header")
         if not last_whole[0]:
             raise CaptureError(f"{path}: the header line is cut short")
-        if len(set(header)) != len(header):
-            dup = sorted({c for c in header if header.count(c) > 1})
-            raise CaptureError(f"{path}: duplicate columns in header: {', '.join(dup)}")
-        missing = [c for c in columns if c not in header and c not in optional]
-        if missing:
-            raise CaptureError(f"{path}: header lacks column(s): {', '.join(missing)}")
-        # An optional column an older writer did not have reads as "0".
-        where = [header.index(c) if c in header else None for c in columns]
+        try:
+            where = header_positions(header, columns, optional)
+        except ValueError as e:
+            raise CaptureError(f"{path}: {e}") from None
         width = len(header)
         for fields in reader:
             if not last_whole[0]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
+from tracer.capture import (CaptureError, header_positions, iter_calls, iter_capture, meta_path,
+                            read_meta)
 from tracer.errors import VftraceError
 from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
@@ -275,13 +276,10 @@ class LineParser:
 
     def __init__(self, header: list[str], columns: tuple[str, ...],
                  optional: frozenset[str] = frozenset()) -> None:
-        if len(set(header)) != len(header):
-            dup = sorted({c for c in header if header.count(c) > 1})
-            raise ValueError(f"duplicate columns in header: {', '.join(dup)}")
-        missing = [c for c in columns if c not in header and c not in optional]
-        if missing:
-            raise ValueError(f"not a capture: header lacks {', '.join(missing)}")
-        self.where = [header.index(c) if c in header else None for c in columns]
+        try:
+            self.where = header_positions(header, columns, optional)
+        except ValueError as e:
+            raise ValueError(f"not a capture: {e}") from None
         self.width = len(header)
 
     def fields(self, line: str) -> list[str]:
