@@ -6,14 +6,13 @@ front end: a progress line on stderr and the summary table on stdout.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from .capture import meta_path
-from .engine import program_text, warn
+from .engine import warn
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
-                      make_plan, parse_ints, require_bcc, require_root)
+                      parse_ints, plan_for)
 from .stats import Stats
 from .summary import format_summary, progress_line
 
@@ -25,13 +24,9 @@ def main(args) -> int:
     out = check_output(args.output, "-o/--output")
     if out is None and not opts.ebpf:
         raise RecordError("give -o/--output capture.csv (or --ebpf to print the program)")
-    if not opts.ebpf:
-        require_root()
-    plan = make_plan(opts)
-    if opts.ebpf:
-        print(program_text(plan, os.getpid()))
+    plan = plan_for(opts)
+    if plan is None:                          # --ebpf: the program was printed
         return 0
-    require_bcc()
 
     stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)
     session = Session(opts, plan, tool="vftrace record", output=out, on_switch=stats.add,

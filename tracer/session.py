@@ -82,7 +82,7 @@ def check_output(path: str | None, flag: str) -> Path | None:
         return None
     p = Path(path)
     if p.is_dir():
-        raise RecordError(f"{flag} {path}: is a directory; give a file name like capture.csv")
+        raise RecordError(f"{flag} {path}: is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise RecordError(f"{flag} {path}: directory {parent} does not exist")
@@ -171,6 +171,20 @@ def require_bcc() -> None:
     except ImportError:
         raise RecordError("BCC is missing: apt-get install python3-bpfcc (not PyPI's 'bcc')") \
             from None
+
+
+def plan_for(opts: TraceOptions) -> probes.Plan | None:
+    """What a tracing command needs before it starts: root, the probe plan, BCC.  With
+    ``--ebpf`` it prints the program instead and returns None (no root, no BCC needed)."""
+    if not opts.ebpf:
+        require_root()
+    plan = make_plan(opts)
+    if opts.ebpf:
+        from .engine import program_text
+        print(program_text(plan, os.getpid()))
+        return None
+    require_bcc()
+    return plan
 
 
 # --- stopping ------------------------------------------------------------------------

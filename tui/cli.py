@@ -12,7 +12,7 @@ import sys
 
 from tracer.errors import VftraceError
 from tracer.session import (Session, TraceOptions, add_trace_options, check_output,
-                            make_plan, parse_ints, require_bcc, require_root)
+                            parse_ints, plan_for)
 
 COMMANDS: tuple[str, ...] = ("live", "replay")
 
@@ -109,14 +109,9 @@ def _replay(args) -> int:
 def _live(args) -> int:
     opts = TraceOptions.from_args(args, "live")
     out = check_output(args.csv, "--csv")
-    if not opts.ebpf:
-        require_root()
-    plan = make_plan(opts)
-    if opts.ebpf:
-        from tracer.engine import program_text
-        print(program_text(plan, os.getpid()))
+    plan = plan_for(opts)
+    if plan is None:                          # --ebpf: the program was printed
         return 0
-    require_bcc()
     require_tty()
     from .sources import LiveSource
 

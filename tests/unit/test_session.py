@@ -264,9 +264,8 @@ def record_args(tmp_path, *extra):
 
 @pytest.fixture
 def fake_kernel(monkeypatch):
-    monkeypatch.setattr(record, "require_root", lambda: None)
-    monkeypatch.setattr(record, "require_bcc", lambda: None)
-    monkeypatch.setattr(record, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
+    monkeypatch.setattr(session_mod, "require_root", lambda: None)
+    monkeypatch.setattr(session_mod, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
     monkeypatch.setattr(session_mod, "require_bcc", lambda: None)
     import tracer.engine
     monkeypatch.setattr(tracer.engine, "Engine", FakeEngine)

@@ -18,6 +18,7 @@ import numpy as np
 
 from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
+from tracer.session import check_output as session_check_output
 from tracer.schema import CALL_COLUMNS, CallRecord, SwitchRecord
 from tracer.stats import Snapshot, Stats
 
@@ -96,14 +97,7 @@ def _refuse_calls_file(p: Path) -> None:
 def check_output(path: str | os.PathLike, flag: str, inputs: tuple[Path, ...] = ()) -> Path:
     """An output path that can be written: its directory exists, it is not a directory
     and it would not overwrite one of the inputs."""
-    p = Path(path)
-    if p.is_dir():
-        raise VftraceError(f"{flag} {p}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise VftraceError(f"{flag} {p}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise VftraceError(f"{flag} {p}: directory {parent} is not writable")
+    p = session_check_output(str(path), flag)   # RecordError is a VftraceError
     for src in inputs:
         if p.exists() and src.exists() and p.resolve() == src.resolve():
             raise VftraceError(f"{flag} {p}: is an input; give another file name")
