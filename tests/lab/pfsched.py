@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -30,9 +32,52 @@ def set_enabled(on: bool) -> None:
         time.sleep(0.3)
 
 
+def holders() -> dict[int, str]:
+    """Processes with a pf_sched device open or mapped: each pins the module."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            maps = (proc / "maps").read_text()
+            cmdline = (proc / "cmdline").read_text().replace("\0", " ").strip()
+        except OSError:
+            continue                        # gone, or a kernel thread
+        if "/dev/pf_sched" in maps or any(f.startswith("/dev/pf_sched") for f in fds):
+            found[int(proc.name)] = cmdline
+    return found
+
+
+def unload() -> None:
+    """Unbind and unload pf_sched.  If something still holds it, that process is killed
+    (so the next test starts clean instead of failing in turn) and named in the error."""
+    for bdf in labutil.edu_devices():
+        if labutil.current_driver(bdf) == "pf_sched":
+            labutil.unbind(bdf)
+    if not labutil.module_loaded("pf_sched"):
+        return
+    first = labutil.run(["rmmod", "pf_sched"], check=False)
+    if first.returncode == 0:
+        return
+    held = holders()
+    for pid in held:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while labutil.module_loaded("pf_sched") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        labutil.run(["rmmod", "pf_sched"], check=False)
+    still = "" if not labutil.module_loaded("pf_sched") else "; still loaded after killing them"
+    raise RuntimeError(f"rmmod pf_sched: {first.stderr.strip()}; held by {held or 'nobody'}"
+                       f" (killed){still}")
+
+
 @contextlib.contextmanager
 def loaded(n_pfs: int, **params):
     """pf_sched loaded with ``params`` and bound to ``n_pfs`` free edu devices."""
+    if labutil.module_loaded("pf_sched"):
+        unload()                            # left by a test that failed: start clean
     ko = labutil.kmod_path()
     if not ko.exists():
         raise FileNotFoundError(f"{ko} is not built (make kmod)")
@@ -48,6 +93,4 @@ def loaded(n_pfs: int, **params):
             bound.append(bdf)
         yield bound
     finally:
-        for bdf in bound:
-            labutil.unbind(bdf)
-        labutil.run(["rmmod", "pf_sched"])
+        unload()

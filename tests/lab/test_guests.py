@@ -1,6 +1,7 @@
 """KVM guests on pf_sched's VF BARs, recorded: what a switch costs the guests, in the lab."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -81,18 +82,25 @@ def test_trap_guests_exit_on_every_access_and_block_while_off():
 
 
 def test_stopping_the_guests_releases_pf_sched():
-    """Guests stopped mid-run leave no process and no reference: the module unloads."""
+    """Each stop signal, sent right after a report (when the main thread is busy), stops
+    every vCPU; no process and no reference is left: the module unloads."""
     with pfsched.loaded(1, slice_us=1000, nr_vfs=2):
-        proc = subprocess.Popen([sys.executable, "-m", "tracer.workloads.guests", "--mode", "mmap",
-                                 "--vms", "2", "--vcpus", "2", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=labutil.REPO)
-        first = proc.stdout.readline()
-        assert first.startswith("{"), proc.stderr.read()
-        proc.terminate()
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        assert '"final": true' in out
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            proc = subprocess.Popen([sys.executable, "-m", "tracer.workloads.guests",
+                                     "--mode", "mmap", "--vms", "2", "--vcpus", "2", "--json",
+                                     "--interval", "0.2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=labutil.REPO)
+            first = proc.stdout.readline()
+            assert first.startswith("{"), proc.stderr.read()
+            proc.send_signal(sig)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError(f"guests still running 30 s after {sig.name}")
+            assert proc.returncode == 0, (sig.name, err)
+            assert '"final": true' in out
     # pfsched.loaded's exit ran rmmod, which fails while any file or mapping is open.
     assert "pf_sched" not in open("/proc/modules").read()
     assert not guest_processes()

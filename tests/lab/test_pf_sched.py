@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labutil  # noqa: E402
+from tests.lab import labutil, pfsched
 
 PAGE = 4096
 MOD = "pf_sched"
@@ -258,14 +257,6 @@ class PreadThread(threading.Thread):
 
 # ---------------------------------------------------------------- fixtures
 
-def _unload() -> None:
-    for bdf in labutil.edu_devices():
-        if labutil.current_driver(bdf) == MOD:
-            labutil.unbind(bdf)
-    if labutil.module_loaded(MOD):
-        labutil.run(["rmmod", MOD])
-
-
 @pytest.fixture(scope="module")
 def kmod():
     if os.geteuid() != 0 or not labutil.in_lab():
@@ -274,12 +265,12 @@ def kmod():
     if not ko.exists():
         pytest.skip(f"{ko} is not built: run sh scripts/build-kmod.sh")
     if labutil.module_loaded(MOD):
-        _unload()
+        pfsched.unload()
     labutil.run(["insmod", str(ko)])
     try:
         yield ko
     finally:
-        _unload()
+        pfsched.unload()
     assert not labutil.module_loaded(MOD), "rmmod pf_sched failed"
 
 
@@ -330,7 +321,7 @@ def test_bad_params_refused_at_load():
     if not ko.exists():
         pytest.skip(f"{ko} is not built: run sh scripts/build-kmod.sh")
     if labutil.module_loaded(MOD):
-        _unload()
+        pfsched.unload()
     for arg, name, rng in BAD_LOAD_PARAMS:
         before = dmesg_lines()
         r = labutil.run(["insmod", str(ko), arg], check=False)

@@ -50,6 +50,7 @@ RAM_SIZE = 0x10000
 VCPU_STRIDE = 64             # each vCPU's BAR word and counter on its own cache line
 MODES = ("mmap", "trap")
 MAX_EFAULTS = 1000           # in a row: beyond this the BAR is really gone
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def bar_loop_code() -> bytes:
@@ -217,8 +218,15 @@ class Guests:
                  "efault_retries": vm.efault_retries} for vm in self.vms]
 
     def stop(self, timeout: float = 10.0) -> list[str]:
-        """Kick every vCPU out of KVM_RUN and join it; what did not stop is reported."""
+        """Get every vCPU out of KVM_RUN and join it; what did not stop is reported.
+
+        immediate_exit catches a thread about to enter KVM_RUN, the signal one inside it;
+        the kick repeats because a vCPU blocked in pf_sched's (killable) fault wait only
+        sees it once its VF is on again."""
         self.stop_event.set()
+        for vm in self.vms:
+            for vcpu in vm.vm.vcpus:
+                vcpu.request_exit()
         deadline = time.monotonic() + timeout
         stuck = []
         for t in self.threads:
@@ -262,14 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"guests: error: --{name} must be at least 1", file=sys.stderr)
             return 2
+    # The stop signals stay blocked (the vCPU threads inherit that) and the main thread
+    # takes them with sigtimedwait: a Python handler that set an Event could run while
+    # this thread held the Event's own lock, and the guests then never stopped.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         guests = Guests(args.mode, args.vms, args.vcpus)
     except (GuestError, KvmError, OSError) as e:
         print(f"guests: error: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
     guests.start()
     t0 = time.monotonic()
     last, last_t = [0] * len(guests.vms), t0
@@ -290,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(obj) if args.json else _table(rows, rates, elapsed), flush=True)
         return obj
 
-    while not stop.is_set() and not guests.errors():
-        if deadline is not None and time.monotonic() >= deadline:
+    while not guests.errors():
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
             break
-        stop.wait(args.interval if deadline is None
-                  else max(0.0, min(args.interval, deadline - time.monotonic())))
-        if not stop.is_set():
-            report(False)
+        wait = args.interval if deadline is None else min(args.interval, deadline - now)
+        if signal.sigtimedwait(STOP_SIGNALS, max(wait, 0.0)) is not None:
+            break
+        report(False)
     stuck = guests.stop()
     final = report(True)
     final["errors"] = guests.errors() + [f"{name} did not stop" for name in stuck]

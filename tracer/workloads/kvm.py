@@ -40,6 +40,7 @@ KVM_GET_SREGS, KVM_SET_SREGS = _ior(0x83, SREGS_SIZE), _iow(0x84, SREGS_SIZE)
 
 KVM_EXIT_IO, KVM_EXIT_HLT, KVM_EXIT_MMIO = 2, 5, 6
 EXIT_NAMES = {KVM_EXIT_IO: "io", KVM_EXIT_HLT: "hlt", KVM_EXIT_MMIO: "mmio"}
+RUN_IMMEDIATE_EXIT = 1                         # offsetof(struct kvm_run, immediate_exit)
 RUN_EXIT_REASON = 8                            # offsetof(struct kvm_run, exit_reason)
 RUN_UNION = 32                                 # offsetof(struct kvm_run, io / mmio)
 REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
@@ -102,6 +103,12 @@ class Vcpu:
         Raises InterruptedError when a signal kicked the vCPU out."""
         fcntl.ioctl(self.fd, KVM_RUN, 0)
         return struct.unpack_from("=I", self.run_page, RUN_EXIT_REASON)[0]
+
+    def request_exit(self) -> None:
+        """Make every KVM_RUN from now on return EINTR at once.  With a signal kick this
+        closes the race of a kick that lands just before the thread enters KVM_RUN
+        (Documentation/virt/kvm/api.rst, ``immediate_exit``)."""
+        self.run_page[RUN_IMMEDIATE_EXIT] = 1
 
     def close(self) -> None:
         self.run_page.close()
