@@ -138,7 +138,6 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 	if (!is_armed())
 		return 0;
 
-	w.rec.t_ns = bpf_ktime_get_ns();
 	w.rec.seq = seq;
 	w.rec.pf = pf;
 	w.rec.from_vf = from_vf;
@@ -146,6 +145,10 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 	w.rec.tid = tid;
 	windows.update(&tid, &w);
 	open_slots.update(&slot, &tid);
+	/* Stamp last: the map updates above are the tracer's cost, not the switch's. */
+	struct window *open = windows.lookup(&tid);
+	if (open)
+		open->rec.t_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
@@ -247,11 +250,15 @@ VFT_KRETFUNC(SWITCH_FUNC)
 static __always_inline int call_enter(u32 kind, u64 size)
 {
 	struct start_key k = { .tid = current_tid(), .kind = kind };
-	struct start_val v = { .ts = bpf_ktime_get_ns(), .size = size };
+	struct start_val v = { .size = size }, *started;
 
 	if (kind != VFT_CALIB_FENTRY && kind != VFT_CALIB_KPROBE && !is_armed())
 		return 0;
 	starts.update(&k, &v);
+	/* Stamp after the update, so the call's time does not include our map write. */
+	started = starts.lookup(&k);
+	if (started)
+		started->ts = bpf_ktime_get_ns();
 	return 0;
 }
 
