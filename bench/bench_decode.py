@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/bench_decode.py [-n RECORDS]
 
-Raw ``struct vft_switch`` samples (the bytes the ring buffer hands over, laid out from
-bpf/vftrace.h) are made before timing starts and fed one at a time to the engine's own
-callback (``Engine._on_switch``: decode, the release assembler), whose records go to
-``Stats.add`` and ``CaptureWriter.write`` as ``vftrace record`` wires them.  Prints one
-line per case: ``<case> N records T s R k records/s``.
+Raw ``struct vft_switch`` samples (laid out from bpf/vftrace.h with ctypes, as the
+kernel writes them) are made before timing starts, back to back in one buffer, and fed
+one at a time to the engine's own callback (``Engine._on_switch``: decode, the release
+assembler) as BCC's ring/perf buffer callback does: the address of the sample.  The
+records go to ``Stats.add`` and ``CaptureWriter.write`` as ``vftrace record`` wires them.
+Prints one line per case: ``<case> N records T s R k records/s``.
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from tracer.stats import Stats  # noqa: E402
 BUDGET_NS = 100_000
 
 
-def raw_samples(n: int, pfs: int = 2, vfs: int = 4, seed: int = 1) -> list[bytes]:
+def raw_samples(n: int, pfs: int = 2, vfs: int = 4, seed: int = 1) -> ctypes.Array:
+    """``n`` vft_switch records back to back (an array of the ctypes structure)."""
     cls = layout.header().structs["vft_switch"]
     rng = random.Random(seed)
     seqs = [0] * pfs
-    out = []
+    out = (cls * n)()
     for i in range(n):
         pf = i % pfs
         seqs[pf] += 1
@@ -43,8 +45,15 @@ def raw_samples(n: int, pfs: int = 2, vfs: int = 4, seed: int = 1) -> list[bytes
                   unmap_bytes=16384, map_ns=sw // 8, map_max_ns=sw // 8, map_bytes=16384,
                   source_ns=sw - 500, pf=pf, from_vf=(seqs[pf] - 1) % vfs,
                   to_vf=seqs[pf] % vfs, cpu=i % 2, unmap_calls=1, map_calls=1, sync_calls=1)
-        out.append(bytes(ctypes.string_at(ctypes.addressof(rec), ctypes.sizeof(rec))))
+        out[i] = rec
     return out
+
+
+def addresses(samples: ctypes.Array) -> range:
+    """Each sample's address: what BCC passes to the callback (``data``)."""
+    size = ctypes.sizeof(samples._type_)
+    base = ctypes.addressof(samples)
+    return range(base, base + len(samples) * size, size)
 
 
 def engine(on_switch) -> Engine:
@@ -52,11 +61,11 @@ def engine(on_switch) -> Engine:
     return Engine(Plan("pf_sched", "raw_tp"), budget_ns=BUDGET_NS, on_switch=on_switch)
 
 
-def timed(label: str, samples: list[bytes], make_sink) -> float:
+def timed(label: str, samples: ctypes.Array, make_sink) -> float:
     sink, finish = make_sink()
     eng = engine(sink)
     start = time.perf_counter()
-    for data in samples:
+    for data in addresses(samples):
         eng._on_switch(data)
     eng.assembler.flush()
     finish()

@@ -4,8 +4,9 @@
 
 A synthetic source makes records at the given rate (2 PFs x 4 VFs, log-normal switch
 times, some KVM exit call rows) in the app's reading thread; the app folds them and
-redraws at its usual ~10 Hz.  Prints the process CPU share (all threads: reader + UI),
-the records folded, and how long a key press takes to take effect while it runs.
+redraws at its usual rates (~10 Hz; its tables and plot ~2 Hz).  Prints the
+process CPU share (all threads: reader + UI), the records folded, and how long a key
+press takes to take effect while it runs.
 """
 from __future__ import annotations
 

@@ -1,30 +1,44 @@
-"""The record layouts of ``bpf/vftrace.h`` as ctypes structures.
+"""The record layouts of ``bpf/vftrace.h`` as ctypes structures and struct decoders.
 
 The header is the one definition: this module reads its ``#define VFT_*`` constants and
 ``struct vft_*`` bodies (one scalar or fixed array field per line) so the Python decoder
-can never drift from the BPF side.
+can never drift from the BPF side.  ``decode`` gives a ctypes copy of a record (the
+reference); ``Header.reader`` gives the fast path the engine uses per sample: one
+precompiled ``struct.Struct`` laid out from the same ctypes structure.
 """
 from __future__ import annotations
 
 import ctypes
 import re
+import struct
 from functools import lru_cache
+from operator import itemgetter
+from typing import Callable, Sequence
 
 from .paths import bpf_dir
 
 CTYPES = {"__u64": ctypes.c_uint64, "__s64": ctypes.c_int64, "__u32": ctypes.c_uint32,
-          "__s32": ctypes.c_int32, "__u16": ctypes.c_uint16, "__u8": ctypes.c_uint8}
+          "__s32": ctypes.c_int32, "__u16": ctypes.c_uint16, "__s16": ctypes.c_int16,
+          "__u8": ctypes.c_uint8, "__s8": ctypes.c_int8}
+# struct codes with standard sizes ("=": native byte order, as the kernel wrote it)
+STRUCT_CODES = {"__u64": "Q", "__s64": "q", "__u32": "I", "__s32": "i", "__u16": "H",
+                "__s16": "h", "__u8": "B", "__s8": "b"}
 STRUCT_RE = re.compile(r"struct\s+(vft_\w+)\s*\{(.*?)\};", re.S)
 FIELD_RE = re.compile(r"^\s*(__[us]\d+)\s+(\w+)(?:\[(\w+)\])?\s*;")
 DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+(\d+)\s*$", re.M)
+
+Reader = Callable[[object], tuple]
+"""Raw sample (BCC's int address or a bytes-like object) -> the fields asked for."""
 
 
 class Header:
     def __init__(self, text: str):
         self.constants = {k: int(v) for k, v in DEFINE_RE.findall(text)}
         self.structs: dict[str, type[ctypes.Structure]] = {}
+        self.field_types: dict[str, dict[str, str]] = {}     # struct -> field -> "__u64"
         for name, body in STRUCT_RE.findall(text):
             fields = []
+            types = {}
             for line in body.splitlines():
                 line = line.split("/*")[0]
                 m = FIELD_RE.match(line)
@@ -36,14 +50,71 @@ class Header:
                 t = CTYPES[ctype]
                 if count:
                     t = t * (int(count) if count.isdigit() else self.constants[count])
+                else:
+                    types[field] = ctype
                 fields.append((field, t))
             self.structs[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
+            self.field_types[name] = types
 
     def kinds(self) -> dict[int, str]:
         """Call kinds by number: VFT_IOMMU_MAP -> 'iommu_map'."""
         skip = ("VFT_NR_", "VFT_LOST_", "VFT_MAX_", "VFT_CALIB_SAMPLES")
         return {v: k[4:].lower() for k, v in self.constants.items()
                 if not k.startswith(skip)}
+
+    def record_struct(self, struct_name: str) -> tuple[struct.Struct, tuple[str, ...]]:
+        """A ``struct.Struct`` reading the scalar fields of ``struct_name`` at the offsets
+        ctypes gives them (so C's alignment and padding are followed, not assumed), and
+        the field names in the order it unpacks them.  Array fields are skipped."""
+        cls = self.structs[struct_name]
+        types = self.field_types[struct_name]
+        fmt, names, at = ["="], [], 0
+        for field, _ in cls._fields_:
+            if field not in types:
+                continue
+            offset = getattr(cls, field).offset
+            if offset > at:
+                fmt.append(f"{offset - at}x")
+            code = STRUCT_CODES[types[field]]
+            fmt.append(code)
+            names.append(field)
+            at = offset + struct.calcsize("=" + code)
+        size = ctypes.sizeof(cls)
+        if size > at:
+            fmt.append(f"{size - at}x")
+        packed = struct.Struct("".join(fmt))
+        assert packed.size == size, (struct_name, packed.size, size)
+        return packed, tuple(names)
+
+    def reader(self, struct_name: str, names: Sequence[str], missing: int = 0) -> Reader:
+        """A function from one raw ``struct_name`` sample to the values of ``names``, in
+        that order; a name the struct lacks reads as ``missing``.  What ``decode`` +
+        ``getattr(rec, name, missing)`` give, without a ctypes object per record."""
+        packed, fields = self.record_struct(struct_name)
+        arrays = {f for f, _ in self.structs[struct_name]._fields_} - set(fields)
+        if arrays & set(names):
+            raise ValueError(f"reader: {struct_name}: array fields are not read: "
+                             f"{', '.join(sorted(arrays & set(names)))}")
+        position = {name: i for i, name in enumerate(fields)}
+        absent = len(fields)                    # the index of the appended ``missing``
+        picks = [position.get(name, absent) for name in names]
+        if not picks:
+            raise ValueError("reader: no field names given")
+        pick = itemgetter(*picks)
+        if len(picks) == 1:                     # itemgetter of one index gives no tuple
+            one = pick
+            pick = lambda values: (one(values),)        # noqa: E731
+        unpack_from, pad = packed.unpack_from, (missing,)
+        # BCC hands over an address: a ctypes array laid over it is a buffer unpack_from
+        # reads in place (cheaper than copying it out with string_at, a foreign call).
+        at_address = (ctypes.c_char * packed.size).from_address
+
+        def read(data) -> tuple:
+            if data.__class__ is int:
+                data = at_address(data)
+            return pick(unpack_from(data) + pad)
+
+        return read
 
 
 @lru_cache(maxsize=1)

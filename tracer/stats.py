@@ -5,13 +5,17 @@ sums and log-linear histograms (HDR style).  Records are accumulated into the fi
 group, one cell per (PF, from VF, to VF); the per-VF, per-PF and overall figures are
 merges of those cells made when a snapshot is taken, so the hot path touches one cell.
 
-``add()`` only queues a record; queued records are folded in by numpy in batches (at
-``BATCH`` records or at any read-out), which is what lets pure Python keep up with
-several hundred thousand switches a second.
+``add()`` only takes the record's numbers (one C-level attrgetter, packed as int64 by
+one precompiled struct while the record is still hot in the cache) and queues them;
+queued rows are folded in by numpy in batches (at ``BATCH`` records or at any
+read-out), which is what lets pure Python keep up with several hundred thousand
+switches a second.  ``add_rows()`` takes records already laid out as an int64 array in
+``COLUMNS`` order (the dashboard keeps them so) without any per-record Python work.
 """
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -19,6 +23,8 @@ from operator import attrgetter
 from typing import Iterable
 
 import numpy as np
+
+from .schema import COLUMNS
 
 # --- log-linear histogram ---------------------------------------------------------------
 
@@ -115,6 +121,10 @@ class Histogram:
     def merge(self, other: Histogram) -> None:
         if not other.total:
             return
+        if not self.total and not self.counts.size:     # a snapshot's fresh group: copy
+            self.base, self.counts = other.base, other.counts.copy()
+            self.total, self.min, self.max = other.total, other.min, other.max
+            return
         self._cover(other.base, other.base + other.counts.size - 1)
         start = other.base - self.base
         self.counts[start: start + other.counts.size] += other.counts
@@ -127,14 +137,9 @@ class Histogram:
         ps = list(ps)
         if not self.total:
             return [None] * len(ps)
-        cumulative = np.cumsum(self.counts)
-        out = []
-        for p in ps:
-            rank = max(1, math.ceil(p / 100 * self.total - 1e-9))
-            i = int(np.searchsorted(cumulative, rank))
-            value = bucket_value(self.base + i)
-            out.append(min(max(value, self.min), self.max))
-        return out
+        ranks = [max(1, math.ceil(p / 100 * self.total - 1e-9)) for p in ps]
+        found = np.searchsorted(np.cumsum(self.counts), ranks).tolist()
+        return [min(max(bucket_value(self.base + i), self.min), self.max) for i in found]
 
     def count_above(self, threshold: int) -> int:
         """How many values are > threshold.  Exact unless the threshold falls inside a
@@ -166,13 +171,17 @@ SUM_FIELDS = (
     "sync_calls", "sync_ns", "mmu_ns", "mmu_notifier_ns",
     "kvm_exits", "exit_ns", "vcpu_kicks", "blocked_accesses", "blocked_ns", "source_ns",
 )
-_EXTRACT = attrgetter(*KEY_FIELDS, *SUM_FIELDS)
+_EXTRACT = attrgetter(*KEY_FIELDS, *SUM_FIELDS)       # a record -> its stats row
+_WIDTH = len(KEY_FIELDS) + len(SUM_FIELDS)
+_PACK = struct.Struct(f"={_WIDTH}q").pack               # a stats row -> int64 bytes
+_FROM_COLUMNS = [COLUMNS.index(name) for name in (*KEY_FIELDS, *SUM_FIELDS)]
 _PF, _FROM, _TO, _SEQ = range(4)
 _SUMS = slice(4, 4 + len(SUM_FIELDS))
 _SWITCH = 4 + SUM_FIELDS.index("switch_ns")
 _DIST_COLS = [4 + SUM_FIELDS.index(name) for name in DIST_FIELDS]
 
 BATCH = 16384         # large enough to amortise per-group numpy calls
+_SAFE_SUM = (1 << 63) // BATCH    # below this, no sum of a batch can overflow int64
 PERCENTILES = (50, 90, 99, 99.9)
 
 
@@ -193,6 +202,24 @@ class _Cell:
         for mine, theirs in zip(self.hists, other.hists):
             mine.merge(theirs)
         self.over += other.over
+
+
+def _packed(row: tuple) -> bytes:
+    """One stats row as int64 bytes; only a bad value gets here from the fast path."""
+    try:
+        return _PACK(*row)
+    except struct.error:
+        # A u64 garbage value (a negative difference in the kernel) must not stop the
+        # run: clamp it into +-MAX_VALUE, as _fold_rows does with what fits int64.
+        return _PACK(*[min(max(int(v), -MAX_VALUE), MAX_VALUE) for v in row])
+
+
+def _packed_rows(recs: Iterable) -> list[bytes]:
+    rows = list(map(_EXTRACT, recs))
+    try:
+        return [_PACK(*row) for row in rows]
+    except struct.error:
+        return list(map(_packed, rows))
 
 
 # --- read-out -----------------------------------------------------------------------
@@ -302,6 +329,8 @@ def _group_stats(key: GroupKey, cell: _Cell) -> GroupStats:
 
 # --- the core ---------------------------------------------------------------------------
 
+_monotonic = time.monotonic
+
 class Stats:
     """Switch statistics, overall and per PF, per (PF, incoming VF), per (PF, from->to).
 
@@ -320,28 +349,50 @@ class Stats:
         self.reset()
 
     def reset(self) -> None:
-        self._pending: list = []
+        self._pending: list[bytes] = []           # packed stats rows not folded yet
         self._cells: dict[tuple[int, int, int], _Cell] = {}
         self._seqs: dict[int, list[int]] = {}     # pf -> [min, max, count]
         self._records = 0
         self._ignored = 0
         self._ticks: deque[list] = deque()        # [tick, arrivals] for the rate
+        self._newest_tick: list | None = None     # self._ticks[-1]: add()'s fast path
         self._first_arrival: float | None = None
 
     # feeding
 
     def add(self, rec, now: float | None = None) -> None:
-        self._pending.append(rec)
-        self._arrived(1, now)
+        row = _EXTRACT(rec)
+        try:
+            self._pending.append(_PACK(*row))
+        except struct.error:
+            self._pending.append(_packed(row))
+        if now is None:
+            now = _monotonic()
+        newest = self._newest_tick
+        if newest is not None and newest[0] == int(now * 10):
+            newest[1] += 1                          # the common case: same 0.1 s tick
+        else:
+            self._arrived(1, now)
         if len(self._pending) >= BATCH:
             self._flush()
 
     def add_many(self, recs: Iterable, now: float | None = None) -> None:
-        before = len(self._pending)
-        self._pending.extend(recs)
-        self._arrived(len(self._pending) - before, now)
+        packed = _packed_rows(recs)
+        self._pending.extend(packed)
+        self._arrived(len(packed), now)
         if len(self._pending) >= BATCH:
             self._flush()
+
+    def add_rows(self, rows: np.ndarray, now: float | None = None) -> None:
+        """Records as an (n, len(COLUMNS)) int64 array in ``COLUMNS`` order: the same as
+        ``add_many`` of those records, without making or reading any record object."""
+        n = rows.shape[0]
+        if not n:
+            return
+        self._arrived(n, now)
+        for start in range(0, n, BATCH):
+            picked = rows[start:start + BATCH, _FROM_COLUMNS]       # a new, compact array
+            self._fold_rows(picked.astype(np.int64, copy=False))
 
     def set_budget(self, budget_ns: int) -> None:
         """Change the budget; the over-budget counts so far are recomputed from the
@@ -354,21 +405,29 @@ class Stats:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), BATCH):
-            self._fold(pending[start:start + BATCH])
+            batch = pending[start:start + BATCH]
+            rows = np.frombuffer(b"".join(batch), np.int64).reshape(len(batch), _WIDTH)
+            self._fold_rows(rows)
 
-    def _fold(self, recs: list) -> None:
-        if not recs:
+    def _fold_rows(self, rows: np.ndarray) -> None:
+        """Fold stats rows (KEY_FIELDS then SUM_FIELDS, int64) into the cells."""
+        if not rows.shape[0]:
             return
-        tuples = list(map(_EXTRACT, recs))
-        try:
-            rows = np.array(tuples, dtype=np.int64).reshape(len(recs), -1)
-        except OverflowError:
-            # A u64 garbage value (a negative difference in the kernel) must not stop
-            # the run: clamp into int64, where the histograms clamp it again.
-            rows = np.array([[min(max(v, -MAX_VALUE), MAX_VALUE) for v in t] for t in tuples],
-                            dtype=np.int64)
+        # Garbage u64 values (a negative difference in the kernel) are clamped into
+        # +-MAX_VALUE whatever else the batch holds, and such a batch is summed in Python
+        # ints: a few of them must not wrap a group's int64 sums.
+        exact = int(rows.max()) < _SAFE_SUM and int(rows.min()) > -_SAFE_SUM
+        if not exact:
+            rows = np.clip(rows, -MAX_VALUE, MAX_VALUE)
         if self.pfs is not None:
-            rows = self._keep(rows, np.isin(rows[:, _PF], list(self.pfs)), len(recs))
+            rows = self._keep(rows, np.isin(rows[:, _PF], list(self.pfs)), rows.shape[0])
+            if not rows.shape[0]:
+                return
+        # One sort by group key makes each PF, and each group, a contiguous slice;
+        # per-group sums, extremes and over-budget counts then come from one reduceat
+        # each.  (A VF filter keeps the order.)
+        order = np.lexsort((rows[:, _TO], rows[:, _FROM], rows[:, _PF]))
+        rows = rows[order]
         self._track_seqs(rows)
         if self.vfs is not None:
             wanted = list(self.vfs)
@@ -377,24 +436,22 @@ class Stats:
         if not rows.shape[0]:
             return
         self._records += rows.shape[0]
-        # One sort by group key makes each group a contiguous slice; per-group sums,
-        # extremes and over-budget counts then come from one reduceat each.
-        order = np.lexsort((rows[:, _TO], rows[:, _FROM], rows[:, _PF]))
-        rows = rows[order]
         keys = rows[:, :3]
         starts = np.concatenate(([0], np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1))
         ends = [*starts[1:].tolist(), rows.shape[0]]
         dists = np.clip(rows[:, _DIST_COLS], 0, MAX_VALUE)
         idx = bucket_indices(dists)
-        sums = np.add.reduceat(rows[:, _SUMS], starts, axis=0).tolist()
+        sums = np.add.reduceat(rows[:, _SUMS] if exact else rows[:, _SUMS].astype(object),
+                               starts, axis=0).tolist()
         vmins = np.minimum.reduceat(dists, starts, axis=0).tolist()
         vmaxs = np.maximum.reduceat(dists, starts, axis=0).tolist()
         imins = np.minimum.reduceat(idx, starts, axis=0).tolist()
         imaxs = np.maximum.reduceat(idx, starts, axis=0).tolist()
         over = np.add.reduceat((rows[:, _SWITCH] > self.budget_ns).astype(np.int64),
                                starts).tolist()
-        for g, (a, b) in enumerate(zip(starts.tolist(), ends)):
-            key = tuple(keys[a].tolist())
+        by_dist = np.ascontiguousarray(idx.T)        # one contiguous run per group below
+        starts = starts.tolist()
+        for g, (key, a, b) in enumerate(zip(map(tuple, keys[starts].tolist()), starts, ends)):
             cell = self._cells.get(key)
             if cell is None:
                 cell = self._cells[key] = _Cell()
@@ -402,7 +459,8 @@ class Stats:
             cell.sums = [s + x for s, x in zip(cell.sums, sums[g])]
             cell.over += over[g]
             for m, hist in enumerate(cell.hists):
-                hist.add_indices(idx[a:b, m], imins[g][m], imaxs[g][m], vmins[g][m], vmaxs[g][m])
+                hist.add_indices(by_dist[m, a:b], imins[g][m], imaxs[g][m], vmins[g][m],
+                                 vmaxs[g][m])
 
     def _keep(self, rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         kept = rows[mask]
@@ -410,11 +468,15 @@ class Stats:
         return kept
 
     def _track_seqs(self, rows: np.ndarray) -> None:
+        """Seq extremes and counts per PF of ``rows``, sorted by PF."""
         # min/max/count per PF instead of "expected next": per-CPU buffers deliver
         # records out of order, which must not count as loss.
-        for pf in np.unique(rows[:, _PF]).tolist():
-            seqs = rows[rows[:, _PF] == pf, _SEQ]
-            lo, hi, n = int(seqs.min()), int(seqs.max()), int(seqs.size)
+        pfs = rows[:, _PF]
+        starts = np.concatenate(([0], np.flatnonzero(pfs[1:] != pfs[:-1]) + 1))
+        counts = np.diff(np.append(starts, pfs.size)).tolist()
+        los = np.minimum.reduceat(rows[:, _SEQ], starts).tolist()
+        his = np.maximum.reduceat(rows[:, _SEQ], starts).tolist()
+        for pf, lo, hi, n in zip(pfs[starts].tolist(), los, his, counts):
             seen = self._seqs.get(pf)
             if seen is None:
                 self._seqs[pf] = [lo, hi, n]
@@ -445,7 +507,8 @@ class Stats:
         if self._ticks and self._ticks[-1][0] == tick:
             self._ticks[-1][1] += n
         else:
-            self._ticks.append([tick, n])
+            self._newest_tick = [tick, n]
+            self._ticks.append(self._newest_tick)
             horizon = tick - int(self.rate_window_s * 10)
             while self._ticks and self._ticks[0][0] <= horizon:
                 self._ticks.popleft()

@@ -1,9 +1,9 @@
 """``VftraceApp``: the live dashboard over any ``Source`` (live engine, capture, growing capture).
 
 A worker thread reads the source and posts coalesced batches; the UI folds them into one
-``DashboardModel`` (one ``tracer.stats.Stats``) and redraws from a timer at ~10 Hz, never
-per record.  Elapsed time and rates come from the injected ``clock``, so tests and
-snapshots are deterministic.
+``DashboardModel`` (one ``tracer.stats.Stats``) and redraws from a timer at ~10 Hz (the
+two tables and the plot at ~2 Hz), never per record.  Elapsed time and rates come
+from the injected ``clock``, so tests and snapshots are deterministic.
 """
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ from .widgets import DistributionPlot, HeaderBar, HelpScreen, PromptScreen, Swit
 READ_TIMEOUT_S = 0.1
 SWITCH_ROWS_MAX = 200            # newest switches listed: as many as the panel shows
 PLOT_EVERY_TICKS = 5             # the plot is the costly widget: redrawn at ~2 Hz
+# A DataTable re-renders every cell whenever any changes (~10 ms for the per-PF/VF
+# table): the two tables are refilled at ~2 Hz too (still quicker than they can be
+# read), on other ticks than the plot; most of what keeps the dashboard under a quarter
+# of a core at 10k records/s.
+TABLES_EVERY_TICKS = 5
 OVER = "bold red"
 
 GROUP_COLUMNS = ("GROUP", "COUNT", "P50", "P99", "P99.9", "MAX", ">BUDGET", "REVOKE",
@@ -118,6 +123,8 @@ class VftraceApp(App):
         self.export_worker = None
         self._dirty = True
         self._plot_dirty = True
+        self._tables_dirty = True
+        self._tables_filled = False      # nothing in the tables yet: fill them on first data
         self._probe_line: Text | None = None
         self._widgets: dict = {}
         self._ticks = 0
@@ -207,7 +214,7 @@ class VftraceApp(App):
         self.model.fold(batch, now=self.clock())
         if self.paused:
             self.held += len(batch.switches)
-        self._dirty = self._plot_dirty = True
+        self._dirty = self._plot_dirty = self._tables_dirty = True
 
     def request_quit(self, reason: str = "quit") -> None:
         """Stop the source in its own thread (live: workload, probes, capture), then exit."""
@@ -232,23 +239,33 @@ class VftraceApp(App):
         if not self.is_running or not self._widgets:
             return
         self._ticks += 1
+        plot_due = self._ticks % PLOT_EVERY_TICKS == 0
+        tables_due = (self._ticks % TABLES_EVERY_TICKS == 2     # two ticks after the plot
+                      or not self._tables_filled)                # the first data: at once
         if self.paused:
             self._update_header()
-        elif self._dirty or (self._plot_dirty and self._ticks % PLOT_EVERY_TICKS == 0):
-            self.refresh_view(plot=self._ticks % PLOT_EVERY_TICKS == 0)
+        elif self._dirty or (self._plot_dirty and plot_due) or (self._tables_dirty and tables_due):
+            self.refresh_view(plot=plot_due, tables=tables_due)
         else:
             self._update_header()
 
-    def refresh_view(self, plot: bool = True) -> None:
-        """Redraw every panel from the model (``plot=False`` skips the costly plot)."""
+    def refresh_view(self, plot: bool = True, tables: bool = True) -> None:
+        """Redraw every panel from the model (``plot=False`` skips the costly plot,
+        ``tables=False`` the per-PF/VF and guest tables)."""
         self._dirty = False
         now = self.clock()
-        snap = self.model.snapshot(now)
-        self._snap = snap
+        # Every group's percentiles only when a panel shows them; the header's two
+        # figures are cheap on their own.
+        snap = self.model.snapshot(now) if tables or plot else None
+        self._shown_counts = ((snap.records, snap.seq_gaps_total) if snap is not None
+                              else self.model.counts())
         self._update_header()
         self._update_switches()
-        self._update_groups(snap)
-        self._update_guests()
+        if tables:
+            self._tables_dirty = False
+            self._tables_filled = snap.records > 0
+            self._update_groups(snap)
+            self._update_guests()
         self._update_rate()
         if plot:
             self._plot_dirty = False
@@ -260,13 +277,13 @@ class VftraceApp(App):
     def _update_header(self) -> None:
         info, model = self.header_info, self.model
         now = self.clock()
-        snap = getattr(self, "_snap", None)
+        # as of the last redraw: a paused screen keeps them
+        records, seq_gaps = getattr(self, "_shown_counts", (0, 0))
         line1 = Text.assemble(("vftrace ", "bold"), (info.origin, "bold cyan"))
         if model.status:
             line1.append(f"  {model.status}")
         line1.append(f"  source {info.switch_source or '?'}  kernel {info.kernel or '?'}")
         lost = sum(model.lost.values())
-        records = snap.records if snap is not None else 0
         line2 = Text(f"elapsed {_clock_text(now - self._t_start)}  switches {records}  "
                      f"{fmt_rate(model.stats.rate(now))}  ")
         line2.append(f"lost {lost}", "bold white on red" if lost else "green")
@@ -278,8 +295,8 @@ class VftraceApp(App):
             line2.append("  stopping (workload, probes, capture)...", "bold yellow")
         if model.bad_lines:
             line2.append(f"  malformed lines {model.bad_lines}", "bold red")
-        if snap is not None and snap.seq_gaps_total:
-            line2.append(f"  seq gaps {snap.seq_gaps_total}", "bold red")
+        if seq_gaps:
+            line2.append(f"  seq gaps {seq_gaps}", "bold red")
         if model.pfs is not None or model.vfs is not None:
             line2.append(f"  filter {_filter_text(model.pfs, model.vfs)}", "bold magenta")
         line2.append(f"  floor {_floor_text(info.floor_ns)}")

@@ -6,6 +6,7 @@ reports it, never a silent loss).  224 bytes a record: the default 500k is ~110 
 """
 from __future__ import annotations
 
+from itertools import chain
 from operator import attrgetter
 from typing import Iterable, Sequence
 
@@ -25,10 +26,12 @@ def to_rows(recs: Sequence[SwitchRecord]) -> np.ndarray:
         return np.zeros((0, len(COLUMNS)), dtype=np.int64)
     tuples = list(map(_ROW, recs))
     try:
-        return np.array(tuples, dtype=np.int64).reshape(len(tuples), len(COLUMNS))
+        # fromiter over the flattened rows: half the cost of np.array's nested lists
+        flat = np.fromiter(chain.from_iterable(tuples), np.int64, len(tuples) * len(COLUMNS))
     except OverflowError:       # a u64 garbage value: clamp as the statistics core does
-        return np.array([[min(max(v, -MAX_VALUE), MAX_VALUE) for v in t] for t in tuples],
-                        dtype=np.int64)
+        flat = np.array([min(max(v, -MAX_VALUE), MAX_VALUE)
+                         for v in chain.from_iterable(tuples)], dtype=np.int64)
+    return flat.reshape(len(tuples), len(COLUMNS))
 
 
 def to_records(rows: np.ndarray) -> list[SwitchRecord]:

@@ -344,3 +344,19 @@ async def test_without_the_calls_file_the_guests_panel_shows_the_meta_totals(tmp
     assert sum(int(r[5]) for r in rows) == sum(e["count"] for e in totals if e["in_window"])
     assert all(r[3] == "-" for r in rows)                   # no rate from totals alone
     assert "per-second rates need --calls" in summary
+
+
+@run_async
+async def test_the_first_switches_fill_the_tables_in_the_same_redraw():
+    """The tables redraw at ~2 Hz, but never lag the first data: an empty per-PF table
+    beside a list of switches would look broken."""
+    source = FedSource()
+    app = VftraceApp(source, clock=FrozenClock())
+    first = ROWS[:40]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)                       # idle ticks before any data
+        source.feed(Batch(switches=list(first)))
+        await wait_for(pilot, lambda: table_rows(app, "switches"), "the first switches")
+        counts = group_counts(app)
+    assert counts["all"] == len(first)
+    assert counts[f"pf{first[0].pf}"] == sum(r.pf == first[0].pf for r in first)

@@ -1,0 +1,313 @@
+"""The fast per-record paths against the reference ones they replace.
+
+Decoding: raw ``vft_switch`` / ``vft_call`` / ``vft_release`` samples are laid out by
+ctypes from bpf/vftrace.h, as the kernel writes them, and the engine's struct-based
+callbacks must give exactly what the ctypes path (``layout.decode`` + one getattr per
+field) gives.  Then the other per-record paths made faster with it: ``Stats.add_rows``
+(the dashboard's) against ``Stats.add_many``, ``Stats.add`` against ``add_many`` on
+garbage values, and the capture writer's lock-free queue against the csv module.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import random
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from tracer import capture, layout
+from tracer.capture import CaptureError, CaptureWriter, iter_capture
+from tracer.engine import Engine
+from tracer.probes import Plan
+from tracer.schema import COLUMNS, CallRecord, SwitchRecord
+from tracer.stats import MAX_VALUE, Stats
+from tui.store import to_rows
+
+HEADER = layout.header()
+SWITCH = HEADER.structs["vft_switch"]
+CALL = HEADER.structs["vft_call"]
+RELEASE = HEADER.structs["vft_release"]
+U64_MAX = 2**64 - 1
+
+
+# --- the reference: what Engine did before, one ctypes object and a getattr per field ---
+
+def switch_via_ctypes(data, budget_ns: int) -> SwitchRecord:
+    raw = layout.decode("vft_switch", data)
+    values = {f: getattr(raw, f, 0) for f in COLUMNS}
+    values["over_budget"] = int(raw.switch_ns > budget_ns)
+    return SwitchRecord(**values)
+
+
+def call_via_ctypes(data) -> CallRecord:
+    c = layout.decode("vft_call", data)
+    kind = HEADER.kinds().get(c.kind, str(c.kind))
+    return CallRecord(kind=kind, t_ns=c.t_ns, ns=c.ns, size=c.size, pid=c.pid, cpu=c.cpu,
+                      seq=c.seq or None, tid=c.tid, vcpu=c.vcpu, pf=c.pf)
+
+
+# --- raw samples ----------------------------------------------------------------------
+
+def field_range(ctype) -> tuple[int, int]:
+    bits = 8 * ctypes.sizeof(ctype)
+    if ctype._type_.islower():                 # c_int32 is "i", c_uint32 "I"...
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def field_values(cls) -> st.SearchStrategy[dict]:
+    """Any value each field of ``cls`` can hold, extremes included."""
+    fields = {}
+    for name, ctype in cls._fields_:
+        lo, hi = field_range(ctype)
+        fields[name] = st.one_of(st.sampled_from([lo, hi, 0, 1, -1 if lo else hi - 1]),
+                                 st.integers(lo, hi))
+    return st.fixed_dictionaries(fields)
+
+
+def extremes(cls, pick: int) -> dict:
+    """Every field at its lowest (pick 0) or highest (pick 1) value."""
+    return {name: field_range(ctype)[pick] for name, ctype in cls._fields_}
+
+
+class Sample:
+    """One record as the ring buffer holds it: its bytes, and its address (what BCC
+    hands the callback) inside a buffer that also holds bytes after it."""
+
+    def __init__(self, cls, values: dict) -> None:
+        self.raw = cls(**values)
+        self.bytes = bytes(self.raw)
+        self._buffer = ctypes.create_string_buffer(self.bytes + b"\xff" * 16)
+        self.address = ctypes.addressof(self._buffer)
+
+
+def engine(budget_ns: int = 100) -> tuple[Engine, list, list]:
+    """The engine's decoding half (start() is never called); records pass straight on."""
+    switches, calls = [], []
+    eng = Engine(Plan("pf_sched", "raw_tp"), budget_ns=budget_ns, on_switch=switches.append,
+                 on_call=calls.append, hold_ns=0)
+    return eng, switches, calls
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(values=field_values(SWITCH), budget=st.integers(0, U64_MAX))
+@example(values={**extremes(SWITCH, 1), "from_vf": -1}, budget=100)
+@example(values={**extremes(SWITCH, 0), "from_vf": -1, "to_vf": 3}, budget=0)
+def test_switch_decoding_matches_ctypes(values, budget):
+    sample = Sample(SWITCH, values)
+    eng, switches, _ = engine(budget)
+    for data in (sample.address, sample.bytes, sample.bytes + b"ring padding"):
+        eng._on_switch(data)
+        assert switches.pop() == switch_via_ctypes(data, budget)
+    assert eng.samples == 3
+
+
+def test_switch_extremes_read_as_the_kernel_wrote_them():
+    values = {**extremes(SWITCH, 1), "from_vf": -1}
+    eng, switches, _ = engine(budget_ns=U64_MAX - 1)
+    sample = Sample(SWITCH, values)
+    eng._on_switch(sample.address)
+    rec = switches.pop()
+    assert rec.from_vf == -1 and rec.to_vf == 2**31 - 1
+    assert rec.seq == rec.switch_ns == rec.source_ns == U64_MAX
+    assert rec.pf == rec.unmap_calls == 2**32 - 1
+    assert (rec.blocked_accesses, rec.blocked_ns, rec.over_budget) == (0, 0, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=field_values(CALL), kind=st.one_of(st.sampled_from(sorted(HEADER.kinds())),
+                                                 st.integers(0, 2**32 - 1)))
+@example(values={**extremes(CALL, 1), "seq": 0}, kind=8)
+def test_call_decoding_matches_ctypes(values, kind):
+    sample = Sample(CALL, {**values, "kind": kind})
+    eng, _, calls = engine()
+    for data in (sample.address, sample.bytes):
+        eng._on_call(data)
+        assert calls.pop() == call_via_ctypes(data)
+
+
+def test_call_outside_switches_has_no_seq():
+    eng, _, calls = engine()
+    samples = [Sample(CALL, {"kind": 1, "seq": 0, "t_ns": 5}), Sample(CALL, {"kind": 99, "seq": 7})]
+    for sample in samples:
+        eng._on_call(sample.address)
+    assert calls[0].seq is None and calls[0].kind == "iommu_map"
+    assert calls[1].seq == 7 and calls[1].kind == "99"
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=field_values(RELEASE))
+def test_release_decoding_matches_ctypes(values):
+    sample = Sample(RELEASE, values)
+    eng, _, _ = engine()
+    released = []
+    eng.assembler.release = lambda pf, seq, wait_ns: released.append((pf, seq, wait_ns))
+    eng._on_release(sample.address)
+    r = layout.decode("vft_release", sample.bytes)
+    assert released == [(r.pf, r.seq, r.wait_ns)]
+
+
+def test_struct_layout_follows_ctypes_for_every_record():
+    for name, cls in HEADER.structs.items():
+        packed, fields = HEADER.record_struct(name)
+        assert packed.size == ctypes.sizeof(cls), name
+        assert fields == tuple(f for f, _ in cls._fields_), name
+
+
+PADDED = """
+#define VFT_N 2
+struct vft_padded {
+\t__u8 flag;       /* 7 bytes of padding follow */
+\t__u64 big;
+\t__s16 small;
+\t__u32 arr[VFT_N];
+\t__s32 last;     /* then 4 bytes of tail padding */
+};
+"""
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_reader_follows_c_padding_and_alignment(data):
+    h = layout.Header(PADDED)
+    cls = h.structs["vft_padded"]
+    assert ctypes.sizeof(cls) == 32          # 1 + 7 pad + 8 + 2 + 2 pad + 8 + 4
+    values = data.draw(st.fixed_dictionaries({
+        name: st.integers(*field_range(t)) for name, t in cls._fields_ if name != "arr"}))
+    raw = cls(**values)
+    read = h.reader("vft_padded", ("last", "flag", "nothing", "small", "big"), missing=-7)
+    expect = (raw.last, raw.flag, -7, raw.small, raw.big)
+    assert read(bytes(raw)) == expect
+    assert read(ctypes.addressof(raw)) == expect
+
+
+def test_reader_refuses_what_it_cannot_read():
+    h = layout.Header(PADDED)
+    with pytest.raises(ValueError, match="array"):
+        h.reader("vft_padded", ("big", "arr"))
+    with pytest.raises(ValueError, match="no field"):
+        h.reader("vft_padded", ())
+    assert h.reader("vft_padded", ("big",))(bytes(h.structs["vft_padded"](big=9))) == (9,)
+
+
+# --- statistics: the dashboard's array path and the per-record path ------------------------
+
+def random_records(n: int, seed: int, garbage: bool = False) -> list[SwitchRecord]:
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        values = [rng.randrange(0, 10**7) for _ in COLUMNS]
+        values[COLUMNS.index("seq")] = i // 3 + rng.randrange(3)
+        values[COLUMNS.index("pf")] = rng.randrange(3)
+        values[COLUMNS.index("from_vf")] = rng.randrange(-1, 4)
+        values[COLUMNS.index("to_vf")] = rng.randrange(4)
+        if garbage and rng.random() < 0.05:
+            values[COLUMNS.index(rng.choice(["switch_ns", "revoke_ns", "map_ns"]))] = \
+                rng.choice([U64_MAX, 2**63, MAX_VALUE + 1, -2**63 - 1])
+        recs.append(SwitchRecord(*values))
+    return recs
+
+
+@pytest.mark.parametrize("filters", [{}, {"pfs": {0, 2}}, {"vfs": {1}},
+                                     {"pfs": {1}, "vfs": {0, 3}}])
+@pytest.mark.parametrize("garbage", [False, True])
+def test_add_rows_counts_what_add_many_counts(filters, garbage):
+    recs = random_records(40_000, seed=len(filters), garbage=garbage)   # > one BATCH
+    by_records, by_rows = Stats(5_000_000, **filters), Stats(5_000_000, **filters)
+    by_records.add_many(recs, now=10.0)
+    by_rows.add_rows(to_rows(recs), now=10.0)
+    assert by_rows.snapshot(now=11.0) == by_records.snapshot(now=11.0)
+    assert by_rows.snapshot(now=11.0).records == by_records.records > 0
+
+
+def test_add_one_by_one_counts_what_add_many_counts_garbage_included():
+    recs = random_records(20_000, seed=9, garbage=True)
+    one_by_one, many = Stats(5_000_000), Stats(5_000_000)
+    for r in recs:
+        one_by_one.add(r, now=3.0)
+    many.add_many(recs, now=3.0)
+    snap = one_by_one.snapshot(now=4.0)
+    assert snap == many.snapshot(now=4.0)
+    assert snap.overall.switch.max == MAX_VALUE          # clamped, not fatal
+
+
+def test_add_takes_the_values_the_record_had_when_added():
+    s = Stats(100)
+    r = random_records(1, seed=1)[0]
+    s.add(r)
+    switch = r.switch_ns
+    r.switch_ns = 1                   # a later change does not reach the statistics
+    assert s.snapshot().overall.switch.max == switch
+
+
+# --- the capture writer ------------------------------------------------------------------
+
+def test_write_and_write_many_give_what_the_csv_module_writes(tmp_path):
+    recs = random_records(5000, seed=3)
+    recs[0].from_vf, recs[1].seq = -1, U64_MAX
+    one, many = CaptureWriter(tmp_path / "one.csv", {}), CaptureWriter(tmp_path / "many.csv", {})
+    for r in recs:
+        one.write(r)
+    many.write_many(recs)
+    one.close()
+    many.close()
+    with open(tmp_path / "expect.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)
+        w.writerows(r.as_row() for r in recs)
+    expect = (tmp_path / "expect.csv").read_bytes()
+    assert (tmp_path / "one.csv").read_bytes() == expect
+    assert (tmp_path / "many.csv").read_bytes() == expect
+
+
+def test_rows_stay_in_order_while_the_timer_thread_flushes(tmp_path, monkeypatch):
+    monkeypatch.setattr(capture, "FLUSH_S", 0.0005)       # flush as often as it can
+    recs = random_records(60_000, seed=4)
+    w = CaptureWriter(tmp_path / "c.csv", {})
+    flushes = []
+    real_flush = w._flush_locked
+
+    def counted() -> None:
+        flushes.append(threading.current_thread() is w._flusher)
+        real_flush()
+
+    w._flush_locked = counted
+    for r in recs:
+        w.write(r)
+    w.close()
+    assert any(flushes) and not all(flushes)     # both threads flushed, interleaved
+    assert list(iter_capture(tmp_path / "c.csv")) == recs
+    assert w.records == len(recs)
+
+
+def test_write_after_close_is_an_error_not_a_silent_loss(tmp_path):
+    w = CaptureWriter(tmp_path / "c.csv", {})
+    w.write(random_records(1, seed=5)[0])
+    w.close()
+    with pytest.raises(CaptureError, match="is closed"):
+        w.write(random_records(1, seed=6)[0])
+    with pytest.raises(CaptureError, match="is closed"):
+        w.write_many(random_records(2, seed=7))
+    assert len(list(iter_capture(tmp_path / "c.csv"))) == 1
+
+
+def test_non_integer_value_names_the_reason_when_flushed(tmp_path):
+    w = CaptureWriter(tmp_path / "c.csv", {})
+    good, bad = random_records(2, seed=8)
+    bad.map_ns = "12"
+    w.write(good)
+    w.write_many([bad])
+    with pytest.raises(CaptureError, match=r"not all integers \(.*number is required"):
+        w.flush()
+
+
+def test_rows_array_matches_the_records(tmp_path):
+    recs = random_records(3000, seed=10)
+    rows = to_rows(recs)
+    assert rows.dtype == np.int64 and rows.tolist() == [list(r.as_row()) for r in recs]
