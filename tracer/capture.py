@@ -15,12 +15,15 @@ import io
 import json
 import os
 import platform
+import re
 import socket
+import stat
 import threading
+from collections import deque
 from datetime import datetime, timezone
 from operator import attrgetter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
 from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
@@ -95,18 +98,40 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+class _Refused:
+    """Stands in for a sink's row queue once rows can no longer be written (closed, or
+    the timer thread's flush failed): the next write raises why."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def append(self, row: tuple) -> None:
+        raise self.error
+
+    extend = append
+
+    def __len__(self) -> int:
+        return 0
+
+    def clear(self) -> None:
+        pass
+
+
 class _CsvSink:
     """Whole-line, periodically flushed CSV output shared by both writers.
 
-    Rows are queued as tuples and formatted in bulk at each flush, then written with
-    one ``write`` so the file only ever grows by whole lines."""
+    Rows are queued (CaptureWriter's already formatted) and written at each flush with
+    one ``write``, so the file only ever grows by whole lines.  The queue is a deque: the
+    writing thread appends without a lock (deque appends and pops are atomic), and a
+    flush, by that thread or the timer thread, pops under the lock what was queued, so
+    rows reach the file in the order they were written."""
 
     def __init__(self, path: str | os.PathLike, columns: tuple[str, ...]) -> None:
         self.path = Path(path)
         self.records = 0                         # rows in the file so far
         self._fd = _open_new(self.path)
-        self._rows: list[tuple] = []
-        self._lock = threading.Lock()
+        self._rows: deque[tuple] | _Refused = deque()
+        self._lock = threading.Lock()            # one flush at a time
         self._closed = threading.Event()
         self._error: Exception | None = None     # a flush failure in the timer thread
         self._emit(_csv_text([columns]))
@@ -119,24 +144,16 @@ class _CsvSink:
         return _csv_text(rows)
 
     def _add_row(self, row: tuple) -> None:
-        with self._lock:
-            self._check()
-            self._rows.append(row)
-            if len(self._rows) >= FLUSH_ROWS:
-                self._flush_locked()
+        rows = self._rows
+        rows.append(row)
+        if len(rows) >= FLUSH_ROWS:
+            self.flush()
 
-    def _add_rows(self, rows: Iterable[tuple]) -> None:
-        with self._lock:
-            self._check()
-            self._rows.extend(rows)
-            if len(self._rows) >= FLUSH_ROWS:
-                self._flush_locked()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._fd < 0:
-            raise CaptureError(f"{self.path} is closed")
+    def _add_rows(self, new: Iterable[tuple]) -> None:
+        rows = self._rows
+        rows.extend(new)
+        if len(rows) >= FLUSH_ROWS:
+            self.flush()
 
     def _flush_loop(self) -> None:
         while not self._closed.wait(FLUSH_S):
@@ -144,6 +161,7 @@ class _CsvSink:
                 self.flush()
             except Exception as e:        # reported to the writing thread instead
                 self._error = e
+                self._rows = _Refused(e)
                 return
 
     def flush(self) -> None:
@@ -151,9 +169,11 @@ class _CsvSink:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._fd < 0 or not self._rows:
+        queued = len(self._rows)
+        if self._fd < 0 or not queued:
             return
-        rows, self._rows = self._rows, []
+        pop = self._rows.popleft             # only what is queued now: appends go on
+        rows = [pop() for _ in range(queued)]
         try:
             text = self._format(rows)
         except (TypeError, ValueError) as e:
@@ -181,6 +201,7 @@ class _CsvSink:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+                self._rows = _Refused(self._error or CaptureError(f"{self.path} is closed"))
             if self._error is not None:
                 raise self._error
 
@@ -211,6 +232,24 @@ def format_switch_rows(rows: list[tuple]) -> str:
     return "".join([fmt % row for row in rows])
 
 
+def _switch_line(rec: SwitchRecord) -> str | tuple:
+    """A record's CSV line; its row tuple when a value is not an integer, so that the
+    flush fails on it with the reason, as for any row (see _join_switch_lines)."""
+    row = _switch_row(rec)
+    try:
+        return _SWITCH_ROW_FORMAT % row
+    except (TypeError, ValueError):
+        return row
+
+
+def _join_switch_lines(lines: list) -> str:
+    try:
+        return "".join(lines)
+    except TypeError:               # a row _switch_line could not format: say why
+        format_switch_rows([row for row in lines if not isinstance(row, str)])
+        raise
+
+
 class CaptureWriter(_CsvSink):
     """Writes ``path`` (the switch CSV) and its meta file.
 
@@ -230,7 +269,9 @@ class CaptureWriter(_CsvSink):
             "filters": {}, **meta, "columns": list(COLUMNS), "complete": False,
         }
         super().__init__(path, COLUMNS)
-        self._format = format_switch_rows
+        # Rows are queued already formatted (_switch_line): a str is not tracked by the
+        # garbage collector, a tuple is (2048 queued ones set off three collections).
+        self._format = _join_switch_lines
         try:
             write_json_atomic(self.meta_path, self.meta)
         except BaseException:
@@ -238,10 +279,19 @@ class CaptureWriter(_CsvSink):
             raise
 
     def write(self, rec: SwitchRecord) -> None:
-        self._add_row(_switch_row(rec))
+        # _add_row and _switch_line inlined: this runs once per switch, at up to a few
+        # 100k a second, while the record is still in the cache.
+        rows = self._rows
+        row = _switch_row(rec)
+        try:
+            rows.append(_SWITCH_ROW_FORMAT % row)
+        except (TypeError, ValueError):
+            rows.append(row)
+        if len(rows) >= FLUSH_ROWS:
+            self.flush()
 
     def write_many(self, recs: Iterable[SwitchRecord]) -> None:
-        self._add_rows(map(_switch_row, recs))
+        self._add_rows(map(_switch_line, recs))
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
@@ -297,30 +347,96 @@ class CallWriter(_CsvSink):
 _CALL_SEQ = CALL_COLUMNS.index("seq")
 
 
+_call_fields = attrgetter(*CALL_COLUMNS)
+
+
 def _call_row(rec: CallRecord) -> tuple:
-    row = rec.as_row()
+    row = _call_fields(rec)
     return row if row[_CALL_SEQ] is not None else (*row[:_CALL_SEQ], "", *row[_CALL_SEQ + 1:])
 
 
 # --- reading -----------------------------------------------------------------------------
+#
+# Captures are untrusted input (copied between hosts, hand-edited, cut by a crash): the
+# readers raise CaptureError, with a one-line message, and nothing else.  Rows before the
+# first damaged one are always handed over first, so a consumer keeps what is whole.
+
+MAX_LINE_BYTES = 64 << 10     # a row is ~300 bytes: a longer line is refused, not buffered
+MAX_META_BYTES = 16 << 20     # a meta is a few KiB (its background list grows with guests)
+
+# The meta keys readers rely on and the JSON type each must have when present (null is
+# always allowed): a hand-edited or foreign meta fails here, not deep in a front end.
+_META_TYPES: dict[str, tuple[type, str]] = {
+    **dict.fromkeys(("tool", "version", "kernel", "host", "start_time", "stop_time",
+                     "stop_reason", "switch_source", "buffer", "kvm_vendor", "calls_file"),
+                    (str, "a string")),
+    **dict.fromkeys(("probe_modes", "floor_ns", "filters", "background", "workload"),
+                    (dict, "an object")),
+    **dict.fromkeys(("warnings", "columns"), (list, "a list")),
+    **dict.fromkeys(("budget_ns", "records", "lost_total", "partial_windows",
+                     "late_releases", "orphan_releases"), (int, "an integer")),
+    "complete": (bool, "true or false"),
+}
+
 
 def read_meta(path: str | os.PathLike, require: bool = True) -> dict:
+    """The meta file of capture ``path`` ({} when absent and not ``require``d)."""
     mp = meta_path(path)
     try:
-        meta = json.loads(mp.read_text())
+        with _open_regular(mp) as f:
+            data = f.read(MAX_META_BYTES + 1)
     except FileNotFoundError:
         if require:
             raise CaptureError(f"{mp} is missing (pass require_meta=False to read the CSV "
                                "alone)") from None
         return {}
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise CaptureError(f"{mp} is unreadable: {e.strerror}") from None
+    if len(data) > MAX_META_BYTES:
+        raise CaptureError(f"{mp} is over {MAX_META_BYTES >> 20} MiB: not a capture's meta file")
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as e:    # RecursionError: absurdly nested JSON
         raise CaptureError(f"{mp} is unreadable: {e}".splitlines()[0]) from None
     if not isinstance(meta, dict):
         raise CaptureError(f"{mp} is not a JSON object")
+    for key, (kind, name) in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or
+                                  (kind is int and isinstance(value, bool))):
+            raise CaptureError(f"{mp}: {key} is not {name}: {_short(value)}")
     lost = meta.get("lost_records_per_cpu")
-    if isinstance(lost, dict):   # JSON keys are strings; the CPUs are ints
-        meta["lost_records_per_cpu"] = {int(k): v for k, v in lost.items()}
+    if lost is not None:                         # JSON keys are strings; the CPUs are ints
+        meta["lost_records_per_cpu"] = _lost_per_cpu(mp, lost)
     return meta
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open for reading, refusing what is not a regular file: a FIFO planted at the path
+    would block the reader for good (hence O_NONBLOCK, harmless for a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return open(fd, "rb")
+
+
+def _lost_per_cpu(mp: Path, lost) -> dict[int, int]:
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    try:
+        out = {_strict_int(k): v for k, v in lost.items()}
+    except (AttributeError, ValueError):
+        out = None
+    if out is None or not all(count(v) for v in out.values()):
+        raise CaptureError(f"{mp}: lost_records_per_cpu is not a map of CPU to count")
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def header_positions(header: list[str], columns: tuple[str, ...],
@@ -329,73 +445,184 @@ def header_positions(header: list[str], columns: tuple[str, ...],
     older writer did not have, read as "0"); ValueError names what is wrong."""
     if len(set(header)) != len(header):
         dup = sorted({c for c in header if header.count(c) > 1})
-        raise ValueError(f"duplicate columns in header: {', '.join(dup)}")
+        raise ValueError(f"duplicate columns in header: {', '.join(_short(c) for c in dup)}")
     missing = [c for c in columns if c not in header and c not in optional]
     if missing:
         raise ValueError(f"header lacks column(s): {', '.join(missing)}")
     return [header.index(c) if c in header else None for c in columns]
 
 
+# int() also takes ' 7', '+7', '7_0' and non-ASCII digits; a capture holds none of them.
+# Values are int64 (numpy and Parquet downstream): 18 digits always fit, so a row of
+# such fields (one regex over the row joined by commas) takes the fast path.
+_PLAIN_ROW = re.compile(r"(?:-?[0-9]{1,18},)*-?[0-9]{1,18}")
+_INT = re.compile(r"-?[0-9]+")
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+_CALL_KIND = re.compile(r"[A-Za-z0-9_]+")
+_SEQ_AT = CALL_COLUMNS.index("seq")
+# A call row's numbers, seq (outside a switch) possibly empty.
+_PLAIN_CALL_NUMBERS = re.compile(r"(?:-?[0-9]{1,18},){%d}(?:-?[0-9]{1,18})?(?:,-?[0-9]{1,18})*"
+                                 % (_SEQ_AT - 1))
+
+
+def _strict_int(text: str) -> int:
+    """A plain decimal int64, or ValueError."""
+    if not isinstance(text, str) or not _INT.fullmatch(text) or len(text) > 20:
+        raise ValueError(text)
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(text)
+    return value
+
+
+def _first_bad(columns: tuple[str, ...], fields: list[str]) -> tuple[str, str]:
+    for name, value in zip(columns, fields):
+        try:
+            _strict_int(value)
+        except ValueError:
+            return name, value
+    return columns[0], fields[0]                # not reached for a row that failed
+
+
+def switch_from_fields(fields: list[str]) -> SwitchRecord:
+    """A SwitchRecord from its fields in ``COLUMNS`` order; ValueError names the first
+    field that is not a plain int64."""
+    try:
+        if _PLAIN_ROW.fullmatch(",".join(fields)):
+            return SwitchRecord(*map(int, fields))
+        return SwitchRecord(*map(_strict_int, fields))
+    except ValueError:                           # '', '-', '1-2': name the field
+        name, value = _first_bad(COLUMNS, fields)
+        raise ValueError(f"column {name} is not an integer: {_short(value)}") from None
+
+
+def call_from_fields(fields: list[str]) -> CallRecord:
+    """A CallRecord from its fields in ``CALL_COLUMNS`` order (an empty seq is None);
+    ValueError names the first bad field."""
+    kind, *nums = fields
+    if not _CALL_KIND.fullmatch(kind):
+        raise ValueError(f"column kind is not a call kind: {_short(kind)}")
+    if _PLAIN_CALL_NUMBERS.fullmatch(",".join(nums)):
+        seq = nums[_SEQ_AT - 1]
+        if seq:
+            return CallRecord(kind, *map(int, nums))
+        return CallRecord(kind, *map(int, nums[:_SEQ_AT - 1]), None,
+                          *map(int, nums[_SEQ_AT:]))
+    values: list[int | None] = []
+    for i, value in enumerate(nums, start=1):
+        if i == _SEQ_AT and value == "":
+            values.append(None)
+            continue
+        try:
+            values.append(_strict_int(value))
+        except ValueError:
+            raise ValueError(f"column {CALL_COLUMNS[i]} is not an integer: "
+                             f"{_short(value)}") from None
+    return CallRecord(kind, *values)
+
+
+class _LineCount:
+    """Where ``_text_lines`` is: the line number and whether that line was whole."""
+    number = 0
+    whole = True
+
+
+_BLOCK_BYTES = 1 << 20
+
+
+def _text_lines(f, path: Path, at: _LineCount) -> Iterator[str]:
+    """The file's lines without their newline, decoded a block at a time (damage further
+    on does not hide the lines before it), each at most ``MAX_LINE_BYTES``; a last line
+    without its newline comes last with ``at.whole`` false."""
+    rest = b""
+    while block := f.read(_BLOCK_BYTES):
+        data = rest + block                      # rest is short: the copy is bounded
+        end = data.rfind(b"\n") + 1
+        rest = data[end:]
+        if end:
+            yield from _decoded(data[:end - 1].split(b"\n"), path, at)
+        if len(rest) > MAX_LINE_BYTES:
+            raise _overlong(path, at.number + 1)
+    if rest:
+        at.whole = False
+        yield from _decoded([rest], path, at)
+
+
+def _decoded(raw_lines: list[bytes], path: Path, at: _LineCount) -> Iterator[str]:
+    for raw in raw_lines:
+        at.number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise _overlong(path, at.number)
+        try:
+            yield raw.decode()
+        except UnicodeDecodeError:
+            raise CaptureError(f"{path}: line {at.number} is not text (binary data?)") from None
+
+
+def _overlong(path: Path, line: int) -> CaptureError:
+    return CaptureError(f"{path}: line {line} is over {MAX_LINE_BYTES >> 10} KiB: not a "
+                        "capture row")
+
+
 def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
           optional: frozenset[str] = frozenset()) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, fields in ``columns`` order) for each whole row.
 
-    A last line without its newline is a row cut by a crash or a writer still going:
-    it is skipped and noted in ``problems``.  Anything else malformed is an error."""
+    The header is CSV (quoted names are fine); a row holds integers and plain words,
+    never quoted, so it is split on commas.  A last line without its newline is a row
+    cut by a crash or a writer still going: it is skipped and noted in ``problems``.
+    Anything else malformed is an error."""
     try:
-        f = open(path, newline="")
+        f = _open_regular(path)
     except OSError as e:
         raise CaptureError(f"cannot read {path}: {e.strerror}") from None
     with f:
-        last_whole = [True]
-
-        def lines():
-            for line in f:
-                last_whole[0] = line.endswith("\n")
-                yield line
-
-        reader = csv.reader(lines())
-        header = next(reader, None)
-        if header is None:
+        at = _LineCount()
+        lines = _text_lines(f, path, at)
+        first = next(lines, None)
+        if first is None:
             raise CaptureError(f"{path}: empty file, no header")
-        if not last_whole[0]:
+        if not at.whole:
             raise CaptureError(f"{path}: the header line is cut short")
+        crlf = first.endswith("\r")
         try:
+            header = next(csv.reader([first.removeprefix("\ufeff").removesuffix("\r")]), [])
             where = header_positions(header, columns, optional)
-        except ValueError as e:
+        except (csv.Error, ValueError) as e:
             raise CaptureError(f"{path}: {e}") from None
         width = len(header)
-        for fields in reader:
-            if not last_whole[0]:
+        in_order = where == list(range(width))   # as vftrace writes it: no reordering
+        for line in lines:
+            if not at.whole:
                 if problems is not None:
-                    problems.append(f"line {reader.line_num}: truncated last line ignored")
+                    problems.append(f"line {at.number}: truncated last line ignored")
                 return
-            if not fields:
+            if crlf:
+                line = line.removesuffix("\r")
+            if not line:
                 continue
+            fields = line.split(",")
             if len(fields) != width:
-                raise CaptureError(f"{path}: line {reader.line_num}: {len(fields)} fields, "
+                raise CaptureError(f"{path}: line {at.number}: {len(fields)} fields, "
                                    f"header has {width}")
-            yield reader.line_num, [fields[i] if i is not None else "0" for i in where]
-
-
-def _bad(path: Path, line: int, column: str, value: str) -> CaptureError:
-    return CaptureError(f"{path}: line {line}: column {column} is not an integer: {value!r}")
+            yield at.number, (fields if in_order else
+                              [fields[i] if i is not None else "0" for i in where])
 
 
 def iter_capture(path: str | os.PathLike,
                  problems: list[str] | None = None) -> Iterator[SwitchRecord]:
     """Stream the switch records of a capture CSV (the meta file is not needed)."""
     path = Path(path)
+    plain = _PLAIN_ROW.fullmatch
     for line, fields in _rows(path, COLUMNS, problems):
-        try:
+        if plain(",".join(fields)):    # fields hold no comma: each is 1-18 digits, an int64
             yield SwitchRecord(*map(int, fields))
-        except ValueError:
-            for name, value in zip(COLUMNS, fields):
-                try:
-                    int(value)
-                except ValueError:
-                    raise _bad(path, line, name, value) from None
-            raise
+            continue
+        try:
+            rec = switch_from_fields(fields)
+        except ValueError as e:
+            raise CaptureError(f"{path}: line {line}: {e}") from None
+        yield rec
 
 
 def read_capture(path: str | os.PathLike, require_meta: bool = True
@@ -422,14 +649,9 @@ def iter_calls(path: str | os.PathLike,
                problems: list[str] | None = None) -> Iterator[CallRecord]:
     """Stream a per-call CSV."""
     path = Path(path)
-    for line, (kind, *nums) in _rows(path, CALL_COLUMNS, problems, CALL_COLUMNS_ADDED):
-        values = []
-        for name, value in zip(CALL_COLUMNS[1:], nums):
-            if name == "seq" and value == "":
-                values.append(None)
-                continue
-            try:
-                values.append(int(value))
-            except ValueError:
-                raise _bad(path, line, name, value) from None
-        yield CallRecord(kind, *values)
+    for line, fields in _rows(path, CALL_COLUMNS, problems, CALL_COLUMNS_ADDED):
+        try:
+            rec = call_from_fields(fields)
+        except ValueError as e:
+            raise CaptureError(f"{path}: line {line}: {e}") from None
+        yield rec

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-n", "--pfs", type=int, default=1, help="simulated PFs: edu devices (default 1)")
     lab.add_argument("-c", "--cpus", type=int, default=2, help="guest CPUs (default 2)")
     lab.add_argument("-m", "--memory", default="2G", help="guest memory (default 2G)")
-    lab.add_argument("-t", "--timeout", type=float, help="stop the VM after this many seconds")
-    lab.add_argument("--boot-timeout", type=float, default=150,
+    lab.add_argument("-t", "--timeout", type=seconds, help="stop the VM after this many seconds")
+    lab.add_argument("--boot-timeout", type=seconds, default=150,
                      help="retry the boot when CMD has not started after this many seconds "
                           "(default 150; up to 3 attempts)")
     lab.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unmap-mode", choices=("strict", "batched"), default="strict")
     g.add_argument("-r", "--record", metavar="FILE",
                    help="headless: record the guests' switches to FILE (on this host) instead")
-    g.add_argument("-d", "--duration", type=float, default=10.0,
+    g.add_argument("-d", "--duration", type=seconds, default=10.0,
                    help="seconds of guests for --record and for experiment (default 10)")
     g.add_argument("-o", "--output", help="experiment: directory for its results "
                    "(default build/experiment/<kernel>)")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  vftrace record -o cap.csv -- python -m tracer.workloads.kvm  # stops with it",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
-    rec.add_argument("-d", "--duration", type=float, help="stop after this many seconds")
+    rec.add_argument("-d", "--duration", type=seconds, help="stop after this many seconds")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     from .session import add_trace_options
     add_trace_options(rec)
@@ -129,8 +130,10 @@ def _front_end(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    command = "vftrace"
     try:
         args = build_parser().parse_args(argv)
+        command = f"vftrace {args.command}"
         if args.command == "doctor":
             from . import doctor
             return doctor.main(args)
@@ -168,7 +171,28 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:     # the system said no (permissions, a full disk): not a bug trace
+        print(f"{command}: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_text(e: OSError) -> str:
+    """``Permission denied: build/x`` rather than ``[Errno 13] Permission denied: 'build/x'``."""
+    what = e.strerror or str(e) or type(e).__name__
+    text = what if e.filename is None else f"{what}: {os.fsdecode(e.filename)}"
+    return text.splitlines()[0]
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are floats, not durations)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds")
+    return value
 
 
 if __name__ == "__main__":

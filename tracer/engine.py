@@ -8,16 +8,23 @@ import statistics
 import time
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 from . import layout, probes
 from .assemble import Assembler
 from .paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
-from .schema import CallRecord, SwitchRecord
+from .schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
-SWITCH_FIELDS = [f for f in SwitchRecord.__dataclass_fields__]
+# What the kernel's vft_switch gives, in SwitchRecord order: all but over_budget, which is
+# decided here (blocked_* are absent from it and read as 0 until releases add to them).
+SWITCH_READ = COLUMNS[:-1]
+SWITCH_NS = COLUMNS.index("switch_ns")
+CALL_READ = ("kind", *CALL_COLUMNS[1:])
+CALL_SEQ = CALL_COLUMNS.index("seq")
+assert COLUMNS[-1] == "over_budget"
 
 
 @dataclass
@@ -144,23 +151,33 @@ class Engine:
             self.bpf.perf_buffer_poll(timeout_ms)
         self.assembler.tick()
 
+    # Per-sample decoding: one precompiled struct per buffer (layout.Header.reader), made
+    # on first use; a cached_property is a plain instance attribute after that.
+    @cached_property
+    def _read_switch(self) -> layout.Reader:
+        return layout.header().reader("vft_switch", SWITCH_READ)
+
+    @cached_property
+    def _read_call(self) -> layout.Reader:
+        return layout.header().reader("vft_call", CALL_READ)
+
+    @cached_property
+    def _read_release(self) -> layout.Reader:
+        return layout.header().reader("vft_release", ("pf", "seq", "wait_ns"))
+
     def _on_switch(self, data) -> None:
-        raw = layout.decode("vft_switch", data)
-        values = {f: getattr(raw, f, 0) for f in SWITCH_FIELDS}
-        values["over_budget"] = int(raw.switch_ns > self.budget_ns)
+        values = self._read_switch(data)
         self.samples += 1
-        self.assembler.switch(SwitchRecord(**values))
+        self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0))
 
     def _on_release(self, data) -> None:
-        r = layout.decode("vft_release", data)
-        self.assembler.release(r.pf, r.seq, r.wait_ns)
+        self.assembler.release(*self._read_release(data))
 
     def _on_call(self, data) -> None:
-        c = layout.decode("vft_call", data)
         if self.on_call:
-            self.on_call(CallRecord(kind=self.kinds.get(c.kind, str(c.kind)), t_ns=c.t_ns, ns=c.ns,
-                                    size=c.size, pid=c.pid, cpu=c.cpu, seq=c.seq or None,
-                                    tid=c.tid, vcpu=c.vcpu, pf=c.pf))
+            kind, *values = self._read_call(data)
+            values[CALL_SEQ - 1] = values[CALL_SEQ - 1] or None       # 0: outside switches
+            self.on_call(CallRecord(self.kinds.get(kind) or str(kind), *values))
 
     def _on_perf_lost(self, count: int) -> None:
         self.user_lost += count
@@ -178,6 +195,20 @@ class Engine:
                     out[cpu] = out.get(cpu, 0) + int(v)
         if self.user_lost:
             out[-1] = self.user_lost        # perf buffer overruns, CPU not reported
+        return out
+
+    def lost_by_kind(self) -> dict[str, int]:
+        """The same losses by what was lost: a lost "switch" is a missing capture row."""
+        out: dict[str, int] = {}
+        if self.bpf is None:
+            return out
+        table = self.bpf["lost"]
+        for name, idx in layout.header().constants.items():     # VFT_LOST_SWITCH, ...
+            if name.startswith("VFT_LOST_"):
+                out[name.removeprefix("VFT_LOST_").lower()] = sum(
+                    int(v) for v in table[ctypes.c_int(idx)])
+        if self.user_lost:
+            out["perf_overrun"] = self.user_lost    # perf buffer: the kind is not reported
         return out
 
     def partial_windows(self) -> int:

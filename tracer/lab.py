@@ -322,9 +322,11 @@ class Preset:
             raise LabError(f"--vms {args.vms}: one VF per guest, and {pfs} PF(s) x {args.vfs} "
                            "VFs is fewer (raise --vfs or --pfs)")
         if args.record:
-            out = Path(args.record)
-            if not out.parent.is_dir():
-                raise LabError(f"--record {args.record}: directory {out.parent} does not exist")
+            from .session import RecordError, check_capture_output
+            try:
+                check_capture_output(args.record, "--record")
+            except RecordError as e:
+                raise LabError(str(e)) from None
         args.pfs = pfs
         run_dir = share / "build" / ".lab-run" / f"run-{os.getpid()}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -380,11 +382,11 @@ class Preset:
                     print("vftrace lab: no capture was written (see above)", file=sys.stderr)
                     return rc or 1
                 out = Path(self.args.record)
-                shutil.copyfile(src, out)
-                shutil.copyfile(self.run_dir / "capture.meta.json", out.with_suffix(".meta.json"))
+                copy_out(src, out)
+                copy_out(self.run_dir / "capture.meta.json", out.with_suffix(".meta.json"))
                 guests = self.run_dir / "capture.guests.json"
                 if guests.exists():
-                    shutil.copyfile(guests, out.with_suffix(".guests.json"))
+                    copy_out(guests, out.with_suffix(".guests.json"))
                 print(f"vftrace lab: wrote {out} (+ .meta.json, .guests.json)", file=sys.stderr)
             elif self.kind == "experiment":
                 src = self.run_dir / "experiment"
@@ -392,13 +394,26 @@ class Preset:
                     print("vftrace lab: the experiment did not finish (see above)", file=sys.stderr)
                     return rc or 1
                 out = Path(self.args.output or Path("build") / "experiment" / self.kernel.release)
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.copytree(src, out)
+                # Into the directory as it is: it is the user's, nothing of theirs is removed.
+                shutil.copytree(src, out, dirs_exist_ok=True, copy_function=copy_out)
                 print(f"vftrace lab: wrote {out}/comparison.csv, comparison.txt and the "
                       "captures", file=sys.stderr)
             return rc
         finally:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def copy_out(src, dst) -> None:
+    """Copy to where the user asked, never writing through a symlink planted there."""
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        raise LabError(f"cannot write {dst}: {e.strerror}"
+                       + (" (a symlink: refusing to write through it)"
+                          if Path(dst).is_symlink() else "")) from None
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out)
 
 
 def share_dir() -> Path:

@@ -6,6 +6,7 @@ pf_sched built for the running kernel and hands it every free edu device through
 """
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,10 @@ EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
 PCI = Path("/sys/bus/pci")
 DEBUGFS = Path("/sys/kernel/debug/pf_sched")
 PARAMS = ("slice_us", "nr_vfs", "bar_pages", "unmap_mode")
+MODULE_PARAMS = Path("/sys/module/pf_sched/parameters")
+# pf_sched's own limits (kmod/pf_sched_main.c), checked here so a typo is not an insmod error.
+PARAM_RANGES = {"slice_us": (0, 10_000_000), "nr_vfs": (1, 64), "bar_pages": (1, 256)}
+RUNTIME_PARAMS = ("slice_us", "unmap_mode")      # writable while loaded (0644); others 0444
 
 
 class GuestError(Exception):
@@ -62,15 +67,41 @@ def loaded() -> bool:
     return Path("/sys/module/pf_sched").is_dir()
 
 
+def check_params(params: dict[str, object]) -> None:
+    for name, (lo, hi) in PARAM_RANGES.items():
+        value = params.get(name)
+        if value is not None and not lo <= value <= hi:
+            raise GuestError(f"--{name.replace('_', '-')} {value}: give {lo} to {hi}")
+
+
+def apply_to_loaded(params: dict[str, object]) -> None:
+    """pf_sched is already loaded: set what can change at run time, refuse the rest
+    rather than ignore it."""
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name in RUNTIME_PARAMS:
+            (MODULE_PARAMS / name).write_text(str(value))
+            continue
+        current = (MODULE_PARAMS / name).read_text().strip()
+        if current != str(value):
+            raise GuestError(f"--{name.replace('_', '-')} {value}: pf_sched is loaded with "
+                             f"{name} {current}; run `vftrace pf-sched down` first")
+
+
 def up(params: dict[str, object]) -> list[str]:
-    if not loaded():
+    check_params(params)
+    if loaded():
+        apply_to_loaded(params)
+    else:
         ko = kmod_path()
         if not ko.exists():
             raise GuestError(f"{ko} is not built: run `make kmod` on the host")
         args = [f"{k}={v}" for k, v in params.items() if v is not None]
         r = subprocess.run(["insmod", str(ko), *args], capture_output=True, text=True)
         if r.returncode:
-            raise GuestError(f"insmod pf_sched failed: {r.stderr.strip()} (see dmesg)")
+            why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            raise GuestError(f"insmod pf_sched failed: {why} (see dmesg)")
     free = [d for d in edu_devices() if current_driver(d) is None]
     if not free and not any(current_driver(d) == "pf_sched" for d in edu_devices()):
         raise GuestError("no free edu device to bind (boot the lab with --pfs N)")
@@ -84,7 +115,54 @@ def down() -> None:
         if current_driver(bdf) == "pf_sched":
             unbind(bdf)
     if loaded():
-        subprocess.run(["rmmod", "pf_sched"], check=True)
+        try:
+            r = subprocess.run(["rmmod", "pf_sched"], capture_output=True, text=True)
+        except OSError as e:
+            raise GuestError(f"cannot run rmmod: {e.strerror}") from None
+        if r.returncode:
+            why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            held = ", ".join(f"pid {pid} ({comm})" for pid, comm in holders())
+            raise GuestError(f"rmmod pf_sched failed: {why}; " + (
+                f"/dev/pf_sched* is held by {held}: stop them and retry" if held else
+                "no process has /dev/pf_sched* open or mapped (see lsmod and dmesg)"))
+
+
+def holders(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes with a /dev/pf_sched* device open or mapped
+    (a guest's BAR mmap outlives the close of its file descriptor)."""
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        if _opens_pf_sched(entry) or _maps_pf_sched(entry):
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            found.append((int(entry.name), comm))
+    return sorted(found)
+
+
+def _opens_pf_sched(pid_dir: Path) -> bool:
+    try:
+        fds = list((pid_dir / "fd").iterdir())
+    except OSError:                       # gone, or not ours to look at
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith("/dev/pf_sched"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _maps_pf_sched(pid_dir: Path) -> bool:
+    try:
+        with open(pid_dir / "maps") as f:
+            return any(" /dev/pf_sched" in line for line in f)
+    except OSError:
+        return False
 
 
 def status() -> str:
@@ -101,6 +179,10 @@ def status() -> str:
 
 
 def main(args) -> int:
+    given = [p for p in PARAMS if getattr(args, p) is not None]
+    if given and args.action != "up":
+        raise GuestError(f"--{given[0].replace('_', '-')} sets up pf_sched; `vftrace pf-sched "
+                         f"{args.action}` takes no parameters")
     if args.action == "up":
         bdfs = up({p: getattr(args, p) for p in PARAMS})
         print(f"pf_sched is switching on {len(bdfs)} PF(s): {', '.join(bdfs)}")

@@ -44,6 +44,9 @@ def main(args) -> int:
     try:
         while True:
             stop = session.poll(100)
+            for line in session.take_warnings():
+                print(("\n" if tty else ""), end="", file=sys.stderr)
+                warn(line)
             if stop is not None:
                 reason = stop
                 break

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import time
@@ -26,9 +28,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__, exit_reasons, probes
-from .capture import CallWriter, CaptureError, CaptureWriter
+from .capture import CallWriter, CaptureError, CaptureWriter, meta_path
 from .errors import VftraceError
 from .schema import CallRecord, SwitchRecord
+from .instances import Registration
+from .sourcewatch import PfWatch
 
 WORKLOAD_GRACE_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -61,6 +65,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                              "armed, stopped before they are detached; its exit ends the run")
 
 
+MAX_ID = 2**32 - 1          # PFs, VFs and pids are 32-bit in the BPF records
+
+
 def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
     if not values:
         return None
@@ -73,22 +80,88 @@ def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
                 raise RecordError(f"{flag} {part!r}: give integers, e.g. {flag} 0,1") from None
             if n < 0:
                 raise RecordError(f"{flag} {n}: must not be negative")
+            if n > MAX_ID:
+                raise RecordError(f"{flag} {n}: out of range (at most {MAX_ID})")
             out.add(n)
     return out
 
 
 def check_output(path: str | None, flag: str) -> Path | None:
+    """An output file that can be created: its directory exists and is writable, and
+    nothing is planted at the path (a symlink is refused, never followed)."""
     if path is None:
         return None
     p = Path(path)
+    if not str(path):
+        raise RecordError(f"{flag}: give a file name")
+    if p.is_symlink():
+        raise RecordError(f"{flag} {path}: is a symlink; refusing to write through it "
+                          "(remove it or give another name)")
     if p.is_dir():
         raise RecordError(f"{flag} {path}: is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise RecordError(f"{flag} {path}: directory {parent} does not exist")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise RecordError(f"{flag} {path}: directory {parent} {what}")
     if not os.access(parent, os.W_OK):
         raise RecordError(f"{flag} {path}: directory {parent} is not writable")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise RecordError(f"{flag} {path}: the file is not writable")
     return p
+
+
+def check_capture_output(path: str | None, flag: str,
+                         others: dict[str, Path | None] | None = None) -> Path | None:
+    """A capture CSV to write: ``check_output`` for it and its meta file, a name that is
+    not a meta file's, and no other output (``others``: flag -> path) on either."""
+    p = check_output(path, flag)
+    if p is None:
+        return None
+    if p.name.endswith(".meta.json"):
+        raise RecordError(f"{flag} {path}: that name is for a capture's metadata; give a "
+                          "name ending in .csv")
+    check_output(str(meta_path(p)), f"{flag} {path}: its meta file")
+    mine = {_same_file_key(p), _same_file_key(meta_path(p))}
+    for other_flag, other in (others or {}).items():
+        if other is not None and _same_file_key(other) in mine:
+            raise RecordError(f"{other_flag} {other}: is the capture's file ({flag} {path}) "
+                              "or its meta file; give another name")
+    return p
+
+
+def _same_file_key(p: Path) -> Path:
+    """What decides whether two output names are one file (the directory resolved)."""
+    return p.parent.resolve() / p.name
+
+
+def check_switch_spec(spec: str | None) -> None:
+    """The form of --switch, checked before root and the kernel are needed (whether the
+    function or tracepoints exist is the probe planner's question)."""
+    if spec is None or spec == "pf_sched":
+        return
+    if spec.startswith("func:"):
+        if not SYMBOL.fullmatch(spec[5:]):
+            raise RecordError(f"--switch {spec}: give func:SYMBOL, a kernel function name "
+                              "(see /sys/kernel/tracing/available_filter_functions)")
+        return
+    if spec.startswith("tp:"):
+        parts = spec[3:].split(",")
+        if len(parts) != 2 or not all(TRACEPOINT.fullmatch(p) for p in parts):
+            raise RecordError(f"--switch {spec}: give tp:SYS:BEGIN,SYS:END")
+        return
+    raise RecordError(f"--switch {spec}: give pf_sched, func:SYMBOL or tp:SYS:BEGIN,SYS:END")
+
+
+SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")        # .isra.0, .constprop.0 suffixes too
+TRACEPOINT = re.compile(r"[A-Za-z0-9_]+:[A-Za-z0-9_]+")
+
+
+def check_seconds(value: float | None, flag: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise RecordError(f"{flag} {value}: give a finite number of seconds")
+    if value is not None and value <= 0:
+        raise RecordError(f"{flag} {value}: must be positive")
+    return value
 
 
 def workload_argv(cmd: Sequence[str] | None, command: str) -> list[str] | None:
@@ -101,6 +174,10 @@ def workload_argv(cmd: Sequence[str] | None, command: str) -> list[str] | None:
     if len(cmd) == 1:
         raise RecordError("-- without a command: give the workload after it, e.g. -- sleep 10")
     return list(cmd[1:])
+
+
+# Where each tracing command keeps its capture's path: (attribute, flag).
+CAPTURE_FLAGS = {"record": ("output", "-o/--output"), "live": ("csv", "--csv")}
 
 
 @dataclass
@@ -126,14 +203,24 @@ class TraceOptions:
         pids = parse_ints(args.pid, "--pid")
         if args.budget_ns <= 0:
             raise RecordError(f"--budget-ns {args.budget_ns}: must be positive")
-        duration = getattr(args, "duration", None)
-        if duration is not None and duration <= 0:
-            raise RecordError(f"--duration {duration}: must be positive")
+        duration = check_seconds(getattr(args, "duration", None), "--duration")
+        check_switch_spec(args.switch)
+        calls = check_output(args.calls, "--calls")
+        ready_file = check_output(getattr(args, "ready_file", None), "--ready-file")
+        if calls is not None and ready_file is not None and \
+                _same_file_key(calls) == _same_file_key(ready_file):
+            raise RecordError(f"--ready-file {ready_file}: is the --calls file; give another name")
+        # The capture itself (record -o, live --csv) is the front end's option; it must
+        # still not be one of the files above.
+        attr, flag = CAPTURE_FLAGS.get(command, (None, None))
+        if attr is not None:
+            check_capture_output(getattr(args, attr, None), flag,
+                                 {"--calls": calls, "--ready-file": ready_file})
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
-                   probe_mode=args.probe_mode, calls=check_output(args.calls, "--calls"),
+                   probe_mode=args.probe_mode, calls=calls,
                    perf_buffer=args.perf_buffer,
                    duration=duration, ebpf=args.ebpf,
-                   ready_file=check_output(getattr(args, "ready_file", None), "--ready-file"),
+                   ready_file=ready_file,
                    workload=workload_argv(getattr(args, "cmd", None), command))
 
     def filters(self) -> dict:
@@ -173,12 +260,55 @@ def require_bcc() -> None:
             from None
 
 
+PF_SCHED_DEBUGFS = Path("/sys/kernel/debug/pf_sched")
+PF_SCHED_DEVICES = Path("/sys/class/misc")
+PF_SCHED_PARAMS = Path("/sys/module/pf_sched/parameters")
+
+
+def pf_sched_layout() -> dict[int, int] | None:
+    """PF index -> VF count of the loaded pf_sched (None: not loaded, or not readable)."""
+    layout: dict[int, int] = {}
+    for stats in PF_SCHED_DEBUGFS.glob("*/stats"):        # per PF, needs root
+        try:
+            kv = dict(line.split(" ", 1) for line in stats.read_text().splitlines()
+                      if " " in line)
+            layout[int(kv["pf"])] = int(kv["nr_vfs"])
+        except (OSError, KeyError, ValueError):
+            continue
+    if layout:
+        return layout
+    try:                                  # no debugfs: the devices and the module parameter
+        nr_vfs = int((PF_SCHED_PARAMS / "nr_vfs").read_text())
+    except (OSError, ValueError):
+        return None
+    for dev in PF_SCHED_DEVICES.glob("pf_sched[0-9]*"):
+        layout[int(dev.name[len("pf_sched"):])] = nr_vfs
+    return layout or None
+
+
+def check_filters(opts: TraceOptions, layout: dict[int, int] | None) -> None:
+    """--pf/--vf naming a PF or VF pf_sched does not have would record nothing, silently."""
+    if not layout:
+        return
+    for pf in sorted(opts.pfs or ()):
+        if pf not in layout:
+            raise RecordError(f"--pf {pf}: pf_sched has no PF {pf} (it has "
+                              f"{', '.join(map(str, sorted(layout)))})")
+    most = max(layout[pf] for pf in (opts.pfs or layout))
+    for vf in sorted(opts.vfs or ()):
+        if vf >= most:
+            raise RecordError(f"--vf {vf}: pf_sched has VFs 0 to {most - 1} on "
+                              f"{'the PFs asked for' if opts.pfs else 'each PF'}")
+
+
 def plan_for(opts: TraceOptions) -> probes.Plan | None:
     """What a tracing command needs before it starts: root, the probe plan, BCC.  With
     ``--ebpf`` it prints the program instead and returns None (no root, no BCC needed)."""
     if not opts.ebpf:
         require_root()
     plan = make_plan(opts)
+    if plan.source == "pf_sched":
+        check_filters(opts, pf_sched_layout())
     if opts.ebpf:
         from .engine import program_text
         print(program_text(plan, os.getpid()))
@@ -321,6 +451,9 @@ class Session:
         self._engine_factory = engine_factory
         self._signals = signals
         self.signal_stop: SignalStop | None = None
+        self.pf_watch: PfWatch | None = None
+        self.registration: Registration | None = None
+        self.new_warnings: list[str] = []
         self.started_at: float | None = None
         self.startup_s = 0.0
         self.stop_reason: str | None = None
@@ -345,6 +478,9 @@ class Session:
             self._abort()
             raise RecordError(f"could not load the BPF program: {str(e).splitlines()[0]}") \
                 from None
+        self.registration = Registration()
+        if (other := self.registration.warning()) is not None:
+            self.engine.warnings.append(other)
         self.meta = self.build_meta()
         try:
             if self.output is not None:
@@ -355,8 +491,9 @@ class Session:
         except CaptureError as e:
             self._abort()
             raise RecordError(str(e)) from None
-        if self.opts.ready_file is not None:
-            self.opts.ready_file.touch()
+        if self.opts.ready_file is not None:     # created, never written through a symlink
+            os.close(os.open(self.opts.ready_file,
+                             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
         self.startup_s = self.clock() - t0
         if self.workload is not None:
             try:
@@ -364,11 +501,15 @@ class Session:
             except RecordError:
                 self.stop("error: the workload did not start")
                 raise
+        if self.plan.source == "pf_sched":
+            self.pf_watch = PfWatch()
         self.started_at = self.clock()
 
     def _abort(self) -> None:
         """Start-up failed: detach what was attached; nothing was started after it."""
         self.engine.close()
+        if self.registration is not None:
+            self.registration.close()
         if self.capture is not None:
             self.capture.close(stop_reason="start-up failed")
         if self.signal_stop is not None:
@@ -409,8 +550,17 @@ class Session:
         reason = self.due_stop()
         if reason is None:
             self.engine.poll(timeout_ms)
+            if self.pf_watch is not None:
+                for line in self.pf_watch.check():
+                    self.engine.warnings.append(line)       # into the capture's meta too
+                    self.new_warnings.append(line)
             reason = self.due_stop()
         return reason
+
+    def take_warnings(self) -> list[str]:
+        """Warnings that arose while running, once each, for the front end to show."""
+        out, self.new_warnings = self.new_warnings, []
+        return out
 
     def due_stop(self) -> str | None:
         if self.signal_stop is not None and self.signal_stop.reason:
@@ -447,13 +597,16 @@ class Session:
                 self.meta.setdefault("workload", {}).update(self.workload.as_meta())
             engine = self.engine
             self.lost = engine.lost_per_cpu()
-            self.meta.update({"late_releases": engine.assembler.late_releases,
+            self.meta.update({"lost_by_kind": engine.lost_by_kind(),
+                              "late_releases": engine.assembler.late_releases,
                               "orphan_releases": engine.assembler.orphan_releases,
                               "partial_windows": engine.partial_windows(),
                               "background": engine.background() if engine.bpf else {}})
         finally:
             try:
                 self.engine.close()           # flushes held records into the writers
+                if self.registration is not None:
+                    self.registration.close()
             finally:
                 if self.signal_stop is not None:
                     self.signal_stop.restore()

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tracer.errors import VftraceError
 from tracer.session import (Session, TraceOptions, add_trace_options, check_output,
@@ -102,8 +103,38 @@ def _replay(args) -> int:
         source = FollowSource(args.file)
     else:
         source = ReplaySource(args.file, speed)
+        check_filters_match(source.path, pfs, vfs)
     require_tty()
     return _show(source, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
+
+
+def check_filters_match(path: Path, pfs: set[int] | None, vfs: set[int] | None) -> None:
+    """--pf/--vf naming a PF or VF the capture never switched would replay an empty
+    dashboard: say so instead.  (A growing capture, --follow, may still get them.)"""
+    if not pfs and not vfs:
+        return
+    from tracer.capture import CaptureError, iter_capture
+    seen_pfs: set[int] = set()
+    seen_vfs: set[int] = set()
+    try:
+        for r in iter_capture(path):
+            seen_pfs.add(r.pf)
+            if pfs is None or r.pf in pfs:
+                seen_vfs.update((r.from_vf, r.to_vf))
+    except CaptureError:      # the replay shows the damage; the rows before it still count
+        pass
+    seen_vfs.discard(-1)                                   # from_vf -1: no VF before
+    if missing := sorted((pfs or set()) - seen_pfs):
+        raise VftraceError(f"--pf {missing[0]}: {path.name} has no switch on PF {missing[0]} "
+                           f"(its PFs: {_listed(seen_pfs)})")
+    if missing := sorted((vfs or set()) - seen_vfs):
+        where = f" on PF {_listed(pfs)}" if pfs else ""
+        raise VftraceError(f"--vf {missing[0]}: {path.name} has no switch from or to VF "
+                           f"{missing[0]}{where} (its VFs: {_listed(seen_vfs)})")
+
+
+def _listed(numbers: set[int]) -> str:
+    return ", ".join(map(str, sorted(numbers))) or "none"
 
 
 def _live(args) -> int:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tracer.capture import (CaptureError, header_positions, iter_calls, iter_capture, meta_path,
-                            read_meta)
+from tracer.capture import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
+                            iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
 from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
@@ -108,6 +109,8 @@ def check_capture(path: Path) -> None:
                            "record, or --follow to wait for one)")
     if path.is_dir():
         raise VftraceError(f"{path}: is a directory; give a capture CSV")
+    if not path.is_file():                   # a FIFO or a device: open() could block
+        raise VftraceError(f"{path}: not a regular file; give a capture CSV")
     try:
         with open(path, newline="") as f:
             first = f.readline(1 << 16)
@@ -115,7 +118,10 @@ def check_capture(path: Path) -> None:
         raise VftraceError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise VftraceError(f"{path}: not a capture (binary data, no CSV header)") from None
-    header = next(csv.reader([first]), [])
+    try:
+        header = next(csv.reader([first.removeprefix("\ufeff")]), [])
+    except csv.Error:
+        header = []
     missing = [c for c in COLUMNS if c not in header]
     if not first or missing:
         hint = " (that is the metadata; give the .csv beside it)" \
@@ -282,6 +288,16 @@ class LineParser:
             raise ValueError(f"not a capture: {e}") from None
         self.width = len(header)
 
+    @classmethod
+    def from_line(cls, line: str, columns: tuple[str, ...],
+                  optional: frozenset[str] = frozenset()) -> LineParser:
+        """The parser for a header line; ValueError says why it is not a capture's."""
+        try:
+            header = next(csv.reader([line.removeprefix("\ufeff")]), [])
+        except csv.Error as e:                  # a stray CR or quote, an overlong field
+            raise ValueError(f"not a capture: unreadable header ({e})") from None
+        return cls(header, columns, optional)
+
     def fields(self, line: str) -> list[str]:
         """The fields in ``columns`` order; ValueError when the line is malformed."""
         parts = line.split(",")                   # integers and plain words: never quoted
@@ -290,17 +306,9 @@ class LineParser:
         return [parts[i] if i is not None else "0" for i in self.where]
 
 
-def parse_switch(fields: list[str]) -> SwitchRecord:
-    return SwitchRecord(*map(int, fields))
-
-
-def parse_call(fields: list[str]) -> CallRecord:
-    kind, *nums = fields
-    if not kind or not kind.replace("_", "").isalnum():
-        raise ValueError(f"kind {kind!r}")
-    seq_at = CALL_COLUMNS.index("seq") - 1
-    values: list = [int(v) if (i != seq_at or v != "") else None for i, v in enumerate(nums)]
-    return CallRecord(kind, *values)
+# The same field checks as the capture reader (plain ASCII integers, a word for a kind).
+parse_switch = switch_from_fields
+parse_call = call_from_fields
 
 
 class Tailer:
@@ -314,6 +322,7 @@ class Tailer:
         self._ident: tuple[int, int] | None = None
         self._offset = 0
         self._partial = b""
+        self._skipping = False                   # inside an overlong line: drop to its end
         self._parser: LineParser | None = None
         self._line = 0
         self.header_problem: str | None = None
@@ -325,14 +334,20 @@ class Tailer:
 
     def _open(self) -> bool:
         try:
-            f = open(self.path, "rb")
+            # O_NONBLOCK: a FIFO planted at the path must not hang the reader thread.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return False
         except OSError as e:
             raise VftraceError(f"cannot read {self.path}: {e.strerror}") from None
+        f = open(fd, "rb")
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise VftraceError(f"{self.path}: not a regular file; give a capture CSV")
         self._f, self._ident = f, (st.st_dev, st.st_ino)
         self._offset, self._partial, self._parser, self._line = 0, b"", None, 0
+        self._skipping = False
         self.header_problem = None
         return True
 
@@ -361,17 +376,30 @@ class Tailer:
         data = self._f.read(FOLLOW_READ_BYTES)
         self._offset += len(data)
         self.at_eof = len(data) < FOLLOW_READ_BYTES
+        records, problems, bad = [], [], 0
+        if self._skipping:                           # the rest of an overlong line
+            end = data.find(b"\n")
+            self._skipping = end < 0
+            data = b"" if end < 0 else data[end + 1:]
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()                  # a line without its newline yet
-        records, problems, bad = [], [], 0
+        if len(self._partial) > MAX_LINE_BYTES:      # never buffered without bound
+            self._partial, self._skipping = b"", True
+            lines.append(None)                       # counted in place, after the others
         for raw in lines:
             self._line += 1
-            try:
-                text = raw.decode().rstrip("\r")
-            except UnicodeDecodeError:
-                text = None
+            if raw is None or len(raw) > MAX_LINE_BYTES:
+                text, why = None, f"over {MAX_LINE_BYTES >> 10} KiB"
+            else:
+                try:
+                    text, why = raw.decode().rstrip("\r"), ""
+                except UnicodeDecodeError:
+                    text, why = None, "not text"
             if self._parser is None and self.header_problem is None:
-                self._parse_header(text or "")
+                if text is None:
+                    self.header_problem = f"not a capture: the header line is {why}"
+                else:
+                    self._parse_header(text)
                 continue
             if text == "":
                 continue
@@ -380,7 +408,7 @@ class Tailer:
                 continue
             try:
                 if text is None:
-                    raise ValueError("not text")
+                    raise ValueError(why)
                 records.append(self.parse(self._parser.fields(text)))
             except (ValueError, TypeError) as e:
                 bad += 1
@@ -393,8 +421,7 @@ class Tailer:
 
     def _parse_header(self, text: str) -> None:
         try:
-            self._parser = LineParser(next(csv.reader([text]), []), self.columns,
-                                      self.optional)
+            self._parser = LineParser.from_line(text, self.columns, self.optional)
         except ValueError as e:
             self.header_problem = str(e)
 
@@ -411,6 +438,8 @@ class FollowSource:
             raise VftraceError(f"{self.path}: is a directory; give a capture CSV")
         if not self.path.parent.is_dir():
             raise VftraceError(f"{self.path}: directory {self.path.parent} does not exist")
+        if self.path.exists() and not self.path.is_file():
+            raise VftraceError(f"{self.path}: not a regular file; give a capture CSV")
         self.poll_s, self.sleep = poll_s, sleep
         self.description = f"follow {self.path.name}"
         self._switches = Tailer(self.path, COLUMNS, parse_switch)
@@ -420,6 +449,7 @@ class FollowSource:
         self._finished_told = False
         self._header: HeaderInfo | None = None
         self._waiting_told = False
+        self._meta_problem: str | None = None    # told once per change of the meta file
 
     def start(self) -> HeaderInfo:
         if self._header is None:
@@ -444,8 +474,8 @@ class FollowSource:
         self._meta_stamp = stamp
         try:
             self.meta = read_meta(self.path, require=False) if stamp else {}
-        except CaptureError:
-            self.meta = {}
+        except CaptureError as e:                # the file is untrusted: shown, not fatal
+            self.meta, self._meta_problem = {}, f"{e}; header details unknown"
         cp = calls_path(self.path, self.meta)
         if cp is not None and (self._calls is None or self._calls.path != cp):
             self._calls = Tailer(cp, CALL_COLUMNS, parse_call, CALL_OPTIONAL)
@@ -458,6 +488,9 @@ class FollowSource:
             batch.header = self._header = self._make_header()
             if not self.meta.get("complete"):
                 self._finished_told = False
+        if self._meta_problem is not None:
+            batch.problems.append(self._meta_problem)
+            self._meta_problem = None
         records, problems, bad, restarted = self._switches.poll()
         if restarted:
             batch.restart = True
@@ -465,9 +498,15 @@ class FollowSource:
             self._finished_told = False
             if self._calls is not None:
                 self._calls.close()
-        batch.switches, batch.problems, batch.bad_lines = records, problems, bad
+        batch.switches, batch.bad_lines = records, bad
+        batch.problems.extend(problems)
         if self._calls is not None:
-            calls, call_problems, call_bad, _ = self._calls.poll()
+            try:
+                calls, call_problems, call_bad, _ = self._calls.poll()
+            except VftraceError as e:            # the switches go on without the calls
+                calls, call_problems, call_bad = [], [f"per-call rows stopped: {e}"], 0
+                self._calls.close()
+                self._calls = None
             batch.calls = calls
             batch.problems.extend(call_problems)
             batch.bad_lines += call_bad
@@ -549,6 +588,7 @@ class LiveSource:
                 try:
                     with self._cond:
                         reason = self.session.poll(100)
+                        self._pending.problems.extend(self.session.take_warnings())
                 except OSError as e:             # disk full, output gone: keep what was written
                     reason = f"error: {e}"
                     with self._cond:

@@ -54,3 +54,12 @@ def dmesg() -> str:
 
 def in_lab() -> bool:
     return os.environ.get("VFTRACE_LAB") == "1"
+
+
+def vftrace_kprobes() -> list[str]:
+    """kprobe events BCC made for vftrace (its legacy names end in _bcc_<pid>)."""
+    events = "/sys/kernel/tracing/kprobe_events"
+    if not os.path.exists(events):
+        events = "/sys/kernel/debug/tracing/kprobe_events"
+    with open(events) as f:
+        return [line for line in f if "kp_" in line or "krp_" in line or "bcc" in line.lower()]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.lab import pfsched
+from tests.lab import labutil, pfsched
 from tracer.capture import read_capture
 
 pytestmark = pytest.mark.lab
@@ -28,14 +28,6 @@ def pane(session: str) -> str:
 def switches_shown(screen: str) -> int:
     m = re.search(r"switches (\d+)", screen)
     return int(m.group(1)) if m else 0
-
-
-def vftrace_kprobes() -> list[str]:
-    events = "/sys/kernel/tracing/kprobe_events"
-    if not os.path.exists(events):
-        events = "/sys/kernel/debug/tracing/kprobe_events"
-    with open(events) as f:
-        return [line for line in f if "kp_" in line or "krp_" in line or "bcc" in line.lower()]
 
 
 def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
@@ -71,4 +63,4 @@ def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
     meta, rows, problems = read_capture(capture)
     assert meta["complete"] and not problems
     assert later <= len(rows) <= truth
-    assert not vftrace_kprobes()
+    assert not labutil.vftrace_kprobes()

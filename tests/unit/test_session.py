@@ -64,6 +64,9 @@ class FakeEngine:
     def lost_per_cpu(self):
         return {1: 4}
 
+    def lost_by_kind(self):
+        return {"switch": 3, "call": 0, "release": 1}
+
     def partial_windows(self):
         return 0
 
@@ -144,6 +147,7 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     on_disk, rows, problems = read_capture(tmp_path / "c.csv")
     assert on_disk["workload"]["exit_status"] == 3 and on_disk["stop_reason"] == reason
     assert on_disk["lost_total"] == 4 and not problems
+    assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "release": 1}
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 
 

@@ -69,6 +69,10 @@ def run(args) -> int:
     from tracer.capture import CaptureError
     from tracer.errors import VftraceError
     from tracer.report import commands
+    if args.command == "export" and args.no_calls and (args.calls or args.calls_parquet):
+        other = "--calls" if args.calls else "--calls-parquet"
+        raise VftraceError(f"--no-calls leaves the per-call rows out and {other} asks for "
+                           "them: give one of the two")
     try:
         if args.command == "report":
             return commands.report(args)

@@ -1,36 +1,17 @@
 """What ``vftrace report`` and ``vftrace export`` do, given parsed arguments."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 from tracer.capture import meta_path
 from tracer.errors import VftraceError
 from tracer.report import tables
-from tracer.report.load import (call_chunks, calls_path, check_input, check_output,
-                                load_capture, load_meta, switch_chunks, unique_labels)
+from tracer.report.load import (atomic_output, call_chunks, calls_path, check_input,
+                                check_output, load_capture, load_meta, switch_chunks, unique_labels)
 
 REPORT_FORMATS = (".html", ".htm", ".png", ".svg", ".pdf")
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "w") -> Iterator:
-    """Write beside ``path`` and rename over it at the end: a failed export leaves no
-    half-written file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except OSError as e:
-        raise VftraceError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def report(args) -> int:

@@ -6,13 +6,14 @@ meta, an output path that cannot be written) becomes a one-line ``VftraceError``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -73,6 +74,9 @@ def check_input(path: str | os.PathLike) -> Path:
         raise VftraceError(f"{p}: no such file; give a capture CSV written by vftrace record")
     if p.is_dir():
         raise VftraceError(f"{p}: is a directory; give a capture CSV written by vftrace record")
+    if not p.is_file():                      # a FIFO or a device: reading could block
+        raise VftraceError(f"{p}: not a regular file; give a capture CSV written by vftrace "
+                           "record")
     if p.name.endswith(".meta.json"):
         raise VftraceError(f"{p}: is a capture's meta file; give the capture CSV beside it")
     _refuse_calls_file(p)
@@ -96,7 +100,7 @@ def _refuse_calls_file(p: Path) -> None:
 
 def check_output(path: str | os.PathLike, flag: str, inputs: tuple[Path, ...] = ()) -> Path:
     """An output path that can be written: its directory exists, it is not a directory
-    and it would not overwrite one of the inputs."""
+    or a symlink (refused, never followed) and it would not overwrite one of the inputs."""
     p = session_check_output(str(path), flag)   # RecordError is a VftraceError
     for src in inputs:
         if p.exists() and src.exists() and p.resolve() == src.resolve():
@@ -104,15 +108,36 @@ def check_output(path: str | os.PathLike, flag: str, inputs: tuple[Path, ...] = 
     return p
 
 
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Write beside ``path``, then rename over it: a failed export leaves no half-written
+    file.  The temporary file is created fresh (O_EXCL, O_NOFOLLOW: a symlink planted at
+    its predictable name is never written through) with the user's umask; a symlink at
+    ``path`` itself is refused, and the rename would replace it, not follow it."""
+    if path.is_symlink():
+        raise VftraceError(f"{path}: is a symlink; refusing to write through it (remove it "
+                           "or give another name)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        if os.path.lexists(tmp):             # left by a crashed run with our pid, or planted
+            os.unlink(tmp)
+        with os.fdopen(os.open(tmp, flags, 0o666), mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        raise VftraceError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)                   # gone already after the rename
+
+
 def load_meta(path: Path) -> tuple[dict, list[str]]:
     """The capture's meta (empty when there is none) and what is wrong with it."""
     try:
-        meta = read_meta(path, require=False)
+        meta = read_meta(path, require=False)     # checks the types of the keys it knows
     except CaptureError as e:
         raise VftraceError(str(e)) from None
-    except (ValueError, AttributeError):     # read_meta's int() of the per-CPU keys
-        raise VftraceError(f"{meta_path(path)}: lost_records_per_cpu is not a map of CPU "
-                           "to count") from None
     _check_meta_numbers(path, meta)
     problems = []
     if not meta:

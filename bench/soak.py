@@ -1,0 +1,207 @@
+"""Soak: `vftrace record` for a long run under load, checked against pf_sched's counters.
+
+    python bench/soak.py --boot [-k 6.12] [--minutes 10] [--pfs 3] [--slice-us 200] [--vms 2]
+    python bench/soak.py [--minutes 10] ...        # already root inside the lab VM
+
+pf_sched switches on several PFs with short slices while KVM guests (mmap mode) hammer
+their VFs' BARs; one recorder is armed before the switching starts and stopped after it
+ends, so every switch pf_sched made must be a row or a counted loss.  It prints:
+
+* switches pf_sched made (debugfs) against rows recorded, per PF; missing rows and the
+  switch records the kernel side reported lost (they must be equal: no silent loss);
+* the recorder's RSS when armed, its peak, and at the end (memory stays bounded);
+* the statistics core over the capture against pf_sched's own totals (count, mean ns);
+* whether pf_sched unloaded cleanly afterwards.
+
+A short run of the same function is a lab test (tests/lab/test_soak.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.lab import labutil, pfsched  # noqa: E402
+from tracer.capture import read_capture  # noqa: E402
+from tracer.experiment import start_recorder, stop_process  # noqa: E402
+from tracer.stats import Stats  # noqa: E402
+
+LAB_LOCK = "/tmp/vftrace-lab.lock"
+
+
+def log(msg: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
+        sample_s: float = 10.0) -> dict:
+    """One soak; returns its figures (see ``report``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / f"soak-{labutil.kernel_release()}.csv"
+    guests_json = out_dir / f"soak-{labutil.kernel_release()}.guests.json"
+    guests_json.unlink(missing_ok=True)
+    rss: list[tuple[float, int]] = []
+    with pfsched.loaded(n_pfs, slice_us=slice_us, nr_vfs=4) as bdfs:
+        pfsched.set_enabled(False)
+        before = {b: pfsched.stats(b) for b in bdfs}
+        recorder, _ = start_recorder(csv, [])
+        guests = None
+        try:
+            rss.append((0.0, rss_kb(recorder.pid)))
+            guests = subprocess.Popen(
+                [sys.executable, "-m", "tracer.workloads.guests", "--mode", "mmap", "--vms",
+                 str(vms), "--json", "--interval", str(sample_s), "-o", str(guests_json)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            pfsched.set_enabled(True)
+            t0 = time.monotonic()
+            while (elapsed := time.monotonic() - t0) < seconds:
+                time.sleep(min(sample_s, seconds - elapsed))
+                if recorder.poll() is not None or guests.poll() is not None:
+                    break                           # reported below from their exit status
+                rss.append((round(time.monotonic() - t0, 1), rss_kb(recorder.pid)))
+                log(f"{rss[-1][0]:.0f} s: recorder RSS {rss[-1][1] / 1024:.1f} MiB")
+            ran_s = time.monotonic() - t0
+            g_out, g_err = stop_process(guests, signal.SIGTERM, 60)
+            pfsched.set_enabled(False)
+            after = {b: pfsched.stats(b) for b in bdfs}
+        finally:
+            if guests is not None and guests.poll() is None:
+                guests.kill()
+            r_out, r_err = stop_process(recorder, signal.SIGINT, 300)
+        pfsched.set_enabled(True)
+    unloaded = not labutil.module_loaded("pf_sched")
+    meta, rows, problems = read_capture(csv)
+    guest_report = json.loads(guests_json.read_text()) if guests_json.exists() else {}
+    return report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
+                  meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
+                  recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
+                  guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
+                  csv=csv)
+
+
+def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
+           recorder, guests, csv) -> dict:
+    per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
+    stats.add_many(rows)
+    snapshot = {g.key.pf: g for g in stats.snapshot().per_pf}
+    for bdf in before:
+        b, a = before[bdf], after[bdf]
+        pf = a["pf"]
+        want = set(range(b["seq"] + 1, a["seq"] + 1))
+        got = [r.seq for r in rows if r.pf == pf]
+        made = a["switches"] - b["switches"]
+        total = a["total_ns_sum"] - b["total_ns_sum"]
+        group = snapshot.get(pf)
+        per_pf.append({
+            "pf": pf, "switches_made": made, "rows": len(got),
+            "missing": len(want - set(got)), "unexpected": len(set(got) - want),
+            "duplicates": len(got) - len(set(got)),
+            "stats_count": group.count if group else 0,
+            "source_mean_ns_module": round(total / made) if made else 0,
+            "source_mean_ns_capture": round(group.means["source_ns"]) if group else 0,
+            "switch_p50_ns": group.switch.p50 if group else 0,
+            "switch_p99_ns": group.switch.p99 if group else 0,
+        })
+    kb = [k for _, k in rss]
+    return {
+        "kernel": labutil.kernel_release(), "seconds": round(seconds, 1), "slice_us": slice_us,
+        "pfs": len(per_pf), "vms": vms, "per_pf": per_pf,
+        "switches_made": sum(p["switches_made"] for p in per_pf),
+        "rows": len(rows), "missing_rows": sum(p["missing"] for p in per_pf),
+        "lost_total": meta.get("lost_total"), "lost_by_kind": meta.get("lost_by_kind", {}),
+        "capture_problems": problems[:5], "complete": meta.get("complete"),
+        "stop_reason": meta.get("stop_reason"),
+        "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
+                   "end": kb[-1] if kb else 0, "samples": rss},
+        "recorder_exit": recorder[0], "recorder_said": recorder[1],
+        "guests_exit": guests[0], "guests_errors": guests[1].get("errors"),
+        "guest_accesses": sum(v["accesses"] for v in guests[1].get("vms", [])),
+        "guests_said": guests[2], "pf_sched_unloaded": unloaded, "capture": str(csv),
+    }
+
+
+def render(f: dict) -> str:
+    mib = {k: f["rss_kb"][k] / 1024 for k in ("armed", "peak", "end")}
+    lines = [
+        f"soak on {f['kernel']}: {f['seconds']:.0f} s, {f['pfs']} PF(s), slice {f['slice_us']} us,"
+        f" {f['vms']} mmap guest VM(s)",
+        f"  switches made {f['switches_made']}, rows {f['rows']}, missing {f['missing_rows']},"
+        f" switch records reported lost {f['lost_by_kind'].get('switch', 0)}"
+        f" (all kinds: {f['lost_total']})",
+    ]
+    for p in f["per_pf"]:
+        lines.append(
+            f"  pf{p['pf']}: made {p['switches_made']} rows {p['rows']} missing {p['missing']}"
+            f" unexpected {p['unexpected']} dup {p['duplicates']} | stats count {p['stats_count']}"
+            f" | mean source ns module {p['source_mean_ns_module']} capture"
+            f" {p['source_mean_ns_capture']} | switch p50 {p['switch_p50_ns']} p99"
+            f" {p['switch_p99_ns']}")
+    lines += [
+        f"  recorder RSS: armed {mib['armed']:.1f} MiB, peak {mib['peak']:.1f} MiB, end"
+        f" {mib['end']:.1f} MiB (growth {mib['end'] - mib['armed']:+.1f} MiB)",
+        f"  guests: {f['guest_accesses']} accesses, exit {f['guests_exit']},"
+        f" errors {f['guests_errors'] or 'none'}",
+        f"  recorder exit {f['recorder_exit']}, capture complete {f['complete']},"
+        f" stop reason {f['stop_reason']!r}; pf_sched unloaded: {f['pf_sched_unloaded']}",
+    ]
+    return "\n".join(lines)
+
+
+def boot(args: argparse.Namespace) -> int:
+    """From the host: one lab boot per kernel, this script inside it."""
+    inner = [str(REPO / ".venv/bin/python"), str(Path(__file__).resolve()),
+             "--minutes", str(args.minutes), "--pfs", str(args.pfs), "--slice-us",
+             str(args.slice_us), "--vms", str(args.vms), "-o", str(args.output)]
+    status = 0
+    for kernel in args.kernel or ["6.12"]:
+        cmd = ["flock", LAB_LOCK, str(REPO / ".venv/bin/vftrace"), "lab", "-k", kernel,
+               "--pfs", str(args.pfs), "-t", str(int(args.minutes * 60 + 900)), "--", *inner]
+        status |= subprocess.run(cmd).returncode
+    return status
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python bench/soak.py --boot            # 10 min on 6.12\n"
+               "  python bench/soak.py --boot -k 6.1 --minutes 2 --pfs 2 --slice-us 500",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--boot", action="store_true", help="boot the lab VM and run inside it")
+    p.add_argument("-k", "--kernel", action="append", choices=("6.1", "6.12"),
+                   help="with --boot: lab kernel (repeatable; default 6.12)")
+    p.add_argument("-m", "--minutes", type=float, default=10.0)
+    p.add_argument("--pfs", type=int, default=3, help="PFs switching (default 3)")
+    p.add_argument("--slice-us", type=int, default=200, help="pf_sched slice (default 200)")
+    p.add_argument("--vms", type=int, default=2, help="mmap guest VMs (default 2)")
+    p.add_argument("-o", "--output", type=Path, default=REPO / "build" / "soak")
+    args = p.parse_args()
+    if args.boot:
+        return boot(args)
+    if os.geteuid() != 0 or not labutil.in_lab():
+        print("soak: error: run inside the lab VM as root, or pass --boot", file=sys.stderr)
+        return 2
+    figures = run(args.minutes * 60, args.pfs, args.slice_us, args.vms, args.output)
+    print(render(figures), flush=True)
+    path = args.output / f"soak-{figures['kernel']}.json"
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"  figures: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
