@@ -63,3 +63,21 @@ def vftrace_kprobes() -> list[str]:
         events = "/sys/kernel/debug/tracing/kprobe_events"
     with open(events) as f:
         return [line for line in f if "kp_" in line or "krp_" in line or "bcc" in line.lower()]
+
+
+KERNEL_HALF = 0xFFFF_8000_0000_0000      # x86-64: every kernel address is at or above this
+
+
+def kernel_address_like(paths) -> list[str]:
+    """Numbers in these files that could be kernel addresses: hex words with the kernel's
+    prefix, or integers in the kernel half of the address space (either signedness)."""
+    import re
+    found = []
+    for path in paths:
+        text = Path(path).read_text()
+        found += [f"{path}: {m}" for m in re.findall(r"0x[fF]{4}[0-9a-fA-F]{12}", text)]
+        for m in re.findall(r"-?\d{15,}", text):
+            value = int(m) & 0xFFFF_FFFF_FFFF_FFFF
+            if value >= KERNEL_HALF:
+                found.append(f"{path}: {m}")
+    return found

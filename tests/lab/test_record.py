@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer.capture import iter_calls, read_capture
+from tracer.capture import iter_calls, meta_path, read_capture
 from tracer.workloads import vfio
 
 pytestmark = pytest.mark.lab
@@ -117,6 +117,10 @@ def test_background_vfio_dma_is_counted_and_not_attributed(pfs):
     mine = [c for c in calls if c.kind == "iommu_map" and c.pid == me]
     assert sum(c.size for c in mine) == cycles * size and all(c.seq is None for c in mine)
     assert meta["background"]["calls_by_pid"][str(me)]["vfio_map_dma"]["count"] == cycles
+    # No output holds a kernel address (IOVAs and sizes are not addresses; pointers are
+    # never read out of the kernel).
+    files = [rec.csv, meta_path(rec.csv), calls_csv]
+    assert not labutil.kernel_address_like(files)
 
 
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])
