@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tests.lab import labutil
+from tracer import labguest
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 DEBUGFS = Path("/sys/kernel/debug/pf_sched")
@@ -32,23 +33,6 @@ def set_enabled(on: bool) -> None:
         time.sleep(0.3)
 
 
-def holders() -> dict[int, str]:
-    """Processes with a pf_sched device open or mapped: each pins the module."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-            maps = (proc / "maps").read_text()
-            cmdline = (proc / "cmdline").read_text().replace("\0", " ").strip()
-        except OSError:
-            continue                        # gone, or a kernel thread
-        if "/dev/pf_sched" in maps or any(f.startswith("/dev/pf_sched") for f in fds):
-            found[int(proc.name)] = cmdline
-    return found
-
-
 def unload() -> None:
     """Unbind and unload pf_sched.  If something still holds it, that process is killed
     (so the next test starts clean instead of failing in turn) and named in the error."""
@@ -60,7 +44,7 @@ def unload() -> None:
     first = labutil.run(["rmmod", "pf_sched"], check=False)
     if first.returncode == 0:
         return
-    held = holders()
+    held = {pid: comm for pid, comm in labguest.holders() if pid != os.getpid()}
     for pid in held:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
