@@ -8,6 +8,7 @@ silently.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -36,7 +37,7 @@ class Assembler:
         self.next_due: int | None = None                       # when the oldest is due
 
     def switch(self, rec: SwitchRecord) -> None:
-        self.switch_values(astuple_fast(rec))
+        self.switch_values(_column_values(rec))
 
     def switch_values(self, values: tuple) -> None:
         """One switch as its column values (``COLUMNS`` order)."""
@@ -109,8 +110,4 @@ class Assembler:
         self.emit(rec)
 
 
-_FIELDS = tuple(COLUMNS)
-
-
-def astuple_fast(rec: SwitchRecord) -> tuple:
-    return tuple(getattr(rec, f) for f in _FIELDS)
+_column_values = operator.attrgetter(*COLUMNS)       # a record's values, COLUMNS order
