@@ -108,11 +108,15 @@ def tool(name: str) -> str:
     return found
 
 
-def qemu_version() -> str:
+def qemu_binary() -> str:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         raise LabError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 (or `make setup`)")
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    return qemu
+
+
+def qemu_version() -> str:
+    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True).stdout
     return out.splitlines()[0] if out else "unknown"
 
 
@@ -120,28 +124,134 @@ def kvm_usable() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
-             share: Path, guest_cmd: str | None, shell: Path | None = None) -> list[str]:
-    qemu_opts = ["-device", "intel-iommu,intremap=on,caching-mode=on"]
-    if accel == "kvm":
-        qemu_opts += ["-machine", "kernel-irqchip=split"]   # intremap needs a split irqchip
-    qemu_opts += ["-device", "edu"] * pfs
-    argv = [tool("vng"), "--run", str(kernel.image), "--disable-microvm",
-            "--cpus", str(cpus), "--memory", memory, "--rwdir", str(share),
-            "--append", "intel_iommu=on", "--qemu-opts=" + " ".join(qemu_opts)]
+# What virtme-ng (1.42: virtme/commands/run.py, Arch_x86.qemuargs in
+# virtme/architectures.py) puts on QEMU's command line for the machine before our
+# --qemu-opts, which come last.  With KVM it names no machine type, so QEMU's default
+# (i440fx) would be used, on which intel-iommu cannot be plugged ("expects a dynamic
+# sysbus device type for the machine"); the lab names q35 itself on both paths.  QEMU
+# merges repeated -machine options (``accel=kvm:tcg`` + ``q35,kernel-irqchip=split``).
+VNG_MACHINE = {
+    "kvm": ["-machine", "accel=kvm:tcg", "-cpu", "host,topoext=on"],
+    "tcg": ["-machine", "q35", "-cpu", "max"],
+}
+# Interrupt remapping (intremap=on) with KVM needs the split irqchip: with the default
+# in-kernel one QEMU refuses intel-iommu ("Interrupt Remapping cannot work with
+# kernel-irqchip=on").  Under TCG the option means nothing.
+LAB_MACHINE = {"kvm": "q35,kernel-irqchip=split", "tcg": "q35"}
+IOMMU_DEVICE = "intel-iommu,intremap=on,caching-mode=on"
+QEMU_CHECK_TIMEOUT = 30
+_QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+
+
+def lab_qemu_opts(accel: str, pfs: int) -> list[str]:
+    """What the lab adds to vng's QEMU command line: the machine and its devices."""
+    opts = ["-machine", LAB_MACHINE[accel], "-device", IOMMU_DEVICE] + ["-device", "edu"] * pfs
     if accel == "tcg":
-        argv.append("--disable-kvm")
         # One TCG thread for all vCPUs: with multi-threaded TCG, kernel text patched
         # (probes attached, static keys flipped) while a nested KVM guest ran has left
         # stale int3s executing on the other vCPU ("Oops: int3" in __schedule; ~half of
         # the runs with guests).  Serialised vCPUs saw none; the lab gets slower, not wrong.
-        argv[argv.index("--qemu-opts=" + " ".join(qemu_opts))] = (
-            "--qemu-opts=" + " ".join(["-accel", "tcg,thread=single", *qemu_opts]))
+        opts = ["-accel", "tcg,thread=single", *opts]
+    return opts
+
+
+def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
+             share: Path, guest_cmd: str | None, shell: Path | None = None) -> list[str]:
+    argv = [tool("vng"), "--run", str(kernel.image), "--disable-microvm",
+            "--cpus", str(cpus), "--memory", memory, "--rwdir", str(share),
+            "--append", "intel_iommu=on",
+            "--qemu-opts=" + shlex.join(lab_qemu_opts(accel, pfs))]
+    if accel == "tcg":
+        argv.append("--disable-kvm")
     if guest_cmd is not None:
         argv += ["--exec", guest_cmd]
     elif shell is not None:
         argv += ["--shell", str(shell)]
     return argv
+
+
+def qemu_model(argv: list[str]) -> list[str]:
+    """The QEMU options that make the machine and its devices, from a vng command line:
+    what vng adds for the machine (see VNG_MACHINE), then the lab's --qemu-opts."""
+    accel = "tcg" if "--disable-kvm" in argv else "kvm"
+    opts = next((a.split("=", 1)[1] for a in argv if a.startswith("--qemu-opts=")), "")
+    return [*VNG_MACHINE[accel], *shlex.split(opts)]
+
+
+def for_accel(model: list[str], accel: str) -> list[str]:
+    """``model`` as it starts under ``accel`` alone: "tcg" (no KVM needed; ``-cpu host``
+    becomes ``max``, irqchip options are ignored) or "kvm" (no silent TCG fallback)."""
+    out: list[str] = []
+    it = iter(model)
+    for opt in it:
+        value = next(it, "") if opt in ("-machine", "-M", "-accel", "-cpu") else None
+        if opt in ("-machine", "-M"):
+            parts = [p for p in value.split(",") if p and not p.startswith("accel=")]
+            if accel == "kvm" and len(parts) < len(value.split(",")):
+                parts.append("accel=kvm")
+            if parts:
+                out += ["-machine", ",".join(parts)]
+        elif opt == "-accel":
+            if accel == "tcg" and value.split(",")[0] == "tcg":
+                out += [opt, value]
+        elif opt == "-cpu":
+            out += [opt, "max" if accel == "tcg" and value.split(",")[0] == "host" else value]
+        elif value is None:
+            out.append(opt)
+        else:
+            out += [opt, value]
+    if accel == "tcg" and "-accel" not in out:
+        out = ["-accel", "tcg", *out]
+    return out
+
+
+def qemu_starts(opts: list[str]) -> str | None:
+    """Start QEMU with ``opts`` stopped before the first instruction (-S), with no
+    kernel and no default devices, and quit it over QMP.  None when it started and quit
+    cleanly, else what QEMU said: the machine, the accelerator and every device have been
+    created by then, so a rejected option or device model shows here in ~0.1 s."""
+    argv = [qemu_binary(), *opts, "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"]
+    try:
+        res = subprocess.run(argv, input=_QMP_QUIT, capture_output=True, text=True,
+                             timeout=QEMU_CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"QEMU did not quit within {QEMU_CHECK_TIMEOUT} s"
+    if res.returncode == 0 and "host-qmp-quit" in res.stdout:
+        return None
+    said = [line.removeprefix(argv[0] + ": ").removeprefix("qemu-system-x86_64: ")
+            for line in res.stderr.splitlines() if line.strip() and "warning:" not in line]
+    how = (f"killed by {signal.Signals(-res.returncode).name}" if res.returncode < 0
+           else f"exit status {res.returncode}")
+    return f"{said[0][:300]} ({how})" if said else how
+
+
+def check_qemu_line(argv: list[str]) -> None:
+    """Does QEMU accept the machine and device model of this vng command line?  Checked
+    under TCG, so it needs no KVM: a rejection is vftrace's bug, never the host's."""
+    accel = "tcg" if "--disable-kvm" in argv else "kvm"
+    opts = for_accel(qemu_model(argv), "tcg")
+    why = qemu_starts(opts)
+    if why:
+        raise LabError(f"QEMU rejects the lab's {accel.upper()} machine: {why}. This is a "
+                       f"vftrace bug, please report it (nothing was cached"
+                       f"{'; use --accel tcg meanwhile' if accel == 'kvm' else ''}; "
+                       f"QEMU options: {shlex.join(opts)})")
+
+
+def kvm_starts(argv: list[str]) -> tuple[bool, str]:
+    """Does this host's KVM create the lab's machine (stopped, no kernel)?  If it does not
+    but a bare q35 VM starts, the lab's command line is at fault (LabError); if neither
+    starts, it is the host's KVM."""
+    why = qemu_starts(for_accel(qemu_model(argv), "kvm"))
+    if why is None:
+        return True, "KVM starts the lab's machine"
+    bare = for_accel([*VNG_MACHINE["kvm"], "-machine", "q35"], "kvm")
+    bare_why = qemu_starts(bare)
+    if bare_why is None:
+        raise LabError(f"QEMU with KVM rejects the lab's machine, though a bare q35 KVM VM "
+                       f"starts here: {why}. This is a vftrace bug, please report it "
+                       f"(nothing was cached; use --accel tcg meanwhile)")
+    return False, f"KVM cannot start a q35 VM here: {bare_why}"
 
 
 def guest_command(cmd: list[str], share: Path, pfs: int, pf_sched: bool = False,
@@ -246,12 +356,31 @@ def run_vm(argv: list[str], timeout: float | None, interactive: bool,
         _stop_group(proc)                       # stragglers of a VM that exited on its own
 
 
+def _boot_probe(argv: list[str]) -> tuple[bool, str]:
+    """Boot the kernel with KVM and run one echo in it."""
+    try:
+        res = subprocess.run(argv, env=_child_env(), capture_output=True, text=True,
+                             timeout=KVM_PROBE_TIMEOUT, stdin=subprocess.DEVNULL,
+                             process_group=0)
+    except subprocess.TimeoutExpired:
+        return False, f"KVM boot did not finish in {KVM_PROBE_TIMEOUT} s"
+    if res.returncode == 0 and KVM_OK_MARK in res.stdout:
+        return True, "KVM boots a standard kernel"
+    tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return False, f"KVM boot failed: {tail[:160]}"
+
+
 def probe_kvm(kernel: LabKernel) -> tuple[bool, str]:
-    """Does QEMU with KVM boot a standard kernel here?  Tried once, then cached."""
+    """Does QEMU with KVM boot the lab here?  Tried once, then cached.
+
+    The command line is checked first (QEMU under TCG, no KVM needed): a rejected one is a
+    vftrace bug, raised as LabError and never cached.  Only what this host's KVM does with
+    a valid command line (start the machine, then boot a kernel) is cached."""
     if not kvm_usable():
         return False, "no usable /dev/kvm"
-    argv = vng_argv(kernel, pfs=0, cpus=1, memory="512M", accel="kvm",
+    argv = vng_argv(kernel, pfs=1, cpus=1, memory="512M", accel="kvm",
                     share=Path("/tmp"), guest_cmd=f"echo {KVM_OK_MARK}")
+    check_qemu_line(argv)
     # The key holds the whole command, so a changed lab command is probed anew.
     key = "|".join((os.uname().release, qemu_version(), shlex.join(argv)))
     cache = cache_dir() / "kvm-probe.json"
@@ -259,22 +388,23 @@ def probe_kvm(kernel: LabKernel) -> tuple[bool, str]:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
+    if not isinstance(known, dict):
+        known = {}
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    if digest in known:
+    if isinstance(known.get(digest), dict) and {"ok", "why"} <= known[digest].keys():
         return known[digest]["ok"], known[digest]["why"]
-    print(f"vftrace lab: probing whether KVM boots {kernel.release} here (once)...", file=sys.stderr)
-    try:
-        res = subprocess.run(argv, env=_child_env(), capture_output=True, text=True,
-                             timeout=KVM_PROBE_TIMEOUT, stdin=subprocess.DEVNULL,
-                             process_group=0)
-        ok = res.returncode == 0 and KVM_OK_MARK in res.stdout
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        why = "KVM boots a standard kernel" if ok else f"KVM boot failed: {tail[:160]}"
-    except subprocess.TimeoutExpired:
-        ok, why = False, f"KVM boot did not finish in {KVM_PROBE_TIMEOUT} s"
+    ok, why = kvm_starts(argv)
+    if ok:
+        print(f"vftrace lab: probing whether KVM boots {kernel.release} here (once)...",
+              file=sys.stderr)
+        ok, why = _boot_probe(argv)
     known[digest] = {"ok": ok, "why": why, "key": key}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(known, indent=1))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    except OSError as e:
+        print(f"vftrace lab: warning: cannot cache the KVM probe in {cache}: {e.strerror}",
+              file=sys.stderr)
     return ok, why
 
 
@@ -357,9 +487,12 @@ class Preset:
             # is armed and stops them before it detaches (see tracer/experiment.py).  The
             # guests' vCPUs spin; niced, they leave the dashboard and its reader the CPU
             # they need (un-niced, the reader starved and the ring buffer overflowed).
+            # The dashboard's stall watchdog (tui/watchdog.py) reaches the guest too.
+            stall = os.environ.get("VFTRACE_STALL_DUMP")
             body = (f"cd {shlex.quote(str(share))}\n"
                     f"export VFTRACE_LAB=1 VFTRACE_LAB_PFS={a.pfs} "
-                    f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
+                    + (f"VFTRACE_STALL_DUMP={shlex.quote(stall)} " if stall else "")
+                    + f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
                     f"{up} || {{ echo 'pf_sched did not start; a shell instead'; exec bash -i; }}\n"
                     f"exec vftrace live -- nice -n 10 {self._guests(a.mode)}\n")
         script = self.run_dir / ("shell.sh" if self.kind == "live" else "run.sh")
@@ -420,6 +553,37 @@ def share_dir() -> Path:
     return paths.source_tree() or Path.cwd()
 
 
+def _lab_command(args, kernel: LabKernel, share: Path, shell: Path | None, cmd: list[str],
+                 started: Path | None) -> tuple[str, str, list[str]]:
+    """The accelerator, why, and the vng command line; outside a dry run, checked with QEMU."""
+    qemu_version()
+    if args.dry_run:
+        # No probe and no QEMU run: print the path asked for (TCG for auto), even where
+        # it would not run.
+        accel, why = ("tcg" if args.accel == "auto" else args.accel), "dry run"
+        if accel == "kvm" and not kvm_usable():
+            print("vftrace lab: warning: /dev/kvm is missing or not accessible here; this "
+                  "is the KVM command line, which would not run on this host",
+                  file=sys.stderr)
+    else:
+        accel, why = choose_accel(args.accel, kernel)
+    argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
+                    share=share, shell=shell,
+                    guest_cmd=None if started is None else guest_command(cmd, share, args.pfs,
+                                                                         args.pf_sched, started))
+    if started is not None and len(argv[-1]) > MAX_GUEST_CMD:
+        raise LabError(f"the command is {len(argv[-1])} bytes with the lab's set-up, over the "
+                       f"{MAX_GUEST_CMD} that fit on the guest kernel's command line; "
+                       "put it in a script in the shared tree and run that")
+    if not args.dry_run:
+        check_qemu_line(argv)
+        if accel == "kvm":
+            ok, no = kvm_starts(argv)
+            if not ok:
+                raise LabError(f"--accel {args.accel}: {no} (use --accel tcg)")
+    return accel, why, argv
+
+
 def main(args) -> int:
     if args.pfs < 0 or args.pfs > 16:
         raise LabError(f"--pfs {args.pfs}: give 0 to 16 PFs")
@@ -449,18 +613,13 @@ def main(args) -> int:
             preset.discard()
         raise LabError("no command given and stdin is not a terminal: pass `-- CMD...`"
                        + (" (or --record FILE for the guests preset)" if preset else ""))
-    qemu_version()
-    accel, why = ("tcg", "dry run") if args.dry_run and args.accel == "auto" else \
-        choose_accel(args.accel, kernel)
     started = None if interactive else share / "build" / ".lab-run" / f"started-{os.getpid()}"
-    argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
-                    share=share, shell=shell,
-                    guest_cmd=None if interactive else guest_command(cmd, share, args.pfs,
-                                                                     args.pf_sched, started))
-    if not interactive and len(argv[-1]) > MAX_GUEST_CMD:
-        raise LabError(f"the command is {len(argv[-1])} bytes with the lab's set-up, over the "
-                       f"{MAX_GUEST_CMD} that fit on the guest kernel's command line; "
-                       "put it in a script in the shared tree and run that")
+    try:
+        accel, why, argv = _lab_command(args, kernel, share, shell, cmd, started)
+    except LabError:
+        if preset:
+            preset.discard()
+        raise
     if args.dry_run:
         print(shlex.join(argv))
         if preset:

@@ -1,7 +1,12 @@
 """The lab runner: kernel choice, the QEMU command it builds, and clean shutdown."""
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer import lab
+from tests.need import need
+from tracer import cli, lab
 
 
 @pytest.fixture
@@ -60,14 +66,15 @@ def test_vng_argv_has_iommu_one_edu_per_pf_and_shares_the_tree(tmp_path):
     qemu = next(a for a in argv if a.startswith("--qemu-opts="))
     assert qemu.count("-device edu") == 3
     assert "-device intel-iommu,intremap=on,caching-mode=on" in qemu
+    assert "-machine q35 " in qemu                  # named on both paths (vng does not with KVM)
     assert "--disable-kvm" in argv and "--disable-microvm" in argv
-    assert "-accel tcg,thread=single" in qemu       # see vng_argv: stale int3s with MTTCG
+    assert "-accel tcg,thread=single" in qemu       # see lab_qemu_opts: stale int3s with MTTCG
     assert argv[argv.index("--rwdir") + 1] == str(tmp_path)
     assert argv[argv.index("--append") + 1] == "intel_iommu=on"
     assert argv[-2:] == ["--exec", "true"]
     kvm = lab.vng_argv(k, pfs=1, cpus=2, memory="2G", accel="kvm", share=tmp_path, guest_cmd=None)
     assert "--disable-kvm" not in kvm and "--exec" not in kvm
-    assert "kernel-irqchip=split" in next(a for a in kvm if a.startswith("--qemu-opts="))
+    assert "-machine q35,kernel-irqchip=split " in next(a for a in kvm if a.startswith("--qemu-opts="))
     assert "thread=single" not in next(a for a in kvm if a.startswith("--qemu-opts="))
 
 
@@ -95,15 +102,20 @@ SLEEPER = [sys.executable, "-c", textwrap.dedent("""
 """)]
 
 
-def test_timeout_kills_the_whole_process_group(capsys):
+def test_timeout_kills_the_whole_process_group(capfd):
     t0 = time.monotonic()
     rc = lab.run_vm(SLEEPER, timeout=1.5, interactive=False)
     assert rc == 124
     assert time.monotonic() - t0 < 15
-    assert "timed out after 1.5 s" in capsys.readouterr().err
-    # Nothing of that group is left (the grandchild was in it too).
-    out = subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True, text=True).stdout
-    assert not [p for p in out.split() if p and os.getpgid(int(p)) != os.getpgrp()]
+    out, err = capfd.readouterr()
+    assert "timed out after 1.5 s" in err
+    # Nothing of that group is left (the grandchild, which printed its pid, was in it too).
+    # Its pid, not `pgrep sleep`: other processes on the machine may sleep too.
+    grandchild = Path(f"/proc/{out.split()[0]}/stat")
+    deadline = time.monotonic() + 5
+    while grandchild.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not grandchild.exists() or grandchild.read_text().split(")")[-1].split()[0] == "Z"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -139,3 +151,154 @@ def test_boot_watchdog_lets_a_started_command_run_to_its_exit_status(tmp_path):
     argv = ["sh", "-c", f": > {started}; sleep 2; exit 3"]
     assert lab.run_vm(argv, timeout=None, interactive=False, started=started,
                       boot_timeout=1.0) == 3
+
+
+# The accelerator: QEMU itself checks the machine and device model (no KVM, no boot).
+
+QEMU = shutil.which("qemu-system-x86_64")
+NO_QEMU = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, or make setup)"
+QMP = ('{"execute": "qmp_capabilities"}\n'
+       '{"execute": "qom-get", "arguments": {"path": "/machine", "property": "type"}}\n'
+       '{"execute": "quit"}\n')
+
+
+def start_stopped(opts: list[str]) -> subprocess.CompletedProcess:
+    """QEMU with ``opts``, stopped before the first instruction, quit over QMP."""
+    return subprocess.run([QEMU, *opts, "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"],
+                          input=QMP, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def one_kernel(tmp_path, monkeypatch):
+    """One installed lab kernel, vng and the cache where the test says, no VM."""
+    image = tmp_path / "vmlinuz-6.12.95+deb12-amd64"
+    image.write_bytes(b"\0")
+    kernel = lab.LabKernel("6.12.95+deb12-amd64", image)
+    monkeypatch.setattr(lab, "installed_kernels", lambda *a: [kernel])
+    monkeypatch.setattr(lab, "tool", lambda name: f"/opt/venv/bin/{name}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def no_vm(*a, **k):
+        raise AssertionError("the test would have started a VM")
+    monkeypatch.setattr(lab, "run_vm", no_vm)
+    monkeypatch.setattr(lab, "_boot_probe", no_vm)
+    return kernel
+
+
+def test_dry_run_prints_the_kvm_line_and_qemu_accepts_its_machine(one_kernel, monkeypatch,
+                                                                   capsys):
+    need(QEMU is not None, NO_QEMU)
+    monkeypatch.setattr(lab, "kvm_usable", lambda: False)      # printed even without KVM
+    assert cli.main(["lab", "--dry-run", "--accel", "kvm", "--pfs", "2", "--", "true"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: /dev/kvm is missing or not accessible" in err and "Traceback" not in err
+    argv = shlex.split(out)
+    assert "--disable-kvm" not in argv                          # the KVM path
+    opts = shlex.split(next(a for a in argv if a.startswith("--qemu-opts=")).split("=", 1)[1])
+    assert opts[opts.index("-machine") + 1] == "q35,kernel-irqchip=split"
+    # vng puts its machine options before ours; with KVM that is an accelerator and
+    # -cpu host, no machine type (test_virtme_adds_no_machine_type_with_kvm).  Started
+    # under TCG instead (no KVM here; `host` needs KVM, so `max`), nothing else changed:
+    vng_adds = [a.replace("accel=kvm:tcg", "accel=tcg").replace("host,topoext=on", "max")
+                for a in lab.VNG_MACHINE["kvm"]]
+    res = start_stopped([*vng_adds, *opts])
+    assert res.returncode == 0 and "host-qmp-quit" in res.stdout, res.stderr
+    assert '"return": "pc-q35-' in res.stdout and opts.count("edu") == 2
+    # Without our -machine, QEMU's default machine would be used: the bug of issue #19.
+    i = opts.index("-machine")
+    res = start_stopped([*vng_adds, *opts[:i], *opts[i + 2:]])
+    assert res.returncode != 0 and "dynamic sysbus device" in res.stderr
+
+
+def test_virtme_adds_no_machine_type_with_kvm():
+    """lab.VNG_MACHINE is what virtme-ng adds; with KVM it names no machine type."""
+    need(importlib.util.find_spec("virtme") is not None, "virtme-ng is not installed (make setup)")
+    from virtme import architectures
+    from virtme.commands import run
+    x86 = architectures.get("x86_64")
+    kvm, tcg = x86.qemuargs(True, True, False), x86.qemuargs(True, False, False)
+    assert "-machine" not in kvm and "-M" not in kvm
+    assert kvm[kvm.index("-cpu"):kvm.index("-cpu") + 2] == lab.VNG_MACHINE["kvm"][2:]
+    assert '"-machine", "accel=kvm:tcg"' in inspect.getsource(run)
+    assert lab.VNG_MACHINE["kvm"][:2] == ["-machine", "accel=kvm:tcg"]
+    at = tcg.index("-machine")
+    assert tcg[at:at + 4] == lab.VNG_MACHINE["tcg"]
+
+
+def test_the_tcg_line_is_accepted_by_qemu(one_kernel, tmp_path):
+    need(QEMU is not None, NO_QEMU)
+    lab.check_qemu_line(lab.vng_argv(one_kernel, pfs=2, cpus=2, memory="2G", accel="tcg",
+                                     share=tmp_path, guest_cmd="true"))
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("LAB_MACHINE", {"kvm": "pc,kernel-irqchip=split", "tcg": "pc"}, "dynamic sysbus device"),
+    ("IOMMU_DEVICE", "intel-iommu,intremap=maybe", "'intremap' does not accept value 'maybe'"),
+    ("IOMMU_DEVICE", "no-such-iommu", "'no-such-iommu' is not a valid device model name"),
+])
+def test_a_wrong_device_model_is_a_vftrace_bug_and_is_not_cached(one_kernel, monkeypatch,
+                                                                  capsys, tmp_path, name,
+                                                                  value, said):
+    need(QEMU is not None, NO_QEMU)
+    monkeypatch.setattr(lab, name, value)
+    monkeypatch.setattr(lab, "kvm_usable", lambda: True)
+
+    def no_kvm(*a):
+        raise AssertionError("KVM was tried with a command line QEMU rejects")
+    monkeypatch.setattr(lab, "kvm_starts", no_kvm)
+    with pytest.raises(lab.LabError, match="vftrace bug") as e:
+        lab.probe_kvm(one_kernel)
+    assert said in str(e.value) and "nothing was cached" in str(e.value)
+    assert not (tmp_path / "cache" / "vftrace" / "kvm-probe.json").exists()
+    # The command says so in one line, without a traceback, and exits non-zero.
+    assert cli.main(["lab", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err and "Traceback" not in err
+    assert not (tmp_path / "cache" / "vftrace" / "kvm-probe.json").exists()
+
+
+@pytest.mark.parametrize("starts, boots, why", [
+    ((False, "KVM cannot start a q35 VM here: boom"), None, "KVM cannot start a q35 VM here"),
+    ((True, "KVM starts the lab's machine"), (False, "KVM boot failed: oops"), "KVM boot failed"),
+])
+def test_what_this_hosts_kvm_does_is_cached_under_the_command_line(one_kernel, monkeypatch,
+                                                                   tmp_path, starts, boots, why):
+    need(QEMU is not None, NO_QEMU)                 # the command line is checked for real
+    monkeypatch.setattr(lab, "kvm_usable", lambda: True)
+    calls = []
+    monkeypatch.setattr(lab, "kvm_starts", lambda argv: calls.append("start") or starts)
+    monkeypatch.setattr(lab, "_boot_probe", lambda argv: calls.append("boot") or boots)
+    assert lab.probe_kvm(one_kernel) == (False, starts[1] if boots is None else boots[1])
+    assert lab.probe_kvm(one_kernel)[1].startswith(why)
+    assert calls == (["start"] if boots is None else ["start", "boot"])     # once
+    (entry,) = json.loads((tmp_path / "cache" / "vftrace" / "kvm-probe.json").read_text()).values()
+    assert entry["ok"] is False and "-machine q35,kernel-irqchip=split" in entry["key"]
+
+
+def test_kvm_starts_tells_the_hosts_kvm_from_the_command_line(monkeypatch, tmp_path):
+    argv = ["vng", "--qemu-opts=-machine q35,kernel-irqchip=split -device intel-iommu -device edu"]
+    tried = []
+
+    def qemu(bare_says):
+        def starts(opts):
+            tried.append(opts)
+            return "lab says no" if "edu" in opts else bare_says
+        return starts
+    monkeypatch.setattr(lab, "qemu_starts", qemu(None))
+    with pytest.raises(lab.LabError, match="lab says no.*vftrace bug"):
+        lab.kvm_starts(argv)
+    # With KVM for real: no silent TCG fallback, vng's CPU model.
+    assert tried[0][:4] == ["-machine", "accel=kvm", "-cpu", "host,topoext=on"]
+    assert "-accel" not in tried[0] and "-machine" in tried[1] and "edu" not in tried[1]
+    monkeypatch.setattr(lab, "qemu_starts", qemu("MSR 0x10a (killed by SIGABRT)"))
+    assert lab.kvm_starts(argv) == (False, "KVM cannot start a q35 VM here: MSR 0x10a "
+                                           "(killed by SIGABRT)")
+
+
+def test_for_accel_starts_either_path_under_tcg_alone():
+    kvm = lab.qemu_model(["vng", "--qemu-opts=-machine q35,kernel-irqchip=split -device edu"])
+    assert lab.for_accel(kvm, "tcg") == ["-accel", "tcg", "-cpu", "max", "-machine",
+                                         "q35,kernel-irqchip=split", "-device", "edu"]
+    tcg = lab.qemu_model(["vng", "--qemu-opts=-accel tcg,thread=single -machine q35", "--disable-kvm"])
+    assert lab.for_accel(tcg, "tcg") == ["-machine", "q35", "-cpu", "max", "-accel",
+                                         "tcg,thread=single", "-machine", "q35"]
