@@ -31,6 +31,7 @@ from tracer.summary import fmt_ns, fmt_rate
 from .model import DashboardModel, describe_export, write_export
 from .sources import Batch, Source
 from .store import COL, DEFAULT_MAX_RECORDS
+from .watchdog import StallWatchdog
 from .widgets import DistributionPlot, HeaderBar, HelpScreen, PromptScreen, SwitchList
 
 READ_TIMEOUT_S = 0.1
@@ -41,6 +42,7 @@ PLOT_EVERY_TICKS = 5             # the plot is the costly widget: redrawn at ~2 
 # read), on other ticks than the plot; most of what keeps the dashboard under a quarter
 # of a core at 10k records/s.
 TABLES_EVERY_TICKS = 5
+OUTPUT_BACKLOG_MAX = 2           # frames queued for the terminal before redraws pause
 OVER = "bold red"
 
 GROUP_COLUMNS = ("GROUP", "COUNT", "P50", "P99", "P99.9", "MAX", ">BUDGET", "REVOKE",
@@ -135,6 +137,8 @@ class VftraceApp(App):
         self.reader_done = threading.Event()
         self._reader_started = False
         self.stopping = False
+        self.watchdog = StallWatchdog.from_env()
+        self.skipped_frames = 0          # redraws skipped while the terminal lagged
 
     # -- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -166,6 +170,8 @@ class VftraceApp(App):
         self.query_one("#dist").border_title = "Distribution: switch ns, log scale"
         self.refresh_view()
         self.set_interval(1 / self.refresh_hz, self._tick)
+        if self.watchdog is not None:
+            self.watchdog.start()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -235,8 +241,23 @@ class VftraceApp(App):
         self.source.stop(self._stop_reason)
 
     # -- refreshing -----------------------------------------------------------------------
+    def _output_backlog(self) -> int:
+        """Frames written but not yet taken by the terminal (Textual's output queue)."""
+        writer = getattr(self._driver, "_writer_thread", None)
+        queue = getattr(writer, "_queue", None)
+        return queue.qsize() if queue is not None else 0
+
     def _tick(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat()
         if not self.is_running or not self._widgets:
+            return
+        # A slow terminal (the lab's emulated serial console, a thin ssh link) takes
+        # frames slower than we make them: Textual's output queue fills and its next
+        # write blocks this thread, keys included.  Skip the redraw until it drains, so
+        # the frame rate drops to what the terminal takes and q still answers.
+        if self._output_backlog() > OUTPUT_BACKLOG_MAX:
+            self.skipped_frames += 1
             return
         self._ticks += 1
         plot_due = self._ticks % PLOT_EVERY_TICKS == 0
@@ -285,7 +306,7 @@ class VftraceApp(App):
         line1.append(f"  source {info.switch_source or '?'}  kernel {info.kernel or '?'}")
         lost = sum(model.lost.values())
         line2 = Text(f"elapsed {_clock_text(now - self._t_start)}  switches {records}  "
-                     f"{fmt_rate(model.stats.rate(now))}  ")
+                     f"{fmt_rate(model.stats.rate(now))} (wall)  ")
         line2.append(f"lost {lost}", "bold white on red" if lost else "green")
         line2.append("  budget ")
         line2.append(fmt_ns(model.budget_ns), "bold")
@@ -470,6 +491,10 @@ class VftraceApp(App):
 
     async def action_quit(self) -> None:
         self.request_quit("quit")
+
+    def on_unmount(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -543,9 +543,11 @@ class LiveSource:
     A pump thread polls the engine from the moment the probes are armed, whatever the
     dashboard is doing: the ring buffer is drained even while Textual starts up or
     redraws (under the lab's emulation that took long enough for the buffers to
-    overflow).  ``read`` hands over what the pump collected.  Guest totals and losses
-    are polled about once a second (cumulative; the dashboard takes rates by
-    difference)."""
+    overflow).  The engine's callbacks fill a batch only the pump touches (it holds
+    ``_session_lock``, never ``_cond``, across the blocking poll); after each poll that
+    batch is swapped into ``_pending`` under ``_cond``, which is held only for the swap, so
+    ``read`` never waits behind a poll.  Guest totals and losses are polled about once a
+    second (cumulative; the dashboard takes rates by difference)."""
 
     def __init__(self, session, *, totals_every_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -555,7 +557,8 @@ class LiveSource:
         out = session.output
         self.description = "live" + (f" -> {out.name}" if out is not None else "")
         self.totals_every_s, self.clock = totals_every_s, clock
-        self._pending = Batch()
+        self._polled = Batch()                   # filled by the callbacks, under _session_lock
+        self._pending = Batch()                  # handed to read(), under _cond
         self._cond = threading.Condition()
         self._session_lock = threading.Lock()    # poll and stop never overlap
         self._last_totals = float("-inf")
@@ -565,10 +568,10 @@ class LiveSource:
         self._pump: threading.Thread | None = None
 
     def _on_switch(self, rec: SwitchRecord) -> None:
-        self._pending.switches.append(rec)       # under _cond: called inside poll
+        self._polled.switches.append(rec)        # under _session_lock: inside poll or stop
 
     def _on_call(self, rec: CallRecord) -> None:
-        self._pending.calls.append(rec)
+        self._polled.calls.append(rec)
 
     def start(self) -> HeaderInfo:
         if self._header is None:
@@ -580,40 +583,45 @@ class LiveSource:
             self._pump.start()
         return self._header
 
+    def _take_polled(self) -> Batch:
+        """What the callbacks collected (caller holds ``_session_lock``)."""
+        polled, self._polled = self._polled, Batch()
+        polled.problems.extend(self.session.take_warnings())
+        return polled
+
+    def _hand_over(self, polled: Batch) -> None:
+        with self._cond:
+            self._pending.merge(polled)
+            self._cond.notify_all()
+
     def _run_pump(self) -> None:
         while not self._stop_pump.is_set():
+            problems: list[str] = []
             with self._session_lock:
                 if self._finished:
                     return
                 try:
-                    with self._cond:
-                        reason = self.session.poll(100)
-                        self._pending.problems.extend(self.session.take_warnings())
+                    reason = self.session.poll(100)
                 except OSError as e:             # disk full, output gone: keep what was written
                     reason = f"error: {e}"
-                    with self._cond:
-                        self._pending.problems.append(f"{e}; the capture up to here is kept")
+                    problems.append(f"{e}; the capture up to here is kept")
                 except Exception as e:           # must not die silently with the probes on
                     reason = f"error: {type(e).__name__}: {e}"
-                    with self._cond:
-                        self._pending.problems.append(f"reading the engine failed: {e}")
+                    problems.append(f"reading the engine failed: {e}")
                 now = self.clock()
                 totals = reason is not None or now - self._last_totals >= self.totals_every_s
-                lost = guests = None
                 if reason is not None:
                     self._stop_locked(reason)
+                polled = self._take_polled()
+                polled.problems.extend(problems)
                 if totals:
                     self._last_totals = now
-                    lost = self.session.lost_per_cpu()
-                    guests = self.session.background() or None
-            with self._cond:
-                if lost is not None:
-                    self._pending.lost_per_cpu = lost
-                    self._pending.guest_totals = guests
-                if reason is not None:
-                    self._pending.finished = True
-                    self._pending.status = f"recording stopped: {reason}"
-                self._cond.notify_all()
+                    polled.lost_per_cpu = self.session.lost_per_cpu()
+                    polled.guest_totals = self.session.background() or None
+            if reason is not None:
+                polled.finished = True
+                polled.status = f"recording stopped: {reason}"
+            self._hand_over(polled)
             if reason is not None:
                 return
 
@@ -635,3 +643,6 @@ class LiveSource:
             self._pump.join()
         with self._session_lock:
             self._stop_locked(reason)
+            polled = self._take_polled()     # the final drain's records
+        if not polled.is_empty():
+            self._hand_over(polled)

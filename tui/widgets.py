@@ -105,8 +105,10 @@ HELP_TEXT = """\
   [b]ctrl+p[/b]   command palette (every action above, by name)
 
 Over-budget switches are red.  Lost records (the kernel could not hand them over) are
-red in the header when there are any.  Rates in the Distribution and Guests panels are
-per second of trace time (a replay shows the rates the recording saw).
+red in the header when there are any.  The header's rate is records arriving per second
+of wall-clock time (over the last 5 s: a backlog drained at start shows as a burst);
+rates in the Distribution and Guests panels are per second of trace time (a replay
+shows the rates the recording saw).
 
 [dim]escape, q or ? closes this screen[/dim]"""
 

@@ -345,3 +345,40 @@ def test_a_write_error_while_live_stops_in_order_and_keeps_the_capture(tmp_path,
     assert "the capture up to here is kept" in got.problems[0]
     assert_order(events)
     assert read_capture(tmp_path / "c.csv")[0]["complete"]
+
+
+def test_the_dashboards_reader_never_waits_behind_a_blocking_poll(tmp_path, events,
+                                                                    monkeypatch):
+    """The pump may sit in the engine's poll for its whole timeout; the UI's reader must
+    not queue behind it (it did: the pump held the reader's condition lock across the
+    poll and re-took it at once, so under load `make lab`'s dashboard stopped receiving
+    records).  Deterministic: the poll is held open until the test has read."""
+    import threading
+    live = LiveSource(make_session(tmp_path, workload=SLEEPER))
+    in_poll, release = threading.Event(), threading.Event()
+
+    def blocking_poll(engine, _ms):
+        engine.seq += 1
+        engine.on_switch(switch(engine.seq))
+        in_poll.set()
+        release.wait(30)
+
+    monkeypatch.setattr(FakeEngine, "poll", blocking_poll)
+    live.start()
+    assert in_poll.wait(10)
+    timer = threading.Timer(5, release.set)     # a reader stuck behind the poll fails
+    timer.start()
+    try:
+        batch = live.read(0.05)                 # the pump is inside poll right now
+        assert not release.is_set(), "read() waited for the poll to end"
+        assert batch.switches == []             # the record is handed over after the poll
+    finally:
+        timer.cancel()
+        release.set()
+    got, deadline = Batch(), time.monotonic() + 10
+    while not got.switches:
+        assert time.monotonic() < deadline
+        got.merge(live.read(0.05))
+    assert got.switches[0].seq == 1
+    live.stop("quit")
+    assert_order(events)
