@@ -42,7 +42,13 @@ PLOT_EVERY_TICKS = 5             # the plot is the costly widget: redrawn at ~2 
 # read), on other ticks than the plot; most of what keeps the dashboard under a quarter
 # of a core at 10k records/s.
 TABLES_EVERY_TICKS = 5
-OUTPUT_BACKLOG_MAX = 2           # frames queued for the terminal before redraws pause
+# Writes queued for the terminal beyond which redraws wait.  The lab's console is an
+# emulated 16550 that took ~10 KB/s under load (measured: what Textual wrote and what
+# reached the host's pane were the same 680 KB over a minute), several times less than
+# the dashboard draws at 10 Hz; with Textual's 30-write queue the screen fell tens of
+# seconds behind, then the UI thread blocked on the full queue.  Drawing only when the
+# queue is empty lets the frame rate follow the terminal, one frame behind at most.
+OUTPUT_BACKLOG_MAX = 0
 OVER = "bold red"
 
 GROUP_COLUMNS = ("GROUP", "COUNT", "P50", "P99", "P99.9", "MAX", ">BUDGET", "REVOKE",
@@ -127,6 +133,7 @@ class VftraceApp(App):
         self._plot_dirty = True
         self._tables_dirty = True
         self._tables_filled = False      # nothing in the tables yet: fill them on first data
+        self._plot_filled = False        # likewise the distribution
         self._probe_line: Text | None = None
         self._widgets: dict = {}
         self._ticks = 0
@@ -248,8 +255,6 @@ class VftraceApp(App):
         return queue.qsize() if queue is not None else 0
 
     def _tick(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.beat()
         if not self.is_running or not self._widgets:
             return
         # A slow terminal (the lab's emulated serial console, a thin ssh link) takes
@@ -259,8 +264,11 @@ class VftraceApp(App):
         if self._output_backlog() > OUTPUT_BACKLOG_MAX:
             self.skipped_frames += 1
             return
+        if self.watchdog is not None:
+            self.watchdog.beat()
         self._ticks += 1
-        plot_due = self._ticks % PLOT_EVERY_TICKS == 0
+        plot_due = (self._ticks % PLOT_EVERY_TICKS == 0
+                    or (not self._plot_filled and self.model.hist.total > 0))  # first data: at once
         tables_due = (self._ticks % TABLES_EVERY_TICKS == 2     # two ticks after the plot
                       or not self._tables_filled)                # the first data: at once
         if self.paused:
@@ -291,6 +299,7 @@ class VftraceApp(App):
         if plot:
             self._plot_dirty = False
             values, counts = self.model.distribution()
+            self._plot_filled = values.size > 0
             self.w("plot").show(
                 values, counts, self.model.budget_ns,
                 snap.overall.over_budget_share if snap.records else None)

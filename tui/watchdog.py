@@ -1,8 +1,10 @@
 """A stall detector for the dashboard's UI thread, for finding freezes in the field.
 
-With ``VFTRACE_STALL_DUMP=FILE`` set, a daemon thread watches the App's refresh tick; when
-the tick has not run for ``stall_s`` seconds it appends to FILE the stacks of every
-thread (``faulthandler``) and which threads are alive, once per stall.  Any thread that
+With ``VFTRACE_STALL_DUMP=FILE`` set, a daemon thread watches the App's frames: the App
+beats when it draws (or has nothing to draw).  When no beat came for ``stall_s`` seconds
+-- the UI thread is stuck, or the terminal has stopped taking frames -- it appends to FILE
+the stacks of every thread (``faulthandler``), which threads are alive, and on Linux each
+thread's kernel wait channel and the serial ports' counters, once per stall.  Any thread that
 dies of an exception (Textual's output thread, the source reader, the pump) is logged
 there too, with its traceback: a dead output thread freezes Textual without a word.
 """
@@ -70,4 +72,36 @@ class StallWatchdog:
             self._stalled = True
             alive = ", ".join(sorted(t.name for t in threading.enumerate()))
             self._write(f"UI tick stalled for {idle:.1f} s at {time.strftime('%H:%M:%S')}; "
-                        f"threads alive: {alive}\n", stacks=True)
+                        f"threads alive: {alive}\n{kernel_view()}", stacks=True)
+
+
+def kernel_view() -> str:
+    """Where each of our threads waits in the kernel, and the serial ports' tx/rx counts
+    (the lab's console is an emulated 16550): best effort, Linux only."""
+    lines = []
+    try:
+        tids = sorted(os.listdir("/proc/self/task"), key=int)
+    except OSError:
+        return ""
+    for tid in tids:
+        base = f"/proc/self/task/{tid}"
+        parts = []
+        for name in ("comm", "wchan", "stack"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    parts.append(f.read().strip().replace("\n", " | "))
+            except OSError:
+                pass
+        lines.append(f"  task {tid}: " + "  ".join(parts))
+    for path in ("/proc/tty/driver/serial",):
+        try:
+            with open(path) as f:
+                lines.append(f"{path}:\n" + f.read().strip())
+        except OSError:
+            pass
+    try:
+        with open("/proc/interrupts") as f:
+            lines += [ln.rstrip() for ln in f if "ttyS" in ln or "serial" in ln]
+    except OSError:
+        pass
+    return "\n".join(lines) + "\n"

@@ -360,3 +360,25 @@ async def test_the_first_switches_fill_the_tables_in_the_same_redraw():
         counts = group_counts(app)
     assert counts["all"] == len(first)
     assert counts[f"pf{first[0].pf}"] == sum(r.pf == first[0].pf for r in first)
+    assert app._plot_filled                          # nor the distribution
+
+
+@run_async
+async def test_redraws_wait_while_the_terminal_has_not_taken_the_last_frame():
+    """A slow terminal (the lab's serial console took ~10 KB/s) must not block the UI
+    thread in Textual's full output queue: redraws wait until the queue is empty, and
+    then show the newest data at once."""
+    source = FedSource()
+    app = VftraceApp(source, clock=FrozenClock())
+    backlog = [5]
+    app._output_backlog = lambda: backlog[0]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.2)
+        source.feed(Batch(switches=list(ROWS[:40])))
+        await wait_for(pilot, lambda: app.model.seen == 40, "the batch to be folded")
+        skipped = app.skipped_frames
+        await wait_for(pilot, lambda: app.skipped_frames > skipped + 3, "skipped redraws")
+        assert table_rows(app, "switches") == []     # nothing drawn while it lags
+        backlog[0] = 0
+        await wait_for(pilot, lambda: table_rows(app, "switches"), "the redraw")
+        assert len(table_rows(app, "switches")) > 0 and group_counts(app)["all"] == 40
