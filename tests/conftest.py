@@ -1,9 +1,14 @@
-"""Two test tiers in one pytest run.
+"""Three test tiers in one pytest run.
 
-Unit tests run here.  Lab tests (``tests/lab``) run as root inside the lab VM: on the
-host each one is collected once per lab kernel as a proxy item, and the first proxy of
-a kernel boots that kernel once (``vftrace lab``) to run the whole lab tier there with a
-JUnit report; every proxy then reports its own test's outcome from that report.
+- ``tests/unit``: here, no VM, no root.
+- ``tests/lab``: as root inside the lab VM.  On the host each lab test is collected once
+  per lab kernel as a proxy item.  When the test loop starts, one VM per kernel is booted
+  in the background (``vftrace lab``), all at once: each runs the whole lab tier with a
+  JUnit report, on one TCG thread, so two kernels use this 2-core machine's two cores
+  while the unit tests run.  Every proxy reports its own test's outcome from that report.
+- ``tests/integration``: boot VMs from the host (the lab's exit status, shutdown, ``make
+  lab``'s dashboard).  They run after the lab proxies, so they never share the CPU with
+  the lab tiers' VMs (their timeouts assume a core of their own).
 
 A lab test that cannot run fails under CI (``CI`` set) and is skipped elsewhere with
 the exact reason (no QEMU, no kernel, a skip inside the VM).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = REPO / "tests" / "lab"
+INTEGRATION_DIR = REPO / "tests" / "integration"
 RESULTS = REPO / "build" / "lab-results"
 LAB_PFS = 3                       # two PFs for pf_sched, one free edu device for VFIO
 LAB_TIMEOUT_S = int(os.environ.get("VFTRACE_LAB_TIMEOUT", "1800"))
@@ -35,6 +42,10 @@ def in_ci() -> bool:
 
 def is_lab_item(item) -> bool:
     return LAB_DIR in Path(str(item.fspath)).parents
+
+
+def is_integration_item(item) -> bool:
+    return INTEGRATION_DIR in Path(str(item.fspath)).parents
 
 
 def lab_kernels() -> list[str]:
@@ -57,7 +68,8 @@ def junit_key(nodeid: str) -> tuple[str, str]:
 
 
 class LabRun:
-    """One VM boot of one kernel running every selected lab test."""
+    """One VM boot of one kernel running every selected lab test, in a background thread
+    (``start``); ``get`` waits for it."""
     runs: dict[str, "LabRun"] = {}
 
     def __init__(self, release: str, nodeids: list[str]):
@@ -65,7 +77,15 @@ class LabRun:
         self.results: dict[tuple[str, str], tuple[str, str]] = {}
         self.problem: str | None = None
         self.log = RESULTS / f"{release}.log"
-        self._run()
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._run_safely, name=f"lab-{release}",
+                                        daemon=True)
+
+    def _run_safely(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:          # reported by every proxy of this kernel
+            self.problem = f"the lab run ({self.release}) failed on the host: {e!r}"
 
     def _run(self) -> None:
         if self.release.startswith("missing:"):
@@ -85,18 +105,13 @@ class LabRun:
         # Through a pipe: QEMU reopens its stdout by path, which would truncate a file.
         with open(self.log, "wb") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            try:
-                for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                    log.write(chunk)
-                    log.flush()
-                rc = proc.wait()
-            except BaseException:
-                # SIGTERM, not SIGKILL: `vftrace lab` stops its VM before it exits.
-                proc.terminate()
-                proc.wait(timeout=60)
-                raise
+            proc = self._proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL)
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                log.write(chunk)
+                log.flush()
+            rc = proc.wait()
         if not xml.exists():
             self.problem = (f"the lab VM ({self.release}) produced no results (exit {rc}); "
                             f"see {self.log}:\n{self.tail()}")
@@ -118,11 +133,37 @@ class LabRun:
         except OSError:
             return "(no log)"
 
+    def stop(self) -> None:
+        """SIGTERM, not SIGKILL: `vftrace lab` stops its VM before it exits."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    @classmethod
+    def start(cls, release: str, nodeids: list[str]) -> "LabRun":
+        if release not in cls.runs:
+            run = cls.runs[release] = LabRun(release, nodeids)
+            run._thread.start()
+        return cls.runs[release]
+
     @classmethod
     def get(cls, release: str, nodeids: list[str]) -> "LabRun":
-        if release not in cls.runs:
-            cls.runs[release] = LabRun(release, nodeids)
-        return cls.runs[release]
+        run = cls.start(release, nodeids)
+        try:
+            run._thread.join()
+        except BaseException:               # Ctrl-C or pytest-timeout while waiting
+            run.stop()
+            raise
+        return run
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for run in cls.runs.values():
+            run.stop()
 
 
 class LabFailure(Exception):
@@ -132,12 +173,12 @@ class LabFailure(Exception):
 class LabProxy(pytest.Item):
     """Stands on the host for one lab test on one kernel."""
 
-    def __init__(self, *, release: str, inner_nodeid: str, group: list[str], **kw):
+    def __init__(self, *, release: str, inner_nodeid: str, **kw):
         super().__init__(**kw)
-        self.release, self.inner_nodeid, self.group = release, inner_nodeid, group
+        self.release, self.inner_nodeid = release, inner_nodeid
 
     def runtest(self):
-        run = LabRun.get(self.release, self.group)
+        run = LabRun.get(self.release, [self.inner_nodeid])
         if run.problem:
             self._cannot_run(run.problem)
         outcome, text = run.results.get(junit_key(self.inner_nodeid), ("missing", ""))
@@ -169,15 +210,33 @@ def pytest_collection_modifyitems(session, config, items):
     lab = [i for i in items if is_lab_item(i)]
     if not lab:
         return
-    rest = [i for i in items if not is_lab_item(i)]
-    group = [i.nodeid for i in lab]
+    integration = [i for i in items if is_integration_item(i)]
+    rest = [i for i in items if not is_lab_item(i) and not is_integration_item(i)]
     proxies = []
     for release in lab_kernels():
         label = release.split("-")[0] if not release.startswith("missing:") else release
         for item in lab:
             proxy = LabProxy.from_parent(item.parent, name=f"{item.name}@{label}",
-                                         release=release, inner_nodeid=item.nodeid, group=group)
+                                         release=release, inner_nodeid=item.nodeid)
             # The first proxy of a kernel waits for that kernel's whole lab run.
             proxy.add_marker(pytest.mark.timeout(LAB_TIMEOUT_S + 120))
             proxies.append(proxy)
-    items[:] = rest + proxies
+    items[:] = rest + proxies + integration
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Boot every selected kernel's lab VM now, all at once, each running the lab tests
+    selected for it; the unit tests run meanwhile and the proxies wait for the results."""
+    if in_lab() or session.config.option.collectonly:
+        return
+    wanted: dict[str, list[str]] = {}
+    for item in session.items:
+        if isinstance(item, LabProxy):
+            wanted.setdefault(item.release, []).append(item.inner_nodeid)
+    for release, nodeids in wanted.items():
+        LabRun.start(release, nodeids)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    LabRun.stop_all()                       # a run cut short leaves no VM behind

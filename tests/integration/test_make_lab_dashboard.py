@@ -1,7 +1,11 @@
-"""`make lab`'s main job end to end: the lab VM ends in the live dashboard in the user's
-terminal (here a tmux pane), pf_sched switching under KVM guests, and `q` shuts it all down.
+"""`make lab`'s main job end to end, under stress: the lab VM ends in the live dashboard
+in the user's terminal (here a tmux pane), pf_sched switching under two mmap KVM guests;
+for two minutes the screen is sampled every few seconds and must keep moving, with every
+panel filled; then `q` shuts it all down.
 
-Boots a real VM (no root needed); driven with tmux send-keys/capture-pane."""
+Boots a real VM (no root needed); driven with tmux send-keys/capture-pane.  The
+dashboard's stall watchdog (``VFTRACE_STALL_DUMP``) writes every thread's stack into the
+shared tree when its UI tick stops, and a failure shows it."""
 from __future__ import annotations
 
 import re
@@ -13,51 +17,103 @@ import time
 
 import pytest
 
+from tests.integration.test_lab_vm_lifecycle import REPO, qemu_pids, require_lab
 from tests.need import need
-from tests.unit.test_lab_vm_lifecycle import REPO, qemu_pids, require_lab
 
 MEMORY = "1984M"                     # tells this test's QEMU apart from any other
 START_S = 420                        # boot + BCC compile under TCG, with margin
+STRESS_S = 120                       # how long the screen must keep moving
+SAMPLE_S = 5
 
 
 def tmux(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=check)
 
 
+def figure(pattern: str, screen: str) -> str | None:
+    m = re.search(pattern, screen)
+    return m.group(1) if m else None
+
+
 def switches(screen: str) -> int:
-    m = re.search(r"switches (\d+)", screen)
-    return int(m.group(1)) if m else 0
+    return int(figure(r"switches (\d+)", screen) or 0)
 
 
-@pytest.mark.timeout(START_S + 240)
-def test_lab_ends_in_the_dashboard_and_q_shuts_the_vm_down(tmp_path):
+def elapsed_s(screen: str) -> int:
+    text = figure(r"elapsed (\d+:\d+(?::\d+)?)", screen) or "0:0"
+    seconds = 0
+    for part in text.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def panels_filled(screen: str) -> list[str]:
+    """What is still empty on a screen that has counted switches."""
+    empty = []
+    if "no switches yet" in screen:
+        empty.append("distribution")
+    if not re.search(r"^\s*pf0\s+\d+\s", screen, re.M):
+        empty.append("per-PF table")
+    if not re.search(r"^\s*\d+\s+0\s+\d+>\d+\s", screen, re.M):
+        empty.append("switch list")
+    if not re.search(r"KVM exits \d+", screen):
+        empty.append("guests")
+    if not re.search(r"switches/s \(trace time\): newest \d+", screen):
+        empty.append("rate sparkline")
+    return empty
+
+
+@pytest.mark.timeout(START_S + STRESS_S + 300)
+def test_lab_dashboard_keeps_moving_for_two_minutes_and_q_shuts_the_vm_down(tmp_path):
     require_lab()
     need(shutil.which("tmux") is not None, "tmux missing (apt-get install tmux, or make setup)")
     session = f"vftrace-lab-{tmp_path.name}"
     rc = tmp_path / "rc"
+    stalls = REPO / "build" / f"dashboard-stalls-{tmp_path.name}.txt"
+    stalls.unlink(missing_ok=True)
     lab = shlex.join([str(sys.executable), "-m", "tracer.cli", "lab", "--mode", "mmap",
                       "--pfs", "1", "--vms", "2", "--memory", MEMORY])
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-c", str(REPO),
-         f"TERM=xterm-256color {lab}; echo $? > {rc}; sleep 600")
+         f"TERM=xterm-256color VFTRACE_STALL_DUMP={shlex.quote(str(stalls))} {lab}; "
+         f"echo $? > {rc}; sleep 600")
+
+    def screen() -> str:
+        return tmux("capture-pane", "-p", "-t", session).stdout
+
+    def evidence() -> str:
+        dump = stalls.read_text() if stalls.exists() else "(no stall was detected)"
+        return f"\n--- stall dump ---\n{dump}"
+
     try:
-        deadline, screen, first = time.monotonic() + START_S, "", 0
+        deadline, shown, first = time.monotonic() + START_S, "", 0
         while time.monotonic() < deadline and not rc.exists():
-            screen = tmux("capture-pane", "-p", "-t", session).stdout
-            first = switches(screen)
+            shown = screen()
+            first = switches(shown)
             if first > 0:
                 break
             time.sleep(3)
-        assert first > 0, f"no switches on the dashboard after {START_S} s:\n{screen}"
-        assert "pf0" in screen, screen
-        time.sleep(5)
-        screen = tmux("capture-pane", "-p", "-t", session).stdout
-        assert switches(screen) > first, screen
-        assert re.search(r"lost 0\b", screen), screen
+        assert first > 0, f"no switches on the dashboard after {START_S} s:\n{shown}"
+        samples = []
+        end = time.monotonic() + STRESS_S
+        previous = (first, elapsed_s(shown))
+        while time.monotonic() < end:
+            time.sleep(SAMPLE_S)
+            shown = screen()
+            now = (switches(shown), elapsed_s(shown))
+            samples.append(now)
+            assert now[0] > previous[0] and now[1] > previous[1], (
+                f"the dashboard stopped moving: {previous} -> {now} (switches, elapsed s) "
+                f"after {len(samples)} samples:\n{shown}{evidence()}")
+            assert not panels_filled(shown), (
+                f"empty beside {now[0]} switches: {panels_filled(shown)}:\n{shown}{evidence()}")
+            previous = now
+        assert re.search(r"lost 0\b", shown), shown
+        assert not stalls.exists(), f"the UI tick stalled during the run:{evidence()}"
         tmux("send-keys", "-t", session, "q")
         deadline = time.monotonic() + 120
         while not rc.exists() and time.monotonic() < deadline:
             time.sleep(1)
-        assert rc.exists(), "q did not end the lab:\n" + tmux("capture-pane", "-p", "-t", session).stdout
+        assert rc.exists(), "q did not end the lab:\n" + screen()
         assert rc.read_text().strip() == "0"
         assert not qemu_pids(MEMORY)
     finally:
