@@ -6,10 +6,13 @@
  * function's entry and return, or a pair of tracepoints).  Calls made by that task
  * inside the window (iommu_unmap/map, the IOTLB flush, the MMU zap and KVM's MMU
  * notifier, vCPU kicks) are added to its record; so several PFs switching at once on
- * different CPUs each get their own calls.  KVM exits happen on vCPU threads: an exit
- * counts in every window open when it began.  The record is emitted when the window
- * closes.  Guest accesses released by a switch happen after it, so they are emitted on
- * their own and joined by (pf, seq) in user space.
+ * different CPUs each get their own calls.  Calls made in interrupt context (a device
+ * driver's DMA unmap from its completion interrupt, on whatever task it interrupted) are
+ * not that task's: they are counted apart per kind (irq_calls), never timed.  A duration
+ * that comes out negative is counted (negative), never written.  KVM exits happen on
+ * vCPU threads: an exit counts in every window open when it began.  The record is
+ * emitted when the window closes.  Guest accesses released by a switch happen after it,
+ * so they are emitted on their own and joined by (pf, seq) in user space.
  *
  * Compile-time parameters (-D, set by tracer/probes.py):
  *   SWITCH_SRC     SRC_PF_SCHED_RAW | SRC_PF_SCHED_TP | SRC_FUNC | SRC_TP
@@ -20,6 +23,7 @@
  *   CALIB_FUNC, CALIB_MODE, CALIB_TGID: the floor's near-empty function, and who calls it
  */
 #include <uapi/linux/ptrace.h>
+#include <linux/sched.h>        /* struct task_struct, THREAD_SIZE */
 #include "vftrace.h"
 
 #define MODE_ABSENT 0
@@ -68,6 +72,16 @@ BPF_ARRAY(calib, u64, VFT_CALIB_SAMPLES);
 BPF_ARRAY(calib_count, u64, 1);
 BPF_ARRAY(func_seq, u64, 1);                           /* seq for func:/tp: windows */
 BPF_ARRAY(partial, u64, 1);                            /* window ends with no begin */
+/* Calls in interrupt context, per kind: counted here, never timed nor attributed. */
+struct irq_count {
+	u64 count;
+	u64 bytes;
+};
+BPF_PERCPU_ARRAY(irq_calls, struct irq_count, VFT_NR_KINDS);
+/* Durations that came out negative, per kind (0: a switch window): counted, not written. */
+BPF_PERCPU_ARRAY(negative, u64, VFT_NR_KINDS);
+BPF_ARRAY(calib_irq, u64, 1);     /* calibration calls (ours, task context) seen as irq */
+BPF_ARRAY(irq_test_off, u32, 1);  /* set by user space when that self-check failed */
 /* Set by user space once every probe is attached: BCC attaches them one by one, and a
  * window or call seen half-way (its begin missed, its window's probe not yet in) would
  * be misattributed. */
@@ -127,6 +141,41 @@ static __always_inline u32 current_tid(void)
 	return (u32)bpf_get_current_pid_tgid();
 }
 
+/*
+ * Is @sp, an address on the stack the probed call runs on, on the current task's stack?
+ * x86-64 runs hardirqs and softirqs (at irq exit, and when bottom halves are re-enabled,
+ * do_softirq_own_stack()) on the per-CPU IRQ stack, NMIs and exceptions on their own
+ * stacks: outside [current->stack, +THREAD_SIZE) means interrupt context.  @sp is the
+ * probed code's sp (kprobes: pt_regs) or the trampoline's argument block (fentry/fexit),
+ * not this program's frame, which newer kernels may put on a private stack.  Blind spots,
+ * both harmless for attribution: an interrupt taken from user mode runs on the task stack
+ * of a task that is in user space (no call of its own in progress, no window open), and
+ * ksoftirqd runs softirqs in task context (its own, never a switching task's).  The root
+ * verifier allows comparing a pointer (fentry's ctx) with a scalar; not subtracting.
+ */
+static __always_inline int on_task_stack(u64 sp)
+{
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	u64 base = (u64)t->stack;
+
+	return sp >= base && sp < base + THREAD_SIZE;
+}
+
+static __always_inline int in_interrupt_ctx(u64 sp)
+{
+	u32 zero = 0;
+	u32 *off = irq_test_off.lookup(&zero);
+
+	return !(off && *off) && !on_task_stack(sp);
+}
+
+static __always_inline void count_negative(u32 kind)
+{
+	u64 *n = negative.lookup(&kind);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
 /* ---- switch windows -------------------------------------------------------------- */
 
 static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
@@ -172,6 +221,12 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	if (owner && *owner == tid)
 		open_slots.update(&slot, &none);
 
+	if (now < w->rec.t_ns || (w->grant_start && (w->grant_start < w->rec.t_ns ||
+						     w->grant_start > now))) {
+		count_negative(0);      /* e.g. a begin from an interrupt on this task */
+		windows.delete(&tid);
+		return 0;
+	}
 	w->rec.switch_ns = now - w->rec.t_ns;
 	if (w->grant_start) {
 		w->rec.revoke_ns = w->grant_start - w->rec.t_ns;
@@ -247,13 +302,37 @@ VFT_KRETFUNC(SWITCH_FUNC)
 
 /* ---- timed calls ----------------------------------------------------------------- */
 
-static __always_inline int call_enter(u32 kind, u64 size)
+static __always_inline void count_irq(u32 kind, u64 size)
+{
+	struct irq_count *n = irq_calls.lookup(&kind);
+
+	if (n) {        /* atomic: a hardirq can interrupt a softirq's update */
+		__sync_fetch_and_add(&n->count, 1);
+		__sync_fetch_and_add(&n->bytes, size);
+	}
+}
+
+/* @sp: see on_task_stack() */
+static __always_inline int call_enter(u64 sp, u32 kind, u64 size)
 {
 	struct start_key k = { .tid = current_tid(), .kind = kind };
 	struct start_val v = { .size = size }, *started;
 
-	if (kind != VFT_CALIB_FENTRY && kind != VFT_CALIB_KPROBE && !is_armed())
-		return 0;
+	if (kind == VFT_CALIB_FENTRY || kind == VFT_CALIB_KPROBE) {
+		/* Our own calls, in task context: the self-check of the stack test. */
+		u32 zero = 0;
+		u64 *n = calib_irq.lookup(&zero);
+		if (!on_task_stack(sp) && (bpf_get_current_pid_tgid() >> 32) == CALIB_TGID && n)
+			__sync_fetch_and_add(n, 1);
+	} else {
+		if (!is_armed())
+			return 0;
+		/* Not the interrupted task's call: never its start (keyed by tid), never timed. */
+		if (in_interrupt_ctx(sp)) {
+			count_irq(kind, size);
+			return 0;
+		}
+	}
 	starts.update(&k, &v);
 	/* Stamp after the update, so the call's time does not include our map write. */
 	started = starts.lookup(&k);
@@ -303,17 +382,24 @@ static __always_inline void emit_call(void *ctx, u32 kind, u64 start, u64 ns, u6
 #endif
 }
 
-static __always_inline int call_exit(void *ctx, u32 kind)
+static __always_inline int call_exit(void *ctx, u64 sp, u32 kind)
 {
 	u64 now = bpf_ktime_get_ns();
 	u32 tid = current_tid();
 	struct start_key k = { .tid = tid, .kind = kind };
-	struct start_val *s = starts.lookup(&k);
 
+	/* Counted at entry; the interrupted task's own call in progress keeps its start. */
+	if (in_interrupt_ctx(sp) && kind != VFT_CALIB_FENTRY && kind != VFT_CALIB_KPROBE)
+		return 0;
+	struct start_val *s = starts.lookup(&k);
 	if (!s)
 		return 0;
 	u64 start = s->ts, size = s->size, ns = now - start;
 	starts.delete(&k);
+	if (now < start) {
+		count_negative(kind);
+		return 0;
+	}
 
 	if (kind == VFT_CALIB_FENTRY || kind == VFT_CALIB_KPROBE) {
 		u32 zero = 0;
@@ -367,11 +453,16 @@ static __always_inline int call_exit(void *ctx, u32 kind)
 	return 0;
 }
 
-static __always_inline int count_kick(void)
+static __always_inline int count_kick(u64 sp)
 {
 	u32 tid = current_tid();      /* only windows count kicks, and they need arming */
-	struct window *w = windows.lookup(&tid);
 
+	if (in_interrupt_ctx(sp)) {   /* e.g. KVM's APIC timer: not the interrupted task's */
+		if (is_armed())
+			count_irq(VFT_VCPU_KICK, 0);
+		return 0;
+	}
+	struct window *w = windows.lookup(&tid);
 	if (w)
 		w->rec.vcpu_kicks++;
 	return 0;
@@ -383,8 +474,8 @@ static __always_inline int count_kick(void)
  * KFUNC_PROBE it compiles).
  */
 #define FENTRY_PAIR(fn, kind, size_expr, args...)                               \
-	KFUNC_PROBE(fn, args) { return call_enter(kind, size_expr); }            \
-	KRETFUNC_PROBE(fn) { return call_exit(ctx, kind); }
+	KFUNC_PROBE(fn, args) { return call_enter((u64)ctx, kind, size_expr); }  \
+	KRETFUNC_PROBE(fn) { return call_exit(ctx, (u64)ctx, kind); }
 #define FENTRY_PAIR_X(fn, kind, size_expr, args...) FENTRY_PAIR(fn, kind, size_expr, args)
 
 #if MAP_MODE == MODE_FENTRY
@@ -407,19 +498,24 @@ FENTRY_PAIR(unmap_mapping_range, VFT_MMU_ZAP, holelen, void *mapping, s64 holebe
 FENTRY_PAIR_X(CALIB_FUNC, VFT_CALIB_FENTRY, 0, void *p)
 #endif
 
-int kp_map(struct pt_regs *ctx) { return call_enter(VFT_IOMMU_MAP, PT_REGS_PARM4(ctx)); }
-int krp_map(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOMMU_MAP); }
-int kp_unmap(struct pt_regs *ctx) { return call_enter(VFT_IOMMU_UNMAP, PT_REGS_PARM3(ctx)); }
-int krp_unmap(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOMMU_UNMAP); }
-int kp_sync(struct pt_regs *ctx) { return call_enter(VFT_IOTLB_SYNC, 0); }
-int krp_sync(struct pt_regs *ctx) { return call_exit(ctx, VFT_IOTLB_SYNC); }
-int kp_zap(struct pt_regs *ctx) { return call_enter(VFT_MMU_ZAP, PT_REGS_PARM3(ctx)); }
-int krp_zap(struct pt_regs *ctx) { return call_exit(ctx, VFT_MMU_ZAP); }
-int kp_notifier(struct pt_regs *ctx) { return call_enter(VFT_MMU_NOTIFIER, 0); }
-int krp_notifier(struct pt_regs *ctx) { return call_exit(ctx, VFT_MMU_NOTIFIER); }
-int kp_calib(struct pt_regs *ctx) { return call_enter(VFT_CALIB_KPROBE, 0); }
-int krp_calib(struct pt_regs *ctx) { return call_exit(ctx, VFT_CALIB_KPROBE); }
-int kp_kick(struct pt_regs *ctx) { return count_kick(); }
+/* kprobes: the probed code's stack pointer, for on_task_stack() */
+#define SP(ctx) PT_REGS_SP(ctx)
+int kp_map(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_IOMMU_MAP, PT_REGS_PARM4(ctx)); }
+int krp_map(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOMMU_MAP); }
+int kp_unmap(struct pt_regs *ctx)
+{
+	return call_enter(SP(ctx), VFT_IOMMU_UNMAP, PT_REGS_PARM3(ctx));
+}
+int krp_unmap(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOMMU_UNMAP); }
+int kp_sync(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_IOTLB_SYNC, 0); }
+int krp_sync(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOTLB_SYNC); }
+int kp_zap(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_MMU_ZAP, PT_REGS_PARM3(ctx)); }
+int krp_zap(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_MMU_ZAP); }
+int kp_notifier(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_MMU_NOTIFIER, 0); }
+int krp_notifier(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_MMU_NOTIFIER); }
+int kp_calib(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_CALIB_KPROBE, 0); }
+int krp_calib(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_CALIB_KPROBE); }
+int kp_kick(struct pt_regs *ctx) { return count_kick(SP(ctx)); }
 
 /* vfio_iommu_type1_ioctl(iommu_data, cmd, arg): DMA map/unmap from user space. */
 int kp_vfio_ioctl(struct pt_regs *ctx)
@@ -430,19 +526,19 @@ int kp_vfio_ioctl(struct pt_regs *ctx)
 
 	if (cmd == VFIO_IOMMU_MAP_DMA) {
 		bpf_probe_read_user(&size, sizeof(size), uarg + 24);   /* .size */
-		return call_enter(VFT_VFIO_MAP_DMA, size);
+		return call_enter(SP(ctx), VFT_VFIO_MAP_DMA, size);
 	}
 	if (cmd == VFIO_IOMMU_UNMAP_DMA) {
 		bpf_probe_read_user(&size, sizeof(size), uarg + 16);   /* .size */
-		return call_enter(VFT_VFIO_UNMAP_DMA, size);
+		return call_enter(SP(ctx), VFT_VFIO_UNMAP_DMA, size);
 	}
 	return 0;
 }
 
 int krp_vfio_ioctl(struct pt_regs *ctx)
 {
-	call_exit(ctx, VFT_VFIO_MAP_DMA);       /* only the one entered has a start */
-	return call_exit(ctx, VFT_VFIO_UNMAP_DMA);
+	call_exit(ctx, SP(ctx), VFT_VFIO_MAP_DMA);      /* only the one entered has a start */
+	return call_exit(ctx, SP(ctx), VFT_VFIO_UNMAP_DMA);
 }
 
 /* ---- KVM exits --------------------------------------------------------------------- */
@@ -488,6 +584,11 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 
 	if (!e)
 		return 0;
+	if (now < e->ts) {
+		count_negative(VFT_KVM_EXIT);
+		exit_starts.delete(&tid);
+		return 0;
+	}
 	u64 ns = now - e->ts;
 	u64 seq = 0;
 	u32 pf = 0;

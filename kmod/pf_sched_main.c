@@ -9,12 +9,17 @@
  * the active VF every slice_us: the outgoing VF is revoked (user PTEs zapped with
  * unmap_mapping_range(), IOVA window iommu_unmap()ed) and the incoming VF granted
  * (iommu_map()).  Accesses to a VF that is off block until it is on again.
+ *
+ * Test knob irq_dma: each switch also arms a pinned hard-irq hrtimer that maps and
+ * unmaps one scratch page in the PF's domain, as a device driver's DMA completion does
+ * from its interrupt, on whatever task it interrupts (often the switching thread).
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/debugfs.h>
 #include <linux/delay.h>
 #include <linux/fs.h>
+#include <linux/hrtimer.h>
 #include <linux/idr.h>
 #include <linux/iommu.h>
 #include <linux/kref.h>
@@ -45,6 +50,9 @@
 #define PF_SCHED_IOVA_BASE	0x100000000ULL
 #define PF_SCHED_IOVA_WINDOW	0x1000000ULL	/* 16 MiB per VF, >= max BAR */
 #define PF_SCHED_FS_MAGIC	0x70667363	/* "pfsc" */
+/* irq_dma's scratch page: above the last possible VF window */
+#define PF_SCHED_IRQ_IOVA	(PF_SCHED_IOVA_BASE + NR_VFS_MAX * PF_SCHED_IOVA_WINDOW)
+#define PF_SCHED_IRQ_DELAYS	8		/* timer delays 0, 2, ... 14 us, by seq */
 
 #define NR_VFS_MIN	1
 #define NR_VFS_MAX	64
@@ -65,6 +73,7 @@ static unsigned int bar_pages = 4;
 static unsigned int slice_us = 2000;
 static bool enabled = true;
 static int unmap_mode = PF_UNMAP_STRICT;
+static bool irq_dma;
 
 /* Bumped on every control change so sleeping scheduler threads re-evaluate. */
 static atomic_t pf_ctl_gen = ATOMIC_INIT(0);
@@ -125,6 +134,12 @@ struct pf_dev {
 
 	spinlock_t lock;		/* protects c */
 	struct pf_counters c;
+
+	/* irq_dma: armed by each switch (thread only), cancelled at remove */
+	struct hrtimer irq_timer;
+	bool in_switch;			/* inside vf_switch_begin .. vf_switch_end */
+	atomic64_t irq_map_calls, irq_unmap_calls, irq_map_errors;
+	atomic64_t irq_in_switch;	/* fires that interrupted this PF's switch */
 };
 
 static void pf_wake_all_threads(bool sync);
@@ -163,17 +178,34 @@ static int slice_us_set(const char *val, const struct kernel_param *kp)
 	return ret;
 }
 
-static int enabled_set(const char *val, const struct kernel_param *kp)
+static int param_parse_bool(const char *val, const struct kernel_param *kp, bool *v)
 {
-	bool v;
-
-	if (kstrtobool(val, &v)) {
+	if (kstrtobool(val, v)) {
 		pr_err("invalid %s=%.*s: must be a boolean (0 or 1)\n",
 		       kp->name, (int)strcspn(val, "\n"), val);
 		return -EINVAL;
 	}
+	return 0;
+}
+
+static int enabled_set(const char *val, const struct kernel_param *kp)
+{
+	bool v;
+
+	if (param_parse_bool(val, kp, &v))
+		return -EINVAL;
 	WRITE_ONCE(enabled, v);
 	pf_wake_all_threads(!v);
+	return 0;
+}
+
+static int irq_dma_set(const char *val, const struct kernel_param *kp)
+{
+	bool v;
+
+	if (param_parse_bool(val, kp, &v))
+		return -EINVAL;
+	WRITE_ONCE(irq_dma, v);		/* read by the next switch */
 	return 0;
 }
 
@@ -211,6 +243,9 @@ static const struct kernel_param_ops enabled_ops = {
 static const struct kernel_param_ops unmap_mode_ops = {
 	.set = unmap_mode_set, .get = unmap_mode_get,
 };
+static const struct kernel_param_ops irq_dma_ops = {
+	.set = irq_dma_set, .get = param_get_bool,
+};
 
 module_param_cb(nr_vfs, &nr_vfs_ops, &nr_vfs, 0444);
 MODULE_PARM_DESC(nr_vfs, "VFs per PF, 1..64 (default 4; read at probe)");
@@ -222,6 +257,8 @@ module_param_cb(enabled, &enabled_ops, &enabled, 0644);
 MODULE_PARM_DESC(enabled, "global switch gate (default 1)");
 module_param_cb(unmap_mode, &unmap_mode_ops, &unmap_mode, 0644);
 MODULE_PARM_DESC(unmap_mode, "IOVA revoke: strict (iommu_unmap) or batched (unmap_fast + one iotlb sync)");
+module_param_cb(irq_dma, &irq_dma_ops, &irq_dma, 0644);
+MODULE_PARM_DESC(irq_dma, "test: each switch arms a hard-irq timer mapping and unmapping a scratch page");
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -333,6 +370,46 @@ static void pf_iommu_revoke(struct pf_dev *pf, unsigned int vf, bool batched)
 }
 
 /*
+ * irq_dma: one iommu_map() and iommu_unmap() of a scratch page (the zero page, read-only)
+ * in hard-irq context, as a DMA API user's completion interrupt does.  Counts whether it
+ * interrupted this PF's switching thread inside its switch window.  Its counters are
+ * atomics: pf->lock is taken with interrupts on.
+ */
+static enum hrtimer_restart pf_irq_dma(struct hrtimer *timer)
+{
+	struct pf_dev *pf = container_of(timer, struct pf_dev, irq_timer);
+	phys_addr_t zero = page_to_phys(ZERO_PAGE(0));
+	int ret;
+
+	if (current == pf->thread && READ_ONCE(pf->in_switch))
+		atomic64_inc(&pf->irq_in_switch);
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	ret = iommu_map(pf->domain, PF_SCHED_IRQ_IOVA, zero, PAGE_SIZE, IOMMU_READ,
+			GFP_ATOMIC);
+#else
+	ret = iommu_map_atomic(pf->domain, PF_SCHED_IRQ_IOVA, zero, PAGE_SIZE, IOMMU_READ);
+#endif
+	atomic64_inc(&pf->irq_map_calls);
+	if (ret) {
+		atomic64_inc(&pf->irq_map_errors);
+		return HRTIMER_NORESTART;
+	}
+	iommu_unmap(pf->domain, PF_SCHED_IRQ_IOVA, PAGE_SIZE);
+	atomic64_inc(&pf->irq_unmap_calls);
+	return HRTIMER_NORESTART;
+}
+
+/* irq_dma: fire on this CPU a few us from now, spread over the switch by seq. */
+static void pf_irq_dma_arm(struct pf_dev *pf, u64 seq)
+{
+	u64 delay_ns = (u64)(seq % PF_SCHED_IRQ_DELAYS) * 2 * NSEC_PER_USEC;
+
+	if (READ_ONCE(irq_dma) && pf->domain)
+		hrtimer_start(&pf->irq_timer, ns_to_ktime(delay_ns),
+			      HRTIMER_MODE_REL_PINNED_HARD);
+}
+
+/*
  * One VF switch; runs on the PF's kthread with switch_lock held.  noinline keeps it a
  * real symbol, as a hardware PF driver's switch routine would be, so it can be traced
  * as a window of its own (vftrace record --switch func:pf_switch).
@@ -345,7 +422,9 @@ static noinline void pf_switch(struct pf_dev *pf)
 	int to = (from + 1) % pf->nr_vfs;
 	u64 t0, t1, t2;
 
+	pf_irq_dma_arm(pf, seq);
 	trace_vf_switch_begin(pf->index, seq, from, to);
+	WRITE_ONCE(pf->in_switch, true);
 	t0 = ktime_get_ns();
 
 	/* revoke */
@@ -374,6 +453,7 @@ static noinline void pf_switch(struct pf_dev *pf)
 	pf_stat_add(&pf->c.total, t2 - t0);
 	spin_unlock(&pf->lock);
 
+	WRITE_ONCE(pf->in_switch, false);
 	trace_vf_switch_end(pf->index, seq, from, to, t1 - t0, t2 - t1, t2 - t0);
 	pf->next_seq++;
 }
@@ -643,6 +723,11 @@ static int pf_stats_show(struct seq_file *m, void *unused)
 	seq_printf(m, "blocked_accesses %llu\n", snap.blocked_accesses);
 	seq_printf(m, "blocked_wait_ns %llu\n", snap.blocked_wait_ns);
 	seq_printf(m, "grant_seq %llu\n", snap.grant_seq);
+	/* irq_dma: atomics, outside the snapshot */
+	seq_printf(m, "irq_map_calls %lld\n", atomic64_read(&pf->irq_map_calls));
+	seq_printf(m, "irq_unmap_calls %lld\n", atomic64_read(&pf->irq_unmap_calls));
+	seq_printf(m, "irq_map_errors %lld\n", atomic64_read(&pf->irq_map_errors));
+	seq_printf(m, "irq_in_switch %lld\n", atomic64_read(&pf->irq_in_switch));
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pf_stats);
@@ -756,6 +841,8 @@ static int pf_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	init_waitqueue_head(&pf->ctl_wq);
 	mutex_init(&pf->switch_lock);
 	spin_lock_init(&pf->lock);
+	hrtimer_init(&pf->irq_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_HARD);
+	pf->irq_timer.function = pf_irq_dma;
 	strscpy(pf->pci_name, pci_name(pdev), sizeof(pf->pci_name));
 
 	pf->index = ida_alloc(&pf_ida, GFP_KERNEL);
@@ -859,6 +946,7 @@ static void pf_remove(struct pci_dev *pdev)
 
 	debugfs_remove_recursive(pf->dbg);
 	kthread_stop(pf->thread);
+	hrtimer_cancel(&pf->irq_timer);	/* armed by switches only: none after this */
 	misc_deregister(&pf->misc);	/* no new opens; open files keep pf */
 
 	/* revoke everything: user PTEs, and wake blocked accesses with -ENODEV */
@@ -917,8 +1005,8 @@ static int __init pf_sched_init(void)
 		kern_unmount(pf_mnt);
 		return ret;
 	}
-	pr_info("loaded: nr_vfs=%u bar_pages=%u slice_us=%u enabled=%d unmap_mode=%s\n",
-		nr_vfs, bar_pages, slice_us, enabled, unmap_mode_names[unmap_mode]);
+	pr_info("loaded: nr_vfs=%u bar_pages=%u slice_us=%u enabled=%d unmap_mode=%s irq_dma=%d\n",
+		nr_vfs, bar_pages, slice_us, enabled, unmap_mode_names[unmap_mode], irq_dma);
 	return 0;
 }
 

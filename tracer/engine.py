@@ -69,6 +69,7 @@ class Engine:
             if choice.mode == KPROBE:
                 self._attach_kprobes(choice)
         self._calibrate()
+        self._check_irq_test()
         self._open_buffers()
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
@@ -129,6 +130,19 @@ class Engine:
             self.floor.modes[mode] = {"median_ns": int(statistics.median(vals)),
                                       "p10_ns": int(q[0]), "p90_ns": int(q[-1]),
                                       "samples": len(vals)}
+
+    def _check_irq_test(self) -> None:
+        """The calibration calls are ours, made in task context: if the BPF side's test put
+        any of them in interrupt context, the test is wrong on this kernel, and calls are
+        matched to windows by task alone (as before the test existed), said in a warning."""
+        if not self.plan.calib_func:
+            return
+        wrong = int(self.bpf["calib_irq"][ctypes.c_int(0)].value)
+        if wrong:
+            self.bpf["irq_test_off"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+            self.warnings.append(
+                f"interrupt context: {wrong} of our own task-context calibration calls looked "
+                "like interrupt context; calls are matched to windows by task alone")
 
     def _open_buffers(self) -> None:
         b = self.bpf
@@ -215,7 +229,9 @@ class Engine:
         return int(self.bpf["partial"][ctypes.c_int(0)].value) if self.bpf else 0
 
     def background(self) -> dict:
-        """Totals outside/inside windows: iommu and VFIO calls per pid, KVM exits."""
+        """Totals outside/inside windows: iommu and VFIO calls per pid, calls made in
+        interrupt context (never in a window) per kind, KVM exits, and the durations that
+        came out negative, per kind ("switch": a window), counted instead of written."""
         calls = {}
         for k, v in self.bpf["bg_calls"].items():
             calls.setdefault(str(k.pid), {})[self.kinds.get(k.kind, str(k.kind))] = {
@@ -224,7 +240,30 @@ class Engine:
         for k, v in self.bpf["exits"].items():
             exits.append({"pid": k.pid, "vcpu": k.vcpu, "reason": k.reason,
                           "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
-        return {"calls_by_pid": calls, "kvm_exits": exits}
+        return {"calls_by_pid": calls, "irq_calls": self._irq_calls(), "kvm_exits": exits,
+                "negative_durations": self._negative_durations()}
+
+    def _per_kind(self, name: str) -> dict[int, list]:
+        """A per-CPU array indexed by call kind: kind -> the per-CPU values."""
+        table = self.bpf[name]
+        return {kind: list(table[ctypes.c_int(kind)])
+                for kind in range(layout.header().constants["VFT_NR_KINDS"])}
+
+    def _irq_calls(self) -> dict[str, dict]:
+        out = {}
+        for kind, cpus in self._per_kind("irq_calls").items():
+            count = sum(int(v.count) for v in cpus)
+            if count:
+                out[self.kinds.get(kind, str(kind))] = {
+                    "count": count, "bytes": sum(int(v.bytes) for v in cpus)}
+        return out
+
+    def _negative_durations(self) -> dict[str, int]:
+        out = {}
+        for kind, cpus in self._per_kind("negative").items():
+            if n := sum(int(v) for v in cpus):
+                out["switch" if kind == 0 else self.kinds.get(kind, str(kind))] = n
+        return out
 
     def drain(self) -> None:
         """Stop making records and hand over every one already in the buffers.

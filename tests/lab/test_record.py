@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from tests.lab import labutil, pfsched
 from tracer.capture import iter_calls, meta_path, read_capture
+from tracer.schema import COLUMNS
 from tracer.workloads import vfio
 
 pytestmark = pytest.mark.lab
@@ -93,6 +95,7 @@ def test_rows_match_pf_sched_switch_for_switch(pfs):
         assert all(r.revoke_ns + r.grant_ns == r.switch_ns for r in mine)
         assert all(r.to_vf == (r.from_vf + 1) % a["nr_vfs"] for r in mine)
     assert f"VF switches: {len(rows)}" in rec.summary and "P99.9" in rec.summary
+    assert meta["background"]["negative_durations"] == {}
 
 
 def test_background_vfio_dma_is_counted_and_not_attributed(pfs):
@@ -221,3 +224,55 @@ def test_switch_tp_window_on_any_pair_of_tracepoints(pfs):
     n = sum(a["switches"] - before[b]["switches"] for b, a in after.items())
     assert len(rows) == n and sorted(r.seq for r in rows) == list(range(1, n + 1))
     assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in rows)
+
+
+KERNEL_TROUBLE = re.compile(r"WARNING:|BUG:|Oops|sleeping function called|scheduling while atomic")
+
+
+@pytest.mark.parametrize("mode", ["fentry", "kprobe"])
+def test_calls_in_interrupt_context_are_counted_apart(pfs, mode):
+    """pf_sched's irq_dma knob: each switch arms a hard-irq timer that maps and unmaps a
+    scratch page of the PF's domain, as a device driver's DMA completion does from its
+    interrupt on whatever task it interrupts (here, often the switching thread inside
+    its window).  Those calls are not the switch's: every row holds exactly the calls
+    pf_sched made itself, and the interrupt's calls are counted in the meta apart."""
+    pfsched.set_enabled(False)
+    rec = Recorder(f"irq-{mode}", "--probe-mode", mode)
+    dmesg_before = len(labutil.dmesg())
+    pfsched.set_param("irq_dma", 1)
+    try:
+        before, after = window(pfs, lambda: time.sleep(3))
+    finally:
+        pfsched.set_param("irq_dma", 0)
+    meta, rows, problems = rec.stop()
+    pfsched.set_enabled(True)
+    assert not problems and meta["complete"] and meta["lost_total"] == 0, meta
+    assert meta["probe_modes"]["iommu_map"] == meta["probe_modes"]["iommu_unmap"] == mode
+    assert not [w for w in meta["warnings"] if w.startswith("interrupt context")]
+    in_switch = irq_maps = 0
+    for bdf in pfs:
+        b, a = before[bdf], after[bdf]
+        mine = [r for r in rows if r.pf == a["pf"]]
+        assert len(mine) == a["switches"] - b["switches"] > 10
+        for key in ("map_calls", "unmap_calls", "map_bytes", "unmap_bytes"):
+            assert sum(getattr(r, key) for r in mine) == a[key] - b[key], key
+        assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in mine)
+        assert a["irq_map_errors"] == 0
+        assert a["irq_map_calls"] - b["irq_map_calls"] == a["switches"] - b["switches"]
+        in_switch += a["irq_in_switch"] - b["irq_in_switch"]
+        irq_maps += a["irq_map_calls"] - b["irq_map_calls"]
+    print(f"irq_dma: {irq_maps} timer fires, {in_switch} inside a window on its thread; "
+          f"meta irq_calls {meta['background']['irq_calls']}")
+    # The case really happened: interrupt-context calls on a switching thread in its window.
+    assert in_switch > 0, (in_switch, irq_maps)
+    irq = meta["background"]["irq_calls"]
+    assert irq["iommu_unmap"]["count"] > 0, irq
+    major, minor = labutil.kernel_release().split(".")[:2]
+    if (int(major), int(minor)) >= (6, 3):     # before, an atomic map is iommu_map_atomic()
+        assert irq["iommu_map"]["count"] > 0, irq
+        assert irq["iommu_map"]["bytes"] == 4096 * irq["iommu_map"]["count"]
+    # No duration came out negative, so none wrapped around as an unsigned number.
+    assert meta["background"]["negative_durations"] == {}
+    durations = [name for name in COLUMNS if name.endswith("_ns")]
+    assert all(0 <= getattr(r, name) < 1 << 63 for r in rows for name in durations)
+    assert not KERNEL_TROUBLE.search(labutil.dmesg()[dmesg_before:])
