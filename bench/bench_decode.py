@@ -25,7 +25,7 @@ from tracer import layout  # noqa: E402
 from tracer.capture import CaptureWriter  # noqa: E402
 from tracer.engine import Engine  # noqa: E402
 from tracer.probes import Plan  # noqa: E402
-from tracer.stats import Stats  # noqa: E402
+from tracer.model.stats import Stats  # noqa: E402
 
 BUDGET_NS = 100_000
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import read_capture
-from .stats import Stats
+from .model.stats import Stats
 from .summary import fmt_ns
 
 PARAMS = Path("/sys/module/pf_sched/parameters")

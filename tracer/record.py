@@ -13,7 +13,7 @@ from .capture import meta_path
 from .engine import warn
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
-from .stats import Stats
+from .model.stats import Stats
 from .summary import format_summary, progress_line
 
 __all__ = ["RecordError", "add_trace_options", "check_output", "main", "parse_ints"]

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__, exit_reasons, probes
+from . import __version__, probes
 from .capture import CallWriter, CaptureError, CaptureWriter, meta_path
 from .errors import VftraceError
-from .schema import CallRecord, SwitchRecord
+from .model import exit_reasons
+from .model.schema import CallRecord, SwitchRecord
 from .instances import Registration
 from .sourcewatch import PfWatch
 

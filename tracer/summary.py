@@ -2,7 +2,7 @@
 and ``perf kvm stat``: one line per group, latencies in human units."""
 from __future__ import annotations
 
-from tracer.stats import GroupStats, Snapshot, Stats
+from tracer.model.stats import GroupStats, Snapshot, Stats
 
 
 def fmt_ns(ns: float | int | None) -> str:

@@ -1,4 +1,4 @@
-"""What the dashboard holds, without any Textual: one ``tracer.stats.Stats`` fed with every
+"""What the dashboard holds, without any Textual: one ``tracer.model.stats.Stats`` fed with every
 switch the filters keep, the kept records (for filter rebuilds and export), the latency
 histogram and the trace-time rate series for the Distribution panel, the guest figures.
 
@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from tracer.capture import CaptureWriter
-from tracer.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
+from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
 from .guests import GuestModel
 from .sources import Batch

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Protocol
 from tracer.capture import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 MAX_PROBLEMS = 50                 # problem lines kept per batch (the count is kept apart)
 REPLAY_CHUNK = 2048               # records per batch at --speed max

@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.stats import MAX_VALUE
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.model.stats import MAX_VALUE
 
 DEFAULT_MAX_RECORDS = 500_000
 COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -40,7 +40,7 @@ def to_records(rows: np.ndarray) -> list[SwitchRecord]:
 
 def filter_mask(rows: np.ndarray, pfs: Iterable[int] | None,
                 vfs: Iterable[int] | None) -> np.ndarray:
-    """The rows ``tracer.stats.Stats`` counts under the same filters: PF in ``pfs`` and
+    """The rows ``tracer.model.stats.Stats`` counts under the same filters: PF in ``pfs`` and
     the incoming or outgoing VF in ``vfs``."""
     keep = np.ones(rows.shape[0], dtype=bool)
     if pfs is not None:

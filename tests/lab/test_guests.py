@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer import exit_reasons
+from tracer.model import exit_reasons
 from tracer.capture import read_capture
 from tracer.experiment import record_with_guests
 

@@ -19,7 +19,7 @@ import pytest
 from tracer import labguest, probes
 from tracer import session as session_mod
 from tracer.cli import main
-from tracer.schema import COLUMNS
+from tracer.model.schema import COLUMNS
 from tui.sources import FollowSource, ReplaySource
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 from tracer import calibrate, cli
 from tracer.capture import iter_capture, read_meta
 from tracer.errors import VftraceError
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tracer.capture import (CallWriter, CaptureError, CaptureWriter, iter_calls,
                             iter_capture, meta_path, read_capture, read_meta)
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 META = {"switch_source": "pf_sched", "probe_modes": {"iommu_map": "fentry"},
         "floor_ns": {"iommu_map": 40}, "budget_ns": 100_000, "filters": {"pfs": [0]}}
@@ -279,7 +279,7 @@ def test_killed_writer_leaves_only_whole_rows(tmp_path):
 import sys, time
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[2])!r})
 from tracer.capture import CaptureWriter
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 w = CaptureWriter({str(path)!r}, {{}})
 i = 0
 while True:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tracer.capture import (MAX_LINE_BYTES, CaptureError, iter_calls, iter_capture,
                             meta_path, read_capture, read_meta)
-from tracer.schema import CALL_COLUMNS, COLUMNS
+from tracer.model.schema import CALL_COLUMNS, COLUMNS
 from tui.sources import (CALL_OPTIONAL, HeaderInfo, LineParser, Tailer, lost_from_meta,
                          parse_call, parse_switch)
 

@@ -23,8 +23,8 @@ from tracer import capture, layout
 from tracer.capture import CaptureError, CaptureWriter, iter_capture
 from tracer.engine import Engine
 from tracer.probes import Plan
-from tracer.schema import COLUMNS, CallRecord, SwitchRecord
-from tracer.stats import MAX_VALUE, Stats
+from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord
+from tracer.model.stats import MAX_VALUE, Stats
 from tui.store import to_rows
 
 HEADER = layout.header()

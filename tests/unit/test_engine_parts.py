@@ -11,7 +11,7 @@ from tracer import layout, probes
 from tracer.assemble import Assembler
 from tracer.engine import program_text
 from tracer.paths import bpf_dir
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 
 # ---- layout -----------------------------------------------------------------------------
 

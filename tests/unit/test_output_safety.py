@@ -18,7 +18,7 @@ import pytest
 from tracer.capture import CallWriter, CaptureError, CaptureWriter, meta_path
 from tracer.cli import main
 from tracer.errors import VftraceError
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tracer.cli import main
-from tracer.schema import COLUMNS
+from tracer.model.schema import COLUMNS
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"

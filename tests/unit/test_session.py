@@ -20,7 +20,7 @@ from tracer import record, session as session_mod
 from tracer.capture import read_capture
 from tracer.cli import build_parser
 from tracer.probes import Plan
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.session import RecordError, Session, TraceOptions, Workload, group_members
 from tui.sources import Batch, LiveSource
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.stats import Stats
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.model.stats import Stats
 from tracer.summary import HEADER, fmt_ns, fmt_rate, format_summary, progress_line
 
 

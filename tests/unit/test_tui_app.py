@@ -1,7 +1,7 @@
 """Pilot tests of the dashboard: keys do what they say, on the shipped capture.
 
 Expected figures are computed here from the capture's rows, independently of
-``tracer.stats`` and of the dashboard.
+``tracer.model.stats`` and of the dashboard.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ import numpy as np
 from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
 from tracer.session import check_output as session_check_output
-from tracer.schema import CALL_COLUMNS, CallRecord, SwitchRecord
-from tracer.stats import Snapshot, Stats
+from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord
+from tracer.model.stats import Snapshot, Stats
 
 DEFAULT_BUDGET_NS = 100          # vftrace record's default, for a capture without meta
 CHUNK = 16384

@@ -16,7 +16,7 @@ import numpy as np
 
 from tracer.errors import VftraceError
 from tracer.report.load import Capture
-from tracer.stats import GroupStats, Histogram
+from tracer.model.stats import GroupStats, Histogram
 
 DEFAULT_SIZE = (1600, 1000)
 MIN_SIZE, MAX_SIZE = (480, 320), (8000, 8000)
