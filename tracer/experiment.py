@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .capture import read_capture
 from .model.stats import Stats
-from .summary import fmt_ns
+from .model.units import fmt_ns
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 RECORDER_START_S = 300          # BCC compiles slowly under TCG

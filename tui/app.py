@@ -26,7 +26,7 @@ from textual.widgets import DataTable, Footer, Sparkline, Static
 from textual.worker import get_current_worker
 
 from tracer.model.schema import NO_VF
-from tracer.summary import fmt_ns, fmt_rate
+from tracer.model.units import fmt_ns, fmt_rate
 
 from .model import DashboardModel, describe_export, write_export
 from .sources import Batch, Source

@@ -107,7 +107,7 @@ def test_budget_override_gives_exact_shares(capsys):
 
 
 def test_text_table_prints_the_same_rows(capsys):
-    from tracer.summary import fmt_ns
+    from tracer.model.units import fmt_ns
     report = run_json(capsys, str(SMALL))
     rows = report["captures"][0]["rows"]
     assert main(["report", str(SMALL)]) == 0
@@ -286,7 +286,7 @@ class _Tags(HTMLParser):
 
 
 def test_html_is_one_self_contained_file(tmp_path, capsys):
-    from tracer.summary import fmt_ns
+    from tracer.model.units import fmt_ns
     out = tmp_path / "r.html"
     lossy = copy_capture(tmp_path, "lossy", lost_total=7, lost_records_per_cpu={"0": 7})
     assert main(["report", str(SMALL), str(lossy), "-o", str(out)]) == 0

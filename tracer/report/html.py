@@ -7,7 +7,7 @@ import html
 from tracer import __version__
 from tracer.report import tables
 from tracer.report.load import Capture
-from tracer.summary import fmt_ns
+from tracer.model.units import fmt_ns
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1700px;

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from tracer.model import exit_reasons
 from tracer.report.load import Capture
 from tracer.model.stats import GroupStats
-from tracer.summary import fmt_ns
+from tracer.model.units import fmt_ns
 
 
 @dataclass(frozen=True, slots=True)
