@@ -15,11 +15,12 @@ from typing import Callable
 import numpy as np
 
 from tracer.capture import CaptureWriter
+from tracer.model.filter import filter_mask
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
 from .guests import GuestModel
 from .sources import Batch
-from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, filter_mask, to_records, to_rows
+from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, to_records, to_rows
 
 NS_PER_S = 1_000_000_000
 RATE_SECONDS = 120               # trace seconds of the rate sparkline kept
