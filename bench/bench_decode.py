@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer import layout  # noqa: E402
-from tracer.capture import CaptureWriter  # noqa: E402
+from tracer.capture.files import CaptureWriter  # noqa: E402
 from tracer.engine import Engine  # noqa: E402
 from tracer.probes import Plan  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402

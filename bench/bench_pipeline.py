@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.capture import CaptureWriter  # noqa: E402
+from tracer.capture.files import CaptureWriter  # noqa: E402
 from tracer.model.schema import SwitchRecord  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
 

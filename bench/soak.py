@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.capture import read_capture  # noqa: E402
+from tracer.capture.files import read_capture  # noqa: E402
 from tracer.experiment import start_recorder, stop_process  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
 

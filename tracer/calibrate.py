@@ -139,7 +139,7 @@ def run(args) -> int:
 
 
 def _run_capture(path: Path, as_json: bool) -> int:
-    from .capture import CaptureError, iter_capture, read_meta
+    from .capture.files import CaptureError, iter_capture, read_meta
     if not path.is_file():
         raise VftraceError(f"--capture {path}: no such file")
     try:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .capture import read_capture
+from .capture.files import read_capture
 from .model.stats import Stats
 from .model.units import fmt_ns
 

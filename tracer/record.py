@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .capture import meta_path
+from .capture.files import meta_path
 from .engine import warn
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)

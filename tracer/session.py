@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__, probes
-from .capture import CallWriter, CaptureError, CaptureWriter, meta_path
+from .capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from .errors import VftraceError
 from .model import exit_reasons
 from .model.schema import CallRecord, SwitchRecord

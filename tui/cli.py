@@ -113,7 +113,7 @@ def check_filters_match(path: Path, pfs: set[int] | None, vfs: set[int] | None) 
     dashboard: say so instead.  (A growing capture, --follow, may still get them.)"""
     if not pfs and not vfs:
         return
-    from tracer.capture import CaptureError, iter_capture
+    from tracer.capture.files import CaptureError, iter_capture
     seen_pfs: set[int] = set()
     seen_vfs: set[int] = set()
     try:
@@ -158,7 +158,7 @@ def _live(args) -> int:
     if (problem := session.workload_warning()) is not None:
         print(f"vftrace: warning: {problem}", file=sys.stderr)
     if out is not None:
-        from tracer.capture import meta_path
+        from tracer.capture.files import meta_path
         print(f"vftrace: wrote {out} and {meta_path(out)}", file=sys.stderr)
     return code
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.capture import CaptureWriter
+from tracer.capture.files import CaptureWriter
 from tracer.model.filter import filter_mask
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tracer.capture import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
+from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
@@ -278,7 +278,7 @@ class ReplaySource:
 
 class LineParser:
     """Rows of a capture CSV one line at a time, with the header checks of
-    ``tracer.capture`` (required columns, no duplicates; optional columns read as 0)."""
+    ``tracer.capture.files`` (required columns, no duplicates; optional columns read as 0)."""
 
     def __init__(self, header: list[str], columns: tuple[str, ...],
                  optional: frozenset[str] = frozenset()) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.lab import labutil, pfsched
 from tracer.model import exit_reasons
-from tracer.capture import read_capture
+from tracer.capture.files import read_capture
 from tracer.experiment import record_with_guests
 
 pytestmark = pytest.mark.lab

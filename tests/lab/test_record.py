@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer.capture import iter_calls, meta_path, read_capture
+from tracer.capture.files import iter_calls, meta_path, read_capture
 from tracer.workloads import vfio
 
 pytestmark = pytest.mark.lab

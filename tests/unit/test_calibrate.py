@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tracer import calibrate, cli
-from tracer.capture import iter_capture, read_meta
+from tracer.capture.files import iter_capture, read_meta
 from tracer.errors import VftraceError
 from tracer.model.schema import COLUMNS, SwitchRecord
 

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tracer import capture, layout
-from tracer.capture import CaptureError, CaptureWriter, iter_capture
+from tracer import layout
+from tracer.capture import files as capture
+from tracer.capture.files import CaptureError, CaptureWriter, iter_capture
 from tracer.engine import Engine
 from tracer.probes import Plan
 from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.capture import CallWriter, CaptureError, CaptureWriter, meta_path
+from tracer.capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from tracer.cli import main
 from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord

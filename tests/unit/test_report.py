@@ -22,7 +22,7 @@ REL = 0.0005              # the statistics core's histogram: <= 0.05% on percent
 
 
 def load_columns(path: Path) -> dict[str, np.ndarray]:
-    """The capture's columns read with numpy alone (not through tracer.capture)."""
+    """The capture's columns read with numpy alone (not through tracer.capture.files)."""
     header = path.read_text().split("\n", 1)[0].split(",")
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return {name: table[:, header.index(name)] for name in COLUMNS}

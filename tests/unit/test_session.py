@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from tracer import record, session as session_mod
-from tracer.capture import read_capture
+from tracer.capture.files import read_capture
 from tracer.cli import build_parser
 from tracer.probes import Plan
 from tracer.model.schema import COLUMNS, SwitchRecord

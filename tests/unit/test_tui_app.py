@@ -16,7 +16,7 @@ from textual.widgets import Input
 
 from tests.unit.test_tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, caught_up,
                                     group_counts, run_async, table_rows, wait_for)
-from tracer.capture import iter_calls, read_capture
+from tracer.capture.files import iter_calls, read_capture
 from tui.app import VftraceApp
 from tui.sources import Batch, FollowSource, ReplaySource
 from tui.widgets import HelpScreen

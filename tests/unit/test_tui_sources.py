@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.capture import CaptureWriter, iter_calls, read_capture
+from tracer.capture.files import CaptureWriter, iter_calls, read_capture
 from tracer.errors import VftraceError
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tui.sources import Batch, FollowSource, ReplaySource, check_capture

@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from tracer.capture import CaptureError
+    from tracer.capture.files import CaptureError
     from tracer.errors import VftraceError
     from tracer.report import commands
     if args.command == "export" and args.no_calls and (args.calls or args.calls_parquet):

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from tracer.capture import meta_path
+from tracer.capture.files import meta_path
 from tracer.errors import VftraceError
 from tracer.report import tables
 from tracer.report.load import (atomic_output, call_chunks, calls_path, check_input,

@@ -17,7 +17,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
+from tracer.capture.files import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
 from tracer.session import check_output as session_check_output
 from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord
