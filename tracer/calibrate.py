@@ -162,7 +162,7 @@ def _run_capture(path: Path, as_json: bool) -> int:
 
 
 def _run_live(args) -> int:
-    from . import probes
+    from .kernel import probes
     from .session import TraceOptions, make_plan, require_bcc, require_root
     require_root()
     require_bcc()
@@ -190,7 +190,7 @@ def _run_live(args) -> int:
 
 def measure_floor(plan) -> tuple[dict, list[str]]:
     """Start the engine (which calibrates on start-up), read its floor, detach."""
-    from .engine import Engine
+    from .kernel.engine import Engine
     from .session import RecordError
     engine = Engine(plan, budget_ns=100, on_switch=lambda rec: None)
     try:

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"vftrace {args.command}"
         if args.command == "doctor":
-            from . import doctor
+            from .kernel import doctor
             return doctor.main(args)
         if args.command == "pf-sched":
             from . import labguest

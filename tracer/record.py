@@ -10,7 +10,7 @@ import sys
 import time
 
 from .capture.files import meta_path
-from .engine import warn
+from .kernel.engine import warn
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
 from .model.stats import Stats

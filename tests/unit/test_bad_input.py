@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer import labguest, probes
+from tracer import labguest
+from tracer.kernel import probes
 from tracer import session as session_mod
 from tracer.cli import main
 from tracer.model.schema import COLUMNS
@@ -406,12 +407,12 @@ def test_pf_sched_up_when_loaded_applies_what_it_can_and_refuses_the_rest(tmp_pa
 
 
 def test_an_os_error_from_any_command_is_one_line(monkeypatch, capsys):
-    import tracer.doctor
+    import tracer.kernel.doctor
 
     def denied(args):
         raise PermissionError(13, "Permission denied", "/sys/kernel/tracing")
 
-    monkeypatch.setattr(tracer.doctor, "main", denied)
+    monkeypatch.setattr(tracer.kernel.doctor, "main", denied)
     rc, out, err = run(capsys, "doctor")
     assert_one_line_error(rc, out, err, "doctor",
                           "Permission denied: /sys/kernel/tracing")

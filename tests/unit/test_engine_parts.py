@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tracer import layout, probes
-from tracer.assemble import Assembler
-from tracer.engine import program_text
+from tracer.kernel import layout, probes
+from tracer.kernel.assemble import Assembler
+from tracer.kernel.engine import program_text
 from tracer.paths import bpf_dir
 from tracer.model.schema import COLUMNS, SwitchRecord
 

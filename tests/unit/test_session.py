@@ -19,7 +19,7 @@ import pytest
 from tracer import record, session as session_mod
 from tracer.capture.files import read_capture
 from tracer.cli import build_parser
-from tracer.probes import Plan
+from tracer.kernel.probes import Plan
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.session import RecordError, Session, TraceOptions, Workload, group_members
 from tui.sources import Batch, LiveSource
@@ -35,7 +35,7 @@ def switch(seq: int, pf: int = 0, to_vf: int = 1) -> SwitchRecord:
 
 
 class FakeEngine:
-    """The parts of tracer.engine.Engine a Session uses; every step lands in ``events``."""
+    """The parts of tracer.kernel.engine.Engine a Session uses; every step lands in ``events``."""
 
     events: list[str] = []
     fail_start = False
@@ -271,8 +271,8 @@ def fake_kernel(monkeypatch):
     monkeypatch.setattr(session_mod, "require_root", lambda: None)
     monkeypatch.setattr(session_mod, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
     monkeypatch.setattr(session_mod, "require_bcc", lambda: None)
-    import tracer.engine
-    monkeypatch.setattr(tracer.engine, "Engine", FakeEngine)
+    import tracer.kernel.engine
+    monkeypatch.setattr(tracer.kernel.engine, "Engine", FakeEngine)
 
 
 def test_record_with_a_workload_keeps_its_messages_and_exit_status(tmp_path, events,
