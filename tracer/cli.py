@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from .kernel import doctor
             return doctor.main(args)
         if args.command == "pf-sched":
-            from . import labguest
+            from .pfsched import control
             try:
-                return labguest.main(args)
-            except (labguest.GuestError, OSError) as e:
+                return control.main(args)
+            except (control.GuestError, OSError) as e:
                 raise UsageError(f"vftrace pf-sched: error: {e}") from None
         if args.command == "record":
             from . import record

@@ -34,7 +34,7 @@ from .kernel import probes
 from .model import exit_reasons
 from .model.schema import CallRecord, SwitchRecord
 from .instances import Registration
-from .sourcewatch import PfWatch
+from .pfsched.watch import PfWatch
 
 WORKLOAD_GRACE_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
