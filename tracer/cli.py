@@ -13,7 +13,7 @@ from .errors import VftraceError
 # add_parsers(subparsers) and run(args) -> int and raises VftraceError on bad input;
 # it imports its heavy libraries (Textual, matplotlib) inside run(), so `vftrace --help`
 # and the other commands stay fast.
-FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.calibrate")
+FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.record.calibrate")
 
 EPILOG = """examples:
   vftrace doctor                      # what this kernel lets vftrace do, and what to install
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
     rec.add_argument("-d", "--duration", type=seconds, help="stop after this many seconds")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-    from .session import add_trace_options
+    from .record.session import add_trace_options
     add_trace_options(rec)
     for name in FRONT_ENDS:
         _front_end(name).add_parsers(sub)
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             except (control.GuestError, OSError) as e:
                 raise UsageError(f"vftrace pf-sched: error: {e}") from None
         if args.command == "record":
-            from . import record
+            from .record import headless
             try:
-                return record.main(args)
-            except record.RecordError as e:
+                return headless.main(args)
+            except headless.RecordError as e:
                 raise UsageError(f"vftrace record: error: {e}") from None
         if args.command == "lab":
             from . import lab

@@ -452,7 +452,7 @@ class Preset:
             raise LabError(f"--vms {args.vms}: one VF per guest, and {pfs} PF(s) x {args.vfs} "
                            "VFs is fewer (raise --vfs or --pfs)")
         if args.record:
-            from .session import RecordError, check_capture_output
+            from .record.session import RecordError, check_capture_output
             try:
                 check_capture_output(args.record, "--record")
             except RecordError as e:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from tracer.errors import VftraceError
-from tracer.session import (Session, TraceOptions, add_trace_options, check_output,
-                            parse_ints, plan_for)
+from tracer.record.session import (Session, TraceOptions, add_trace_options, check_output,
+                                   parse_ints, plan_for)
 
 COMMANDS: tuple[str, ...] = ("live", "replay")
 

@@ -538,7 +538,7 @@ class FollowSource:
 # --- the live engine -------------------------------------------------------------------
 
 class LiveSource:
-    """The BPF engine through ``tracer.session.Session`` (root only).
+    """The BPF engine through ``tracer.record.session.Session`` (root only).
 
     A pump thread polls the engine from the moment the probes are armed, whatever the
     dashboard is doing: the ring buffer is drained even while Textual starts up or

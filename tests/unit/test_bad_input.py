@@ -18,7 +18,7 @@ import pytest
 
 from tracer.pfsched import control
 from tracer.kernel import probes
-from tracer import session as session_mod
+from tracer.record import session as session_mod
 from tracer.cli import main
 from tracer.model.schema import COLUMNS
 from tui.sources import FollowSource, ReplaySource

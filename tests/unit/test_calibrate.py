@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer import calibrate, cli
+from tracer import cli
+from tracer.record import calibrate
 from tracer.capture.files import iter_capture, read_meta
 from tracer.errors import VftraceError
 from tracer.model.schema import COLUMNS, SwitchRecord
