@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  vftrace record -o cap.csv --pf 0 --budget-ns 1000 --probe-mode kprobe\n"
                "  vftrace record -o cap.csv --calls calls.csv --pid 4242\n"
                "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done\n"
-               "  vftrace record -o cap.csv -- python -m tracer.workloads.kvm  # stops with it",
+               "  vftrace record -o cap.csv -- python -m tracer.lab.workloads.kvm  # stops with it",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
     rec.add_argument("-d", "--duration", type=seconds, help="stop after this many seconds")
@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             except headless.RecordError as e:
                 raise UsageError(f"vftrace record: error: {e}") from None
         if args.command == "lab":
-            from . import lab
+            from .lab import vm
             try:
-                return lab.main(args)
-            except lab.LabError as e:
+                return vm.main(args)
+            except vm.LabError as e:
                 raise UsageError(f"vftrace lab: error: {e}") from None
         for name in FRONT_ENDS:
             mod = _front_end(name)

@@ -21,7 +21,7 @@ LIVE_EPILOG = """examples:
   sudo vftrace live                           # pf_sched's switches, as they happen
   sudo vftrace live --csv cap.csv -d 60       # and record them (cap.csv + cap.meta.json)
   sudo vftrace live --calls calls.csv         # per-call rows: KVM exit and VFIO rates
-  sudo vftrace live --pf 0 -b 5000 -- python -m tracer.workloads.kvm
+  sudo vftrace live --pf 0 -b 5000 -- python -m tracer.lab.workloads.kvm
                                               # a guest started once armed, stopped first
 keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
 

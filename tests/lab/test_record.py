@@ -12,7 +12,7 @@ import pytest
 
 from tests.lab import labutil, pfsched
 from tracer.capture.files import iter_calls, meta_path, read_capture
-from tracer.workloads import vfio
+from tracer.lab.workloads import vfio
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"

@@ -11,7 +11,7 @@ import pytest
 from tests.lab import labutil, pfsched
 from tests.lab.bpfobjs import loaded_programs
 from tracer.capture.files import read_capture
-from tracer.experiment import start_recorder, stop_process
+from tracer.lab.experiment import start_recorder, stop_process
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"

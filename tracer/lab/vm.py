@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 BOOT = Path("/boot")
 MODULES = Path("/lib/modules")
@@ -452,7 +452,7 @@ class Preset:
             raise LabError(f"--vms {args.vms}: one VF per guest, and {pfs} PF(s) x {args.vfs} "
                            "VFs is fewer (raise --vfs or --pfs)")
         if args.record:
-            from .record.session import RecordError, check_capture_output
+            from ..record.session import RecordError, check_capture_output
             try:
                 check_capture_output(args.record, "--record")
             except RecordError as e:
@@ -467,7 +467,7 @@ class Preset:
 
     def _guests(self, mode: str) -> str:
         a = self.args
-        return (f"python -m tracer.workloads.guests --mode {mode} --vms {a.vms} "
+        return (f"python -m tracer.lab.workloads.guests --mode {mode} --vms {a.vms} "
                 f"--vcpus {a.vcpus}")
 
     def _write(self, share: Path) -> None:
@@ -476,15 +476,15 @@ class Preset:
               f"--unmap-mode {a.unmap_mode} >&2")
         run = shlex.quote(str(self.run_dir))
         if self.kind == "experiment":
-            body = (f"set -e\n{up}\nexec python -m tracer.experiment compare -o {run}/experiment "
-                    f"-d {a.duration:g} --vms {a.vms} --vcpus {a.vcpus}\n")
+            body = (f"set -e\n{up}\nexec python -m tracer.lab.experiment compare "
+                    f"-o {run}/experiment -d {a.duration:g} --vms {a.vms} --vcpus {a.vcpus}\n")
         elif self.kind == "record":
-            body = (f"set -e\n{up}\nexec python -m tracer.experiment run --mode {a.mode} "
+            body = (f"set -e\n{up}\nexec python -m tracer.lab.experiment run --mode {a.mode} "
                     f"-o {run}/capture.csv -d {a.duration:g} --vms {a.vms} --vcpus {a.vcpus}\n")
         else:
             # Interactive: a --shell script, so the dashboard gets the terminal; leaving
             # it (q) ends the script and so the VM.  The tracer starts the guests once it
-            # is armed and stops them before it detaches (see tracer/experiment.py).  The
+            # is armed and stops them before it detaches (see tracer/lab/experiment.py).  The
             # guests' vCPUs spin; niced, they leave the dashboard and its reader the CPU
             # they need (un-niced, the reader starved and the ring buffer overflowed).
             # The dashboard's stall watchdog (tui/watchdog.py) reaches the guest too.
