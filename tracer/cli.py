@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             except headless.RecordError as e:
                 raise UsageError(f"vftrace record: error: {e}") from None
         if args.command == "lab":
-            from .lab import vm
+            from .lab import LabError, vm
             try:
                 return vm.main(args)
-            except vm.LabError as e:
+            except LabError as e:
                 raise UsageError(f"vftrace lab: error: {e}") from None
         for name in FRONT_ENDS:
             mod = _front_end(name)

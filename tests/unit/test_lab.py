@@ -18,7 +18,7 @@ import pytest
 
 from tests.need import need
 from tracer import cli
-from tracer.lab import vm
+from tracer.lab import LabError, kernels, vm
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def boot(tmp_path):
 
 
 def test_installed_kernels_are_ordered_and_need_modules(boot):
-    ks = vm.installed_kernels(*boot)
+    ks = kernels.installed_kernels(*boot)
     assert [k.release for k in ks] == ["6.1.0-50-amd64", "6.1.0-56-amd64", "6.12.95+deb12-amd64"]
 
 
@@ -45,23 +45,23 @@ def test_installed_kernels_are_ordered_and_need_modules(boot):
     ("6.1.0-50-amd64", "6.1.0-50-amd64"),
 ])
 def test_resolve_kernel(boot, spec, release):
-    assert vm.resolve_kernel(spec, vm.installed_kernels(*boot)).release == release
+    assert kernels.resolve_kernel(spec, kernels.installed_kernels(*boot)).release == release
 
 
 def test_resolve_kernel_errors_name_what_is_installed(boot):
-    with pytest.raises(vm.LabError, match=r"'6\.5'.*installed: 6\.1\.0-50-amd64"):
-        vm.resolve_kernel("6.5", vm.installed_kernels(*boot))
-    with pytest.raises(vm.LabError, match="make setup"):
-        vm.resolve_kernel(None, [])
+    with pytest.raises(LabError, match=r"'6\.5'.*installed: 6\.1\.0-50-amd64"):
+        kernels.resolve_kernel("6.5", kernels.installed_kernels(*boot))
+    with pytest.raises(LabError, match="make setup"):
+        kernels.resolve_kernel(None, [])
 
 
 def test_version_key_orders_6_12_after_6_1():
-    assert vm.version_key("6.12.95+deb12-amd64") > vm.version_key("6.1.0-56-amd64")
-    assert vm.version_key("6.1.0-56-amd64") > vm.version_key("5.10.0-9-amd64")
+    assert kernels.version_key("6.12.95+deb12-amd64") > kernels.version_key("6.1.0-56-amd64")
+    assert kernels.version_key("6.1.0-56-amd64") > kernels.version_key("5.10.0-9-amd64")
 
 
 def test_vng_argv_has_iommu_one_edu_per_pf_and_shares_the_tree(tmp_path):
-    k = vm.LabKernel("6.1.0-56-amd64", Path("/boot/vmlinuz-6.1.0-56-amd64"))
+    k = kernels.LabKernel("6.1.0-56-amd64", Path("/boot/vmlinuz-6.1.0-56-amd64"))
     argv = vm.vng_argv(k, pfs=3, cpus=2, memory="2G", accel="tcg", share=tmp_path,
                        guest_cmd="true")
     qemu = next(a for a in argv if a.startswith("--qemu-opts="))
@@ -174,7 +174,7 @@ def one_kernel(tmp_path, monkeypatch):
     """One installed lab kernel, vng and the cache where the test says, no VM."""
     image = tmp_path / "vmlinuz-6.12.95+deb12-amd64"
     image.write_bytes(b"\0")
-    kernel = vm.LabKernel("6.12.95+deb12-amd64", image)
+    kernel = kernels.LabKernel("6.12.95+deb12-amd64", image)
     monkeypatch.setattr(vm, "installed_kernels", lambda *a: [kernel])
     monkeypatch.setattr(vm, "tool", lambda name: f"/opt/venv/bin/{name}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -247,7 +247,7 @@ def test_a_wrong_device_model_is_a_vftrace_bug_and_is_not_cached(one_kernel, mon
     def no_kvm(*a):
         raise AssertionError("KVM was tried with a command line QEMU rejects")
     monkeypatch.setattr(vm, "kvm_starts", no_kvm)
-    with pytest.raises(vm.LabError, match="vftrace bug") as e:
+    with pytest.raises(LabError, match="vftrace bug") as e:
         vm.probe_kvm(one_kernel)
     assert said in str(e.value) and "nothing was cached" in str(e.value)
     assert not (tmp_path / "cache" / "vftrace" / "kvm-probe.json").exists()
@@ -286,7 +286,7 @@ def test_kvm_starts_tells_the_hosts_kvm_from_the_command_line(monkeypatch, tmp_p
             return "lab says no" if "edu" in opts else bare_says
         return starts
     monkeypatch.setattr(vm, "qemu_starts", qemu(None))
-    with pytest.raises(vm.LabError, match="lab says no.*vftrace bug"):
+    with pytest.raises(LabError, match="lab says no.*vftrace bug"):
         vm.kvm_starts(argv)
     # With KVM for real: no silent TCG fallback, vng's CPU model.
     assert tried[0][:4] == ["-machine", "accel=kvm", "-cpu", "host,topoext=on"]

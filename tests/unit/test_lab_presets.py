@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from tracer import cli
-from tracer.lab import experiment, vm
+from tracer.lab import LabError, experiment, kernels, presets
 from tracer.lab.workloads import guests
 
-KERNEL = vm.LabKernel("6.12.95+deb12-amd64", Path("/boot/vmlinuz-6.12.95+deb12-amd64"))
+KERNEL = kernels.LabKernel("6.12.95+deb12-amd64", Path("/boot/vmlinuz-6.12.95+deb12-amd64"))
 
 
 def lab_args(*argv: str):
@@ -23,7 +23,7 @@ def share(tmp_path):
 
 def preset(share, *argv: str, cmd=()):
     args = lab_args(*argv)
-    return vm.Preset.from_args(args, list(cmd), share, KERNEL)
+    return presets.Preset.from_args(args, list(cmd), share, KERNEL)
 
 
 def test_live_preset_runs_pf_sched_then_the_dashboard_with_the_guests(share):
@@ -69,7 +69,7 @@ def test_record_and_experiment_presets_run_a_script_and_copy_results_back(share,
     ([], ["experiment", "-d", "3"], "options before it"),
 ])
 def test_preset_bad_input_is_one_clear_line(share, argv, cmd, message):
-    with pytest.raises(vm.LabError, match=message):
+    with pytest.raises(LabError, match=message):
         preset(share, *argv, cmd=cmd)
 
 

@@ -2,3 +2,7 @@
 pf_sched and KVM guests on its VFs, and the experiment comparing BAR modes; the guests
 and VFIO workloads are in ``workloads``.  It runs the recorder, so it may import any part
 of ``tracer``."""
+
+
+class LabError(Exception):
+    """A one-line, user-facing reason the lab cannot run."""
