@@ -77,5 +77,5 @@ def run(args) -> int:
         if args.command == "report":
             return commands.report(args)
         return commands.export(args)
-    except CaptureError as e:                 # anything capture.py refuses: one line
+    except CaptureError as e:                 # anything tracer.capture refuses: one line
         raise VftraceError(str(e)) from None
