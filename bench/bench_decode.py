@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.kernel import layout  # noqa: E402
 from tracer.capture.files import CaptureWriter  # noqa: E402
+from tracer.kernel import layout  # noqa: E402
 from tracer.kernel.engine import Engine  # noqa: E402
 from tracer.kernel.probes import Plan  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer.model import exit_reasons
 from tracer.capture.files import read_capture
 from tracer.lab.experiment import record_with_guests
+from tracer.model import exit_reasons
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer.pfsched import control
-from tracer.kernel import probes
-from tracer.record import session as session_mod
 from tracer.cli import main
+from tracer.kernel import probes
 from tracer.model.schema import COLUMNS
+from tracer.pfsched import control
+from tracer.record import session as session_mod
 from tui.sources import FollowSource, ReplaySource
 
 REPO = Path(__file__).resolve().parents[2]

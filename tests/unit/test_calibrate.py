@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tracer import cli
-from tracer.record import calibrate
 from tracer.capture.files import iter_capture, read_meta
 from tracer.errors import VftraceError
 from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.record import calibrate
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tracer.kernel import layout
 from tracer.capture import files as capture
 from tracer.capture.files import CaptureError, CaptureWriter, iter_capture
+from tracer.kernel import layout
 from tracer.kernel.engine import Engine
 from tracer.kernel.probes import Plan
 from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord

@@ -10,8 +10,8 @@ import pytest
 from tracer.kernel import layout, probes
 from tracer.kernel.assemble import Assembler
 from tracer.kernel.engine import program_text
-from tracer.paths import bpf_dir
 from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.paths import bpf_dir
 
 # ---- layout -----------------------------------------------------------------------------
 

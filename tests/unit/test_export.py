@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer.model import exit_reasons
 from tracer.cli import main
+from tracer.model import exit_reasons
 from tracer.model.schema import CALL_COLUMNS, COLUMNS
 
 DATA = Path(__file__).resolve().parents[1] / "data"

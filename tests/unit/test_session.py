@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer.record import headless, session as session_mod
 from tracer.capture.files import read_capture
 from tracer.cli import build_parser
 from tracer.kernel.probes import Plan
 from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.record import headless, session as session_mod
 from tracer.record.session import RecordError, Session, TraceOptions, Workload, group_members
 from tui.sources import Batch, LiveSource
 

@@ -11,9 +11,9 @@ import time
 
 from ..capture.files import meta_path
 from ..kernel.engine import warn
+from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
-from ..model.stats import Stats
 from .summary import format_summary, progress_line
 
 __all__ = ["RecordError", "add_trace_options", "check_output", "main", "parse_ints"]

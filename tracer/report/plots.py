@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tracer.errors import VftraceError
-from tracer.report.load import Capture
 from tracer.model.stats import GroupStats, Histogram
+from tracer.report.load import Capture
 
 DEFAULT_SIZE = (1600, 1000)
 MIN_SIZE, MAX_SIZE = (480, 320), (8000, 8000)

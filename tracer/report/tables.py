@@ -11,9 +11,9 @@ import textwrap
 from dataclasses import asdict, dataclass
 
 from tracer.model import exit_reasons
-from tracer.report.load import Capture
 from tracer.model.stats import GroupStats
 from tracer.model.units import fmt_ns
+from tracer.report.load import Capture
 
 
 @dataclass(frozen=True, slots=True)
