@@ -127,8 +127,9 @@ def test_signal_stops_the_vm_and_leaves_no_process(sig, tmp_path):
         from tracer.lab import vm
         sys.exit(vm.run_vm({SLEEPER!r}, timeout=None, interactive=False))
     """))
+    repo = Path(__file__).resolve().parents[2]      # this tree's tracer, whatever is installed
     proc = subprocess.Popen([sys.executable, str(runner)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     grandchild = int(proc.stdout.readline())
     pgid = os.getpgid(grandchild)
     assert pgid != os.getpgrp()
