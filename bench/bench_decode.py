@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer import layout  # noqa: E402
-from tracer.capture import CaptureWriter  # noqa: E402
-from tracer.engine import Engine  # noqa: E402
-from tracer.probes import Plan  # noqa: E402
-from tracer.stats import Stats  # noqa: E402
+from tracer.capture.files import CaptureWriter  # noqa: E402
+from tracer.kernel import layout  # noqa: E402
+from tracer.kernel.engine import Engine  # noqa: E402
+from tracer.kernel.probes import Plan  # noqa: E402
+from tracer.model.stats import Stats  # noqa: E402
 
 BUDGET_NS = 100_000
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.capture import CaptureWriter  # noqa: E402
-from tracer.schema import SwitchRecord  # noqa: E402
-from tracer.stats import Stats  # noqa: E402
+from tracer.capture.files import CaptureWriter  # noqa: E402
+from tracer.model.schema import SwitchRecord  # noqa: E402
+from tracer.model.stats import Stats  # noqa: E402
 
 
 def synthetic(n: int, pfs: int, vfs: int, seed: int = 1) -> list[SwitchRecord]:

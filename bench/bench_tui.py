@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.schema import COLUMNS, CallRecord, SwitchRecord  # noqa: E402
+from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord  # noqa: E402
 from tui.app import VftraceApp  # noqa: E402
 from tui.sources import Batch, HeaderInfo  # noqa: E402
 

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.calibrate import accuracy  # noqa: E402
-from tracer.capture import read_capture  # noqa: E402
+from tracer.capture.files import read_capture  # noqa: E402
+from tracer.record.calibrate import accuracy  # noqa: E402
 
 FUNCLATENCY = "/usr/sbin/funclatency-bpfcc"
 BPFTRACE = "/usr/bin/bpftrace"

@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.capture import read_capture  # noqa: E402
-from tracer.experiment import start_recorder, stop_process  # noqa: E402
-from tracer.stats import Stats  # noqa: E402
+from tracer.capture.files import read_capture  # noqa: E402
+from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
+from tracer.model.stats import Stats  # noqa: E402
 
 LAB_LOCK = "/tmp/vftrace-lab.lock"
 
@@ -64,7 +64,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
         try:
             rss.append((0.0, rss_kb(recorder.pid)))
             guests = subprocess.Popen(
-                [sys.executable, "-m", "tracer.workloads.guests", "--mode", "mmap", "--vms",
+                [sys.executable, "-m", "tracer.lab.workloads.guests", "--mode", "mmap", "--vms",
                  str(vms), "--json", "--interval", str(sample_s), "-o", str(guests_json)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             pfsched.set_enabled(True)

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Record layouts shared by vftrace.bpf.c and the Python decoder (tracer/layout.py parses
- * this file).  Keep to one scalar or fixed array field per line, __u64 first so the
- * structs have no padding.
+ * Record layouts shared by vftrace.bpf.c and the Python decoder (tracer/kernel/layout.py
+ * parses this file).  Keep to one scalar or fixed array field per line, __u64 first so
+ * the structs have no padding.
  */
 #ifndef VFTRACE_H
 #define VFTRACE_H

@@ -50,7 +50,7 @@ def is_integration_item(item) -> bool:
 
 def lab_kernels() -> list[str]:
     """One kernel per series the lab tier covers (VFTRACE_LAB_KERNELS=6.1,6.12 narrows)."""
-    from tracer.lab import installed_kernels, version_key
+    from tracer.lab.kernels import installed_kernels, version_key
     wanted = os.environ.get("VFTRACE_LAB_KERNELS", "6.1,6.12").split(",")
     found = []
     for series in wanted:

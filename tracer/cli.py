@@ -13,7 +13,7 @@ from .errors import VftraceError
 # add_parsers(subparsers) and run(args) -> int and raises VftraceError on bad input;
 # it imports its heavy libraries (Textual, matplotlib) inside run(), so `vftrace --help`
 # and the other commands stay fast.
-FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.calibrate")
+FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.record.calibrate")
 
 EPILOG = """examples:
   vftrace doctor                      # what this kernel lets vftrace do, and what to install
@@ -112,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  vftrace record -o cap.csv --pf 0 --budget-ns 1000 --probe-mode kprobe\n"
                "  vftrace record -o cap.csv --calls calls.csv --pid 4242\n"
                "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done\n"
-               "  vftrace record -o cap.csv -- python -m tracer.workloads.kvm  # stops with it",
+               "  vftrace record -o cap.csv -- python -m tracer.lab.workloads.kvm  # stops with it",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     rec.add_argument("-o", "--output", help="the capture CSV (its metadata: NAME.meta.json)")
     rec.add_argument("-d", "--duration", type=seconds, help="stop after this many seconds")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-    from .session import add_trace_options
+    from .record.session import add_trace_options
     add_trace_options(rec)
     for name in FRONT_ENDS:
         _front_end(name).add_parsers(sub)
@@ -135,25 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"vftrace {args.command}"
         if args.command == "doctor":
-            from . import doctor
+            from .kernel import doctor
             return doctor.main(args)
         if args.command == "pf-sched":
-            from . import labguest
+            from .pfsched import control
             try:
-                return labguest.main(args)
-            except (labguest.GuestError, OSError) as e:
+                return control.main(args)
+            except (control.GuestError, OSError) as e:
                 raise UsageError(f"vftrace pf-sched: error: {e}") from None
         if args.command == "record":
-            from . import record
+            from .record import headless
             try:
-                return record.main(args)
-            except record.RecordError as e:
+                return headless.main(args)
+            except headless.RecordError as e:
                 raise UsageError(f"vftrace record: error: {e}") from None
         if args.command == "lab":
-            from . import lab
+            from .lab import LabError, vm
             try:
-                return lab.main(args)
-            except lab.LabError as e:
+                return vm.main(args)
+            except LabError as e:
                 raise UsageError(f"vftrace lab: error: {e}") from None
         for name in FRONT_ENDS:
             mod = _front_end(name)

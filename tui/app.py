@@ -1,7 +1,7 @@
 """``VftraceApp``: the live dashboard over any ``Source`` (live engine, capture, growing capture).
 
 A worker thread reads the source and posts coalesced batches; the UI folds them into one
-``DashboardModel`` (one ``tracer.stats.Stats``) and redraws from a timer at ~10 Hz (the
+``DashboardModel`` (one ``tracer.model.stats.Stats``) and redraws from a timer at ~10 Hz (the
 two tables and the plot at ~2 Hz), never per record.  Elapsed time and rates come
 from the injected ``clock``, so tests and snapshots are deterministic.
 """
@@ -25,8 +25,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 from textual.worker import get_current_worker
 
-from tracer.schema import NO_VF
-from tracer.summary import fmt_ns, fmt_rate
+from tracer.model.schema import NO_VF
+from tracer.model.units import fmt_ns, fmt_rate
 
 from .model import DashboardModel, describe_export, write_export
 from .sources import Batch, Source

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from tracer.errors import VftraceError
-from tracer.session import (Session, TraceOptions, add_trace_options, check_output,
-                            parse_ints, plan_for)
+from tracer.record.session import (Session, TraceOptions, add_trace_options, check_output,
+                                   parse_ints, plan_for)
 
 COMMANDS: tuple[str, ...] = ("live", "replay")
 
@@ -21,7 +21,7 @@ LIVE_EPILOG = """examples:
   sudo vftrace live                           # pf_sched's switches, as they happen
   sudo vftrace live --csv cap.csv -d 60       # and record them (cap.csv + cap.meta.json)
   sudo vftrace live --calls calls.csv         # per-call rows: KVM exit and VFIO rates
-  sudo vftrace live --pf 0 -b 5000 -- python -m tracer.workloads.kvm
+  sudo vftrace live --pf 0 -b 5000 -- python -m tracer.lab.workloads.kvm
                                               # a guest started once armed, stopped first
 keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
 
@@ -113,7 +113,7 @@ def check_filters_match(path: Path, pfs: set[int] | None, vfs: set[int] | None) 
     dashboard: say so instead.  (A growing capture, --follow, may still get them.)"""
     if not pfs and not vfs:
         return
-    from tracer.capture import CaptureError, iter_capture
+    from tracer.capture.files import CaptureError, iter_capture
     seen_pfs: set[int] = set()
     seen_vfs: set[int] = set()
     try:
@@ -158,7 +158,7 @@ def _live(args) -> int:
     if (problem := session.workload_warning()) is not None:
         print(f"vftrace: warning: {problem}", file=sys.stderr)
     if out is not None:
-        from tracer.capture import meta_path
+        from tracer.capture.files import meta_path
         print(f"vftrace: wrote {out} and {meta_path(out)}", file=sys.stderr)
     return code
 

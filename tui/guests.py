@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracer import exit_reasons
-from tracer.stats import Histogram
+from tracer.model import exit_reasons
+from tracer.model.stats import Histogram
 
 RATE_WINDOW_S = 5
 VFIO_KINDS = ("vfio_map_dma", "vfio_unmap_dma")

@@ -1,4 +1,4 @@
-"""What the dashboard holds, without any Textual: one ``tracer.stats.Stats`` fed with every
+"""What the dashboard holds, without any Textual: one ``tracer.model.stats.Stats`` fed with every
 switch the filters keep, the kept records (for filter rebuilds and export), the latency
 histogram and the trace-time rate series for the Distribution panel, the guest figures.
 
@@ -14,12 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.capture import CaptureWriter
-from tracer.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
+from tracer.capture.files import CaptureWriter
+from tracer.model.filter import filter_mask
+from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
 from .guests import GuestModel
 from .sources import Batch
-from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, filter_mask, to_records, to_rows
+from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, to_records, to_rows
 
 NS_PER_S = 1_000_000_000
 RATE_SECONDS = 120               # trace seconds of the rate sparkline kept

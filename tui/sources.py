@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tracer.capture import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
+from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 MAX_PROBLEMS = 50                 # problem lines kept per batch (the count is kept apart)
 REPLAY_CHUNK = 2048               # records per batch at --speed max
@@ -278,7 +278,7 @@ class ReplaySource:
 
 class LineParser:
     """Rows of a capture CSV one line at a time, with the header checks of
-    ``tracer.capture`` (required columns, no duplicates; optional columns read as 0)."""
+    ``tracer.capture.files`` (required columns, no duplicates; optional columns read as 0)."""
 
     def __init__(self, header: list[str], columns: tuple[str, ...],
                  optional: frozenset[str] = frozenset()) -> None:
@@ -538,7 +538,7 @@ class FollowSource:
 # --- the live engine -------------------------------------------------------------------
 
 class LiveSource:
-    """The BPF engine through ``tracer.session.Session`` (root only).
+    """The BPF engine through ``tracer.record.session.Session`` (root only).
 
     A pump thread polls the engine from the moment the probes are armed, whatever the
     dashboard is doing: the ring buffer is drained even while Textual starts up or

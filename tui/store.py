@@ -12,8 +12,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.stats import MAX_VALUE
+from tracer.model.filter import filter_mask
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.model.stats import MAX_VALUE
 
 DEFAULT_MAX_RECORDS = 500_000
 COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -36,19 +37,6 @@ def to_rows(recs: Sequence[SwitchRecord]) -> np.ndarray:
 
 def to_records(rows: np.ndarray) -> list[SwitchRecord]:
     return [SwitchRecord(*r) for r in rows.tolist()]
-
-
-def filter_mask(rows: np.ndarray, pfs: Iterable[int] | None,
-                vfs: Iterable[int] | None) -> np.ndarray:
-    """The rows ``tracer.stats.Stats`` counts under the same filters: PF in ``pfs`` and
-    the incoming or outgoing VF in ``vfs``."""
-    keep = np.ones(rows.shape[0], dtype=bool)
-    if pfs is not None:
-        keep &= np.isin(rows[:, COL["pf"]], list(pfs))
-    if vfs is not None:
-        wanted = list(vfs)
-        keep &= np.isin(rows[:, COL["to_vf"]], wanted) | np.isin(rows[:, COL["from_vf"]], wanted)
-    return keep
 
 
 class RecordStore:

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 from textual_plotext import PlotextPlot
 
-from tracer.summary import fmt_ns
+from tracer.model.units import fmt_ns
 
 PLOT_BINS = 40
 

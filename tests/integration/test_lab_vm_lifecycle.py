@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.need import need
-from tracer import lab
+from tracer.lab import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ def require_lab():
     why = None
     if not shutil.which("qemu-system-x86_64"):
         why = "qemu-system-x86_64 missing (apt-get install qemu-system-x86, or make setup)"
-    elif not lab.installed_kernels():
+    elif not kernels.installed_kernels():
         why = "no lab kernel in /boot with /lib/modules (make setup installs them)"
     elif not (Path(sys.executable).parent / "vng").exists() and not shutil.which("vng"):
         why = "virtme-ng (vng) missing from the environment (make setup)"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from tracer.features import SYS_BPF
+from tracer.kernel.features import SYS_BPF
 
 BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 11, 13, 15
 INFO_SIZE, INFO_ID, INFO_NAME = 80, 4, 64        # struct bpf_prog_info: id, name[16]

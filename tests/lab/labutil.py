@@ -13,7 +13,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from tracer.labguest import bind, current_driver, edu_devices, kmod_path, unbind  # noqa: F401
+from tracer.pfsched.control import bind, current_driver, edu_devices, kmod_path, unbind  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 

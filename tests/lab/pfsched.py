@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests.lab import labutil
-from tracer import labguest
+from tracer.pfsched import control
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 DEBUGFS = Path("/sys/kernel/debug/pf_sched")
@@ -44,7 +44,7 @@ def unload() -> None:
     first = labutil.run(["rmmod", "pf_sched"], check=False)
     if first.returncode == 0:
         return
-    held = {pid: comm for pid, comm in labguest.holders() if pid != os.getpid()}
+    held = {pid: comm for pid, comm in control.holders() if pid != os.getpid()}
     for pid in held:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer.capture import read_capture
+from tracer.capture.files import read_capture
 
 pytestmark = pytest.mark.lab
 START_S = 300                   # BCC compiles slowly under TCG

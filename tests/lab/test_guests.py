@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer import exit_reasons
-from tracer.capture import read_capture
-from tracer.experiment import record_with_guests
+from tracer.capture.files import read_capture
+from tracer.lab.experiment import record_with_guests
+from tracer.model import exit_reasons
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"
@@ -20,7 +20,7 @@ NPF = {"svm": 0x400, "vmx": 48}          # the exit an access to an unbacked GPA
 
 def guest_processes() -> list[str]:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if "tracer.workloads.guests" in line]
+    return [line for line in ps.splitlines() if "tracer.lab.workloads.guests" in line]
 
 
 def recorded(name: str, mode: str, vcpus: int):
@@ -86,7 +86,7 @@ def test_stopping_the_guests_releases_pf_sched():
     every vCPU; no process and no reference is left: the module unloads."""
     with pfsched.loaded(1, slice_us=1000, nr_vfs=2):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            proc = subprocess.Popen([sys.executable, "-m", "tracer.workloads.guests",
+            proc = subprocess.Popen([sys.executable, "-m", "tracer.lab.workloads.guests",
                                      "--mode", "mmap", "--vms", "2", "--vcpus", "2", "--json",
                                      "--interval", "0.2"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

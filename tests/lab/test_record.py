@@ -12,9 +12,9 @@ import time
 import pytest
 
 from tests.lab import labutil, pfsched
-from tracer.capture import iter_calls, meta_path, read_capture
-from tracer.schema import COLUMNS
-from tracer.workloads import vfio
+from tracer.capture.files import iter_calls, meta_path, read_capture
+from tracer.lab.workloads import vfio
+from tracer.model.schema import COLUMNS
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"

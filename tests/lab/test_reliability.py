@@ -10,8 +10,8 @@ import pytest
 
 from tests.lab import labutil, pfsched
 from tests.lab.bpfobjs import loaded_programs
-from tracer.capture import read_capture
-from tracer.experiment import start_recorder, stop_process
+from tracer.capture.files import read_capture
+from tracer.lab.experiment import start_recorder, stop_process
 
 pytestmark = pytest.mark.lab
 OUT = labutil.REPO / "build" / "lab-captures"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import labutil
-from tracer.workloads import kvm, vfio
+from tracer.lab.workloads import kvm, vfio
 
 pytestmark = pytest.mark.lab
 SMOKE_C = Path(__file__).parent / "bpf" / "smoke.bpf.c"

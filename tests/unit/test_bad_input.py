@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer import labguest, probes
-from tracer import session as session_mod
 from tracer.cli import main
-from tracer.schema import COLUMNS
+from tracer.kernel import probes
+from tracer.model.schema import COLUMNS
+from tracer.pfsched import control
+from tracer.record import session as session_mod
 from tui.sources import FollowSource, ReplaySource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -359,28 +360,28 @@ def fake_proc(root: Path) -> Path:
 
 
 def test_holders_are_the_processes_with_pf_sched_open_or_mapped(tmp_path):
-    assert labguest.holders(fake_proc(tmp_path)) == [(4242, "qemu-system-x86"),
-                                                     (5151, "python3")]
+    assert control.holders(fake_proc(tmp_path)) == [(4242, "qemu-system-x86"),
+                                                    (5151, "python3")]
 
 
 def test_pf_sched_down_when_rmmod_fails_names_who_holds_it(tmp_path, monkeypatch, capsys):
     proc = fake_proc(tmp_path)
-    monkeypatch.setattr(labguest, "edu_devices", lambda: [])
-    monkeypatch.setattr(labguest, "loaded", lambda: True)
-    real_holders = labguest.holders
-    monkeypatch.setattr(labguest, "holders", lambda: real_holders(proc))
+    monkeypatch.setattr(control, "edu_devices", lambda: [])
+    monkeypatch.setattr(control, "loaded", lambda: True)
+    real_holders = control.holders
+    monkeypatch.setattr(control, "holders", lambda: real_holders(proc))
 
     def rmmod(argv, **kw):
         assert argv == ["rmmod", "pf_sched"]
         return subprocess.CompletedProcess(argv, 1, "", "rmmod: ERROR: Module pf_sched is "
                                                         "in use\n")
 
-    monkeypatch.setattr(labguest.subprocess, "run", rmmod)
+    monkeypatch.setattr(control.subprocess, "run", rmmod)
     rc, out, err = run(capsys, "pf-sched", "down")
     assert_one_line_error(rc, out, err, "pf-sched", "rmmod pf_sched failed: rmmod: ERROR: "
                           "Module pf_sched is in use; /dev/pf_sched* is held by pid 4242 "
                           "(qemu-system-x86), pid 5151 (python3): stop them and retry")
-    monkeypatch.setattr(labguest, "holders", lambda: [])
+    monkeypatch.setattr(control, "holders", lambda: [])
     rc, out, err = run(capsys, "pf-sched", "down")
     assert_one_line_error(rc, out, err, "pf-sched", "no process has /dev/pf_sched* open")
 
@@ -392,26 +393,26 @@ def test_pf_sched_up_when_loaded_applies_what_it_can_and_refuses_the_rest(tmp_pa
     for name, value in (("slice_us", "2000"), ("nr_vfs", "4"), ("bar_pages", "4"),
                         ("unmap_mode", "strict")):
         (params / name).write_text(value + "\n")
-    monkeypatch.setattr(labguest, "MODULE_PARAMS", params)
-    monkeypatch.setattr(labguest, "loaded", lambda: True)
-    monkeypatch.setattr(labguest, "edu_devices", lambda: ["0000:00:04.0"])
-    monkeypatch.setattr(labguest, "current_driver", lambda bdf: "pf_sched")
-    assert labguest.up({"slice_us": 500, "nr_vfs": 4, "bar_pages": None,
-                        "unmap_mode": "batched"}) == ["0000:00:04.0"]
+    monkeypatch.setattr(control, "MODULE_PARAMS", params)
+    monkeypatch.setattr(control, "loaded", lambda: True)
+    monkeypatch.setattr(control, "edu_devices", lambda: ["0000:00:04.0"])
+    monkeypatch.setattr(control, "current_driver", lambda bdf: "pf_sched")
+    assert control.up({"slice_us": 500, "nr_vfs": 4, "bar_pages": None,
+                       "unmap_mode": "batched"}) == ["0000:00:04.0"]
     assert (params / "slice_us").read_text() == "500"
     assert (params / "unmap_mode").read_text() == "batched"
-    with pytest.raises(labguest.GuestError, match=r"--nr-vfs 8: pf_sched is loaded with "
-                                                  r"nr_vfs 4; run `vftrace pf-sched down`"):
-        labguest.up({"slice_us": None, "nr_vfs": 8, "bar_pages": None, "unmap_mode": None})
+    with pytest.raises(control.GuestError, match=r"--nr-vfs 8: pf_sched is loaded with "
+                                                 r"nr_vfs 4; run `vftrace pf-sched down`"):
+        control.up({"slice_us": None, "nr_vfs": 8, "bar_pages": None, "unmap_mode": None})
 
 
 def test_an_os_error_from_any_command_is_one_line(monkeypatch, capsys):
-    import tracer.doctor
+    import tracer.kernel.doctor
 
     def denied(args):
         raise PermissionError(13, "Permission denied", "/sys/kernel/tracing")
 
-    monkeypatch.setattr(tracer.doctor, "main", denied)
+    monkeypatch.setattr(tracer.kernel.doctor, "main", denied)
     rc, out, err = run(capsys, "doctor")
     assert_one_line_error(rc, out, err, "doctor",
                           "Permission denied: /sys/kernel/tracing")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench import lab_bench, report
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 
 PIPELINE_OUT = """2 PFs x 8 VFs: 144 possible from->to groups
 stats            1000000 records    2.000s     500.0k records/s

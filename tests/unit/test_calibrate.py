@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer import calibrate, cli
-from tracer.capture import iter_capture, read_meta
+from tracer import cli
+from tracer.capture.files import iter_capture, read_meta
 from tracer.errors import VftraceError
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.record import calibrate
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"
@@ -112,7 +113,7 @@ class FakeEngine:
     closed = 0
 
     def __init__(self, plan, *, budget_ns, on_switch):
-        from tracer.engine import Floor
+        from tracer.kernel.engine import Floor
         self.floor, self.warnings = Floor(plan.calib_func), ["w1"]
 
     def start(self):
@@ -125,8 +126,8 @@ class FakeEngine:
 
 
 def test_measure_floor_reads_the_engine_floor_and_detaches(monkeypatch):
-    from tracer import engine
-    from tracer.probes import Plan
+    from tracer.kernel import engine
+    from tracer.kernel.probes import Plan
     monkeypatch.setattr(engine, "Engine", FakeEngine)
     FakeEngine.fail, FakeEngine.closed = None, 0
     floor, warnings = calibrate.measure_floor(Plan("pf_sched", "raw_tp", calib_func="g"))
@@ -136,8 +137,8 @@ def test_measure_floor_reads_the_engine_floor_and_detaches(monkeypatch):
 
 
 def test_measure_floor_load_failure_is_one_line_and_detaches(monkeypatch):
-    from tracer import engine
-    from tracer.probes import Plan
+    from tracer.kernel import engine
+    from tracer.kernel.probes import Plan
     monkeypatch.setattr(engine, "Engine", FakeEngine)
     FakeEngine.fail, FakeEngine.closed = Exception("bpf: Failed to load\nmore detail"), 0
     with pytest.raises(VftraceError) as e:

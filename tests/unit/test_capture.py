@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer.capture import (CallWriter, CaptureError, CaptureWriter, iter_calls,
+from tracer.capture.files import (CallWriter, CaptureError, CaptureWriter, iter_calls,
                             iter_capture, meta_path, read_capture, read_meta)
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 META = {"switch_source": "pf_sched", "probe_modes": {"iommu_map": "fentry"},
         "floor_ns": {"iommu_map": 40}, "budget_ns": 100_000, "filters": {"pfs": [0]}}
@@ -245,7 +245,7 @@ def test_property_write_read_round_trip(tmp_path, recs):
 
 
 def test_fast_row_format_matches_csv_module():
-    from tracer.capture import _csv_text, format_switch_rows
+    from tracer.capture.files import _csv_text, format_switch_rows
     rows = [rec(i).as_row() for i in range(50)] + [(-(2**63),) * len(COLUMNS)]
     assert format_switch_rows(rows) == _csv_text(rows)
 
@@ -278,8 +278,8 @@ def test_killed_writer_leaves_only_whole_rows(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[2])!r})
-from tracer.capture import CaptureWriter
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.capture.files import CaptureWriter
+from tracer.model.schema import COLUMNS, SwitchRecord
 w = CaptureWriter({str(path)!r}, {{}})
 i = 0
 while True:
@@ -305,7 +305,7 @@ while True:
 
 
 def test_write_failure_is_an_oserror_too(tmp_path):
-    from tracer.capture import CaptureWriteError
+    from tracer.capture.files import CaptureWriteError
     w = CaptureWriter(tmp_path / "c.csv", META)
     os.close(w._fd)                          # the output vanishes under the writer
     w._fd = os.open("/dev/full", os.O_WRONLY)

@@ -1,6 +1,6 @@
 """Property tests: captures are untrusted input for the reader and the follow parser.
 
-Whatever the bytes, ``tracer.capture``'s readers raise nothing but ``CaptureError``, and
+Whatever the bytes, ``tracer.capture.files``'s readers raise nothing but ``CaptureError``, and
 every whole row before the damage comes back intact (compared with the rows of the
 undamaged capture); the follow parser (``tui.sources``) never raises at all, skips what
 is malformed, and never buffers a line without bound.
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tracer.capture import (MAX_LINE_BYTES, CaptureError, iter_calls, iter_capture,
+from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, iter_calls, iter_capture,
                             meta_path, read_capture, read_meta)
-from tracer.schema import CALL_COLUMNS, COLUMNS
+from tracer.model.schema import CALL_COLUMNS, COLUMNS
 from tui.sources import (CALL_OPTIONAL, HeaderInfo, LineParser, Tailer, lost_from_meta,
                          parse_call, parse_switch)
 

@@ -19,12 +19,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tracer import capture, layout
-from tracer.capture import CaptureError, CaptureWriter, iter_capture
-from tracer.engine import Engine
-from tracer.probes import Plan
-from tracer.schema import COLUMNS, CallRecord, SwitchRecord
-from tracer.stats import MAX_VALUE, Stats
+from tracer.capture import files as capture
+from tracer.capture.files import CaptureError, CaptureWriter, iter_capture
+from tracer.kernel import layout
+from tracer.kernel.engine import Engine
+from tracer.kernel.probes import Plan
+from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord
+from tracer.model.stats import MAX_VALUE, Stats
 from tui.store import to_rows
 
 HEADER = layout.header()

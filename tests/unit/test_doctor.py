@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer import doctor
-from tracer.features import Kernel, can_trace, check_all
+from tracer.kernel import doctor
+from tracer.kernel.features import Kernel, can_trace, check_all
 
 REL = "6.1.0-56-amd64"
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from tracer import layout, probes
-from tracer.assemble import Assembler
-from tracer.engine import program_text
+from tracer.kernel import layout, probes
+from tracer.kernel.assemble import Assembler
+from tracer.kernel.engine import program_text
+from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.paths import bpf_dir
-from tracer.schema import COLUMNS, SwitchRecord
 
 # ---- layout -----------------------------------------------------------------------------
 

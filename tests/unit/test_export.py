@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer import exit_reasons
 from tracer.cli import main
-from tracer.schema import CALL_COLUMNS, COLUMNS
+from tracer.model import exit_reasons
+from tracer.model.schema import CALL_COLUMNS, COLUMNS
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"

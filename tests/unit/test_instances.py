@@ -4,13 +4,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tracer.instances import Registration
+from tracer.record.instances import Registration
 
 
 def hold_lock(run_dir) -> subprocess.Popen:
     """Another process registered as tracing, until its stdin closes."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pathlib; from tracer.instances import Registration;"
+        [sys.executable, "-c", "import sys, pathlib;"
+         "from tracer.record.instances import Registration;"
          f"r = Registration(pathlib.Path({str(run_dir)!r})); print('ok', flush=True);"
          "sys.stdin.read(); r.close()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ok"

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tracer import cli, experiment, lab
-from tracer.workloads import guests
+from tracer import cli
+from tracer.lab import LabError, experiment, kernels, presets
+from tracer.lab.workloads import guests
 
-KERNEL = lab.LabKernel("6.12.95+deb12-amd64", Path("/boot/vmlinuz-6.12.95+deb12-amd64"))
+KERNEL = kernels.LabKernel("6.12.95+deb12-amd64", Path("/boot/vmlinuz-6.12.95+deb12-amd64"))
 
 
 def lab_args(*argv: str):
@@ -22,7 +23,7 @@ def share(tmp_path):
 
 def preset(share, *argv: str, cmd=()):
     args = lab_args(*argv)
-    return lab.Preset.from_args(args, list(cmd), share, KERNEL)
+    return presets.Preset.from_args(args, list(cmd), share, KERNEL)
 
 
 def test_live_preset_runs_pf_sched_then_the_dashboard_with_the_guests(share):
@@ -30,7 +31,7 @@ def test_live_preset_runs_pf_sched_then_the_dashboard_with_the_guests(share):
                "--pfs", "2", "--slice-us", "500", "--unmap-mode", "batched")
     script = p.shell.read_text()
     up = script.index("vftrace pf-sched up --slice-us 500 --nr-vfs 2 --unmap-mode batched")
-    live = script.index("exec vftrace live -- nice -n 10 python -m tracer.workloads.guests --mode trap "
+    live = script.index("exec vftrace live -- nice -n 10 python -m tracer.lab.workloads.guests --mode trap "
                         "--vms 3 --vcpus 2")
     assert up < live and p.command == []
     p.discard()
@@ -41,7 +42,7 @@ def test_record_and_experiment_presets_run_a_script_and_copy_results_back(share,
     out = tmp_path / "out" / "trap.csv"
     out.parent.mkdir()
     p = preset(share, "--mode", "trap", "--record", str(out), "-d", "7")
-    assert p.command[0] == "sh" and "tracer.experiment run --mode trap" in Path(p.command[1]).read_text()
+    assert p.command[0] == "sh" and "tracer.lab.experiment run --mode trap" in Path(p.command[1]).read_text()
     for name in ("capture.csv", "capture.meta.json", "capture.guests.json"):
         (p.run_dir / name).write_text(name)
     assert p.finish(0) == 0
@@ -50,7 +51,7 @@ def test_record_and_experiment_presets_run_a_script_and_copy_results_back(share,
     assert not p.run_dir.exists()
 
     e = preset(share, "-d", "3", "-o", str(tmp_path / "exp"), cmd=["experiment"])
-    assert "tracer.experiment compare" in Path(e.command[1]).read_text()
+    assert "tracer.lab.experiment compare" in Path(e.command[1]).read_text()
     assert e.finish(0) == 1                         # nothing was written: a failure
     e = preset(share, "-o", str(tmp_path / "exp"), cmd=["experiment"])
     (e.run_dir / "experiment").mkdir()
@@ -68,7 +69,7 @@ def test_record_and_experiment_presets_run_a_script_and_copy_results_back(share,
     ([], ["experiment", "-d", "3"], "options before it"),
 ])
 def test_preset_bad_input_is_one_clear_line(share, argv, cmd, message):
-    with pytest.raises(lab.LabError, match=message):
+    with pytest.raises(LabError, match=message):
         preset(share, *argv, cmd=cmd)
 
 

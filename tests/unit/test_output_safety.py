@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tracer.capture import CallWriter, CaptureError, CaptureWriter, meta_path
+from tracer.capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from tracer.cli import main
 from tracer.errors import VftraceError
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -108,7 +108,7 @@ def test_a_symlink_planted_at_the_meta_temporary_name_is_not_written_through(tmp
 
 def test_report_atomic_output_refuses_a_symlink_and_never_follows_its_temporary(tmp_path,
                                                                                victim):
-    from tracer.report.load import atomic_output
+    from tracer.capture.output import atomic_output
     with pytest.raises(VftraceError, match="is a symlink"):
         with atomic_output(plant(tmp_path / "r.html", victim)) as f:
             f.write("x")
@@ -122,7 +122,7 @@ def test_report_atomic_output_refuses_a_symlink_and_never_follows_its_temporary(
 
 @pytest.mark.parametrize("mask, mode", [(0o077, 0o600), (0o022, 0o644)])
 def test_report_atomic_output_follows_the_umask(tmp_path, umask, mask, mode):
-    from tracer.report.load import atomic_output
+    from tracer.capture.output import atomic_output
     umask(mask)
     with atomic_output(tmp_path / "t.json") as f:
         f.write("{}")

@@ -15,7 +15,8 @@ def test_the_wheel_ships_bpf_sources_inside_the_tracer_package(tmp_path):
     assert r.returncode == 0, r.stderr
     wheel = next(tmp_path.glob("vftrace-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ("tracer/bpf/vftrace.bpf.c", "tracer/bpf/vftrace.h", "tracer/cli.py", "tui/__init__.py"):
+    for f in ("tracer/bpf/vftrace.bpf.c", "tracer/bpf/vftrace.h", "tracer/cli.py", "tui/__init__.py",
+              "tracer/kernel/engine.py", "tracer/lab/workloads/guests.py"):
         assert f in names, f
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "vftrace = tracer.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tracer.cli import main
-from tracer.schema import COLUMNS
+from tracer.model.schema import COLUMNS
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"
@@ -22,7 +22,7 @@ REL = 0.0005              # the statistics core's histogram: <= 0.05% on percent
 
 
 def load_columns(path: Path) -> dict[str, np.ndarray]:
-    """The capture's columns read with numpy alone (not through tracer.capture)."""
+    """The capture's columns read with numpy alone (not through tracer.capture.files)."""
     header = path.read_text().split("\n", 1)[0].split(",")
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return {name: table[:, header.index(name)] for name in COLUMNS}
@@ -107,7 +107,7 @@ def test_budget_override_gives_exact_shares(capsys):
 
 
 def test_text_table_prints_the_same_rows(capsys):
-    from tracer.summary import fmt_ns
+    from tracer.model.units import fmt_ns
     report = run_json(capsys, str(SMALL))
     rows = report["captures"][0]["rows"]
     assert main(["report", str(SMALL)]) == 0
@@ -286,7 +286,7 @@ class _Tags(HTMLParser):
 
 
 def test_html_is_one_self_contained_file(tmp_path, capsys):
-    from tracer.summary import fmt_ns
+    from tracer.model.units import fmt_ns
     out = tmp_path / "r.html"
     lossy = copy_capture(tmp_path, "lossy", lost_total=7, lost_records_per_cpu={"0": 7})
     assert main(["report", str(SMALL), str(lossy), "-o", str(out)]) == 0

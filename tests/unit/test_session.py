@@ -16,12 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer import record, session as session_mod
-from tracer.capture import read_capture
+from tracer.capture.files import read_capture
 from tracer.cli import build_parser
-from tracer.probes import Plan
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.session import RecordError, Session, TraceOptions, Workload, group_members
+from tracer.kernel.probes import Plan
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.record import headless, session as session_mod
+from tracer.record.session import RecordError, Session, TraceOptions, Workload, group_members
 from tui.sources import Batch, LiveSource
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -35,7 +35,7 @@ def switch(seq: int, pf: int = 0, to_vf: int = 1) -> SwitchRecord:
 
 
 class FakeEngine:
-    """The parts of tracer.engine.Engine a Session uses; every step lands in ``events``."""
+    """The parts of tracer.kernel.engine.Engine a Session uses; every step lands in ``events``."""
 
     events: list[str] = []
     fail_start = False
@@ -271,14 +271,14 @@ def fake_kernel(monkeypatch):
     monkeypatch.setattr(session_mod, "require_root", lambda: None)
     monkeypatch.setattr(session_mod, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
     monkeypatch.setattr(session_mod, "require_bcc", lambda: None)
-    import tracer.engine
-    monkeypatch.setattr(tracer.engine, "Engine", FakeEngine)
+    import tracer.kernel.engine
+    monkeypatch.setattr(tracer.kernel.engine, "Engine", FakeEngine)
 
 
 def test_record_with_a_workload_keeps_its_messages_and_exit_status(tmp_path, events,
                                                                    fake_kernel, capsys):
     args = record_args(tmp_path, "--", sys.executable, "-c", "import sys; sys.exit(5)")
-    assert record.main(args) == 0                    # the workload's failure is a warning
+    assert headless.main(args) == 0                  # the workload's failure is a warning
     out, err = capsys.readouterr()
     assert_order(events)
     assert "vftrace: warning: a hook failed" in err
@@ -291,7 +291,7 @@ def test_record_with_a_workload_keeps_its_messages_and_exit_status(tmp_path, eve
 
 
 def test_record_duration_without_workload(tmp_path, events, fake_kernel, capsys):
-    assert record.main(record_args(tmp_path, "-d", "0.2")) == 0
+    assert headless.main(record_args(tmp_path, "-d", "0.2")) == 0
     meta, rows, _ = read_capture(tmp_path / "rec.csv")
     assert meta["stop_reason"] == "duration" and "workload" not in meta and rows
     assert events == ["engine.start", "engine.close", "capture.close"]
@@ -306,7 +306,7 @@ def test_record_duration_without_workload(tmp_path, events, fake_kernel, capsys)
 ])
 def test_record_bad_options_are_record_errors(tmp_path, argv, message):
     with pytest.raises(RecordError) as err:
-        record.main(record_args(tmp_path, *argv))
+        headless.main(record_args(tmp_path, *argv))
     assert message in str(err.value)
 
 
@@ -314,7 +314,7 @@ def test_record_needs_root_with_the_same_message(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(RecordError, match=r"^needs root \(BPF tracing needs CAP_BPF and "
                                           r"CAP_PERFMON\); run with sudo$"):
-        record.main(record_args(tmp_path))
+        headless.main(record_args(tmp_path))
 
 
 def test_record_and_live_share_the_trace_options():

@@ -1,7 +1,7 @@
 """A PF leaving mid-trace is noticed once, named, and timed."""
 from __future__ import annotations
 
-from tracer.sourcewatch import PfWatch, bound_pfs
+from tracer.pfsched.watch import PfWatch, bound_pfs
 
 
 class Clock:

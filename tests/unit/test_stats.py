@@ -8,8 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.stats import (EXACT_LIMIT, MAX_VALUE, RELATIVE_ERROR, GroupKey, Histogram, Stats,
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.model.stats import (EXACT_LIMIT, MAX_VALUE, RELATIVE_ERROR, GroupKey, Histogram, Stats,
                           bucket_bounds, bucket_index, bucket_indices, bucket_value)
 
 

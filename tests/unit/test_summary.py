@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.schema import COLUMNS, SwitchRecord
-from tracer.stats import Stats
-from tracer.summary import HEADER, fmt_ns, fmt_rate, format_summary, progress_line
+from tracer.model.schema import COLUMNS, SwitchRecord
+from tracer.model.stats import Stats
+from tracer.model.units import fmt_ns, fmt_rate
+from tracer.record.summary import HEADER, format_summary, progress_line
 
 
 def rec(seq, pf=0, src=0, dst=1, switch=1000, **kw) -> SwitchRecord:

@@ -1,7 +1,7 @@
 """Pilot tests of the dashboard: keys do what they say, on the shipped capture.
 
 Expected figures are computed here from the capture's rows, independently of
-``tracer.stats`` and of the dashboard.
+``tracer.model.stats`` and of the dashboard.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from textual.widgets import Input
 
 from tests.unit.test_tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, caught_up,
                                     group_counts, run_async, table_rows, wait_for)
-from tracer.capture import iter_calls, read_capture
+from tracer.capture.files import iter_calls, read_capture
 from tui.app import VftraceApp
 from tui.sources import Batch, FollowSource, ReplaySource
 from tui.widgets import HelpScreen

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tests.unit.test_tui_support import SMALL
-from tracer.capture import read_capture
-from tracer.schema import CallRecord
-from tracer.stats import Stats
+from tracer.capture.files import read_capture
+from tracer.model.schema import CallRecord
+from tracer.model.stats import Stats
 from tui.app import parse_id_list, parse_ns
 from tui.guests import GuestModel
 from tui.model import DashboardModel

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tracer.capture import CaptureWriter, iter_calls, read_capture
+from tracer.capture.files import CaptureWriter, iter_calls, read_capture
 from tracer.errors import VftraceError
-from tracer.schema import COLUMNS, SwitchRecord
+from tracer.model.schema import COLUMNS, SwitchRecord
 from tui.sources import Batch, FollowSource, ReplaySource, check_capture
 
 DATA = Path(__file__).resolve().parents[1] / "data"

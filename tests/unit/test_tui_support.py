@@ -7,7 +7,7 @@ import queue
 import time
 from pathlib import Path
 
-from tracer.capture import read_capture
+from tracer.capture.files import read_capture
 from tui.sources import Batch, HeaderInfo
 
 DATA = Path(__file__).resolve().parents[1] / "data"

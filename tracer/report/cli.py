@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from tracer.capture import CaptureError
+    from tracer.capture.files import CaptureError
     from tracer.errors import VftraceError
     from tracer.report import commands
     if args.command == "export" and args.no_calls and (args.calls or args.calls_parquet):
@@ -77,5 +77,5 @@ def run(args) -> int:
         if args.command == "report":
             return commands.report(args)
         return commands.export(args)
-    except CaptureError as e:                 # anything capture.py refuses: one line
+    except CaptureError as e:                 # anything tracer.capture refuses: one line
         raise VftraceError(str(e)) from None

@@ -5,11 +5,12 @@ import json
 import sys
 from pathlib import Path
 
-from tracer.capture import meta_path
+from tracer.capture.files import meta_path
+from tracer.capture.output import atomic_output, check_output
 from tracer.errors import VftraceError
 from tracer.report import tables
-from tracer.report.load import (atomic_output, call_chunks, calls_path, check_input,
-                                check_output, load_capture, load_meta, switch_chunks, unique_labels)
+from tracer.report.load import (call_chunks, calls_path, check_input, load_capture, load_meta,
+                                switch_chunks, unique_labels)
 
 REPORT_FORMATS = (".html", ".htm", ".png", ".svg", ".pdf")
 

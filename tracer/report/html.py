@@ -5,9 +5,9 @@ from __future__ import annotations
 import html
 
 from tracer import __version__
+from tracer.model.units import fmt_ns
 from tracer.report import tables
 from tracer.report.load import Capture
-from tracer.summary import fmt_ns
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1700px;

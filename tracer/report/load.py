@@ -2,26 +2,24 @@
 plots need, read in one streaming pass so memory stays proportional to those columns.
 
 Every problem a user can cause (a missing file, a file that is not a capture, a corrupt
-meta, an output path that cannot be written) becomes a one-line ``VftraceError``.
+meta) becomes a one-line ``VftraceError``; output files are ``tracer.capture.output``'s.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from tracer.capture import CaptureError, iter_calls, iter_capture, meta_path, read_meta
+from tracer.capture.files import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
-from tracer.session import check_output as session_check_output
-from tracer.schema import CALL_COLUMNS, CallRecord, SwitchRecord
-from tracer.stats import Snapshot, Stats
+from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord
+from tracer.model.stats import Snapshot, Stats
 
 DEFAULT_BUDGET_NS = 100          # vftrace record's default, for a capture without meta
 CHUNK = 16384
@@ -96,40 +94,6 @@ def _refuse_calls_file(p: Path) -> None:
     if first.rstrip("\r\n").split(",")[:2] == list(CALL_COLUMNS[:2]):
         raise VftraceError(f"{p}: is a per-call file (vftrace record --calls); "
                            "give the capture CSV it belongs to")
-
-
-def check_output(path: str | os.PathLike, flag: str, inputs: tuple[Path, ...] = ()) -> Path:
-    """An output path that can be written: its directory exists, it is not a directory
-    or a symlink (refused, never followed) and it would not overwrite one of the inputs."""
-    p = session_check_output(str(path), flag)   # RecordError is a VftraceError
-    for src in inputs:
-        if p.exists() and src.exists() and p.resolve() == src.resolve():
-            raise VftraceError(f"{flag} {p}: is an input; give another file name")
-    return p
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "w") -> Iterator[IO]:
-    """Write beside ``path``, then rename over it: a failed export leaves no half-written
-    file.  The temporary file is created fresh (O_EXCL, O_NOFOLLOW: a symlink planted at
-    its predictable name is never written through) with the user's umask; a symlink at
-    ``path`` itself is refused, and the rename would replace it, not follow it."""
-    if path.is_symlink():
-        raise VftraceError(f"{path}: is a symlink; refusing to write through it (remove it "
-                           "or give another name)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        if os.path.lexists(tmp):             # left by a crashed run with our pid, or planted
-            os.unlink(tmp)
-        with os.fdopen(os.open(tmp, flags, 0o666), mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except OSError as e:
-        raise VftraceError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)                   # gone already after the rename
 
 
 def load_meta(path: Path) -> tuple[dict, list[str]]:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 META_KEY = b"vftrace.meta"
 ROW_GROUP = 131072

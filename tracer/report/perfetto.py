@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from tracer import exit_reasons
-from tracer.schema import COLUMNS, CallRecord, SwitchRecord
+from tracer.model import exit_reasons
+from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord
 
 # Synthetic ids sit above Linux's largest pid (pid_max <= 2**22), so they never collide
 # with the real processes and threads of the VMs.

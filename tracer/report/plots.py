@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tracer.errors import VftraceError
+from tracer.model.stats import GroupStats, Histogram
 from tracer.report.load import Capture
-from tracer.stats import GroupStats, Histogram
 
 DEFAULT_SIZE = (1600, 1000)
 MIN_SIZE, MAX_SIZE = (480, 320), (8000, 8000)
@@ -336,7 +336,7 @@ DETERMINISTIC = {"svg.hashsalt": "vftrace"}   # SVG ids from a fixed salt, not a
 def save_figure(fig, path: Path) -> None:
     """PNG, SVG or PDF by the file's extension, at the figure's size in pixels."""
     import matplotlib
-    from .load import atomic_output          # never through a symlink, never half-written
+    from tracer.capture.output import atomic_output   # never through a symlink, never half-written
     fmt = FORMATS[path.suffix.lower()]
     with atomic_output(path, "wb") as f, matplotlib.rc_context(DETERMINISTIC):
         fig.savefig(f, format=fmt, dpi=fig.dpi, metadata=_metadata(fmt))

@@ -10,10 +10,10 @@ import html
 import textwrap
 from dataclasses import asdict, dataclass
 
-from tracer import exit_reasons
+from tracer.model import exit_reasons
+from tracer.model.stats import GroupStats
+from tracer.model.units import fmt_ns
 from tracer.report.load import Capture
-from tracer.stats import GroupStats
-from tracer.summary import fmt_ns
 
 
 @dataclass(frozen=True, slots=True)

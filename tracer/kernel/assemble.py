@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .schema import COLUMNS, SwitchRecord
+from ..model.schema import COLUMNS, SwitchRecord
 
 PF, SEQ = COLUMNS.index("pf"), COLUMNS.index("seq")
 

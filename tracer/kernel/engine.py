@@ -13,9 +13,9 @@ from typing import Callable
 
 from . import layout, probes
 from .assemble import Assembler
-from .paths import bpf_dir
+from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
-from .schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from ..model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
 # What the kernel's vft_switch gives, in SwitchRecord order: all but over_budget, which is

@@ -253,10 +253,11 @@ def _table(rows: list[dict], rates: list[float], elapsed: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tracer.workloads.guests",
+        prog="python -m tracer.lab.workloads.guests",
         description="KVM guests looping over loads/stores to pf_sched VF BARs (lab, root).",
-        epilog="examples:\n  python -m tracer.workloads.guests --mode mmap --vms 2 --seconds 10\n"
-               "  python -m tracer.workloads.guests --mode trap --vcpus 2 --json",
+        epilog="examples:\n"
+               "  python -m tracer.lab.workloads.guests --mode mmap --vms 2 --seconds 10\n"
+               "  python -m tracer.lab.workloads.guests --mode trap --vcpus 2 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--mode", choices=MODES, default="mmap")
     p.add_argument("-n", "--vms", type=int, default=1, help="VMs, one VF each (default 1)")

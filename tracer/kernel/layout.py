@@ -15,7 +15,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Callable, Sequence
 
-from .paths import bpf_dir
+from ..paths import bpf_dir
 
 CTYPES = {"__u64": ctypes.c_uint64, "__s64": ctypes.c_int64, "__u32": ctypes.c_uint32,
           "__s32": ctypes.c_int32, "__u16": ctypes.c_uint16, "__s16": ctypes.c_int16,

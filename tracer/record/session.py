@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__, exit_reasons, probes
-from .capture import CallWriter, CaptureError, CaptureWriter, meta_path
-from .errors import VftraceError
-from .schema import CallRecord, SwitchRecord
+from .. import __version__
+from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
+from ..errors import VftraceError
+from ..kernel import probes
+from ..model import exit_reasons
+from ..model.schema import CallRecord, SwitchRecord
 from .instances import Registration
-from .sourcewatch import PfWatch
+from ..pfsched.watch import PfWatch
 
 WORKLOAD_GRACE_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -310,7 +312,7 @@ def plan_for(opts: TraceOptions) -> probes.Plan | None:
     if plan.source == "pf_sched":
         check_filters(opts, pf_sched_layout())
     if opts.ebpf:
-        from .engine import program_text
+        from ..kernel.engine import program_text
         print(program_text(plan, os.getpid()))
         return None
     require_bcc()
@@ -464,7 +466,7 @@ class Session:
         """Arm the probes, open the writers, touch the ready file, start the workload."""
         if self._engine_factory is None:
             require_bcc()
-            from .engine import Engine
+            from ..kernel.engine import Engine
             self._engine_factory = Engine
         if self._signals:
             self.signal_stop = SignalStop()

@@ -11,7 +11,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
 PCI = Path("/sys/bus/pci")

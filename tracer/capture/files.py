@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
-from tracer.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 FLUSH_S = 0.5
 FLUSH_ROWS = 2048       # ~250 KiB of switch rows per write

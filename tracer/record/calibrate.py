@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import VftraceError
+from ..errors import VftraceError
 
 COMMANDS: tuple[str, ...] = ("calibrate",)
 
@@ -139,7 +139,7 @@ def run(args) -> int:
 
 
 def _run_capture(path: Path, as_json: bool) -> int:
-    from .capture import CaptureError, iter_capture, read_meta
+    from ..capture.files import CaptureError, iter_capture, read_meta
     if not path.is_file():
         raise VftraceError(f"--capture {path}: no such file")
     try:
@@ -162,7 +162,7 @@ def _run_capture(path: Path, as_json: bool) -> int:
 
 
 def _run_live(args) -> int:
-    from . import probes
+    from ..kernel import probes
     from .session import TraceOptions, make_plan, require_bcc, require_root
     require_root()
     require_bcc()
@@ -190,7 +190,7 @@ def _run_live(args) -> int:
 
 def measure_floor(plan) -> tuple[dict, list[str]]:
     """Start the engine (which calibrates on start-up), read its floor, detach."""
-    from .engine import Engine
+    from ..kernel.engine import Engine
     from .session import RecordError
     engine = Engine(plan, budget_ns=100, on_switch=lambda rec: None)
     try:

@@ -5,8 +5,8 @@ stopped, then the recorder stops (and detaches its probes).  Under QEMU's TCG, p
 kernel text while a nested guest runs has crashed the lab kernel, and a recorder armed
 first also sees every exit the guests cause.
 
-    python -m tracer.experiment run --mode mmap --duration 10 -o build/cap.csv
-    python -m tracer.experiment compare --duration 10 -o build/experiment
+    python -m tracer.lab.experiment run --mode mmap --duration 10 -o build/cap.csv
+    python -m tracer.lab.experiment compare --duration 10 -o build/experiment
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .capture import read_capture
-from .stats import Stats
-from .summary import fmt_ns
+from ..capture.files import read_capture
+from ..model.stats import Stats
+from ..model.units import fmt_ns
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 RECORDER_START_S = 300          # BCC compiles slowly under TCG
@@ -88,7 +88,7 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
     guests = None
     try:
         guests = subprocess.Popen(
-            [*_python(), "-m", "tracer.workloads.guests", "--mode", mode, "--vms", str(vms),
+            [*_python(), "-m", "tracer.lab.workloads.guests", "--mode", mode, "--vms", str(vms),
              "--vcpus", str(vcpus), "--json", "--interval", "1", "-o", str(summary),
              "--seconds", str(duration)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -230,7 +230,7 @@ def compare(out_dir: Path, *, vms: int, vcpus: int, duration: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracer.experiment",
+    p = argparse.ArgumentParser(prog="python -m tracer.lab.experiment",
                                 description="Guests under a recorder (inside the lab VM).")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="one recording with guests")

@@ -1,7 +1,7 @@
 """``vftrace record``: headless capture of switch records to CSV, a summary at the end.
 
 The recording itself (probes, engine, writers, workload, stop order) is
-``tracer.session.Session``, shared with ``vftrace live``; this module is the headless
+``tracer.record.session.Session``, shared with ``vftrace live``; this module is the headless
 front end: a progress line on stderr and the summary table on stdout.
 """
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 import time
 
-from .capture import meta_path
-from .engine import warn
+from ..capture.files import meta_path
+from ..kernel.engine import warn
+from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
-from .stats import Stats
 from .summary import format_summary, progress_line
 
 __all__ = ["RecordError", "add_trace_options", "check_output", "main", "parse_ints"]

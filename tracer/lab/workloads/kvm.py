@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     (``Oops: int3`` in ``__schedule``)."""
     import argparse
     import time
-    p = argparse.ArgumentParser(prog="python -m tracer.workloads.kvm")
+    p = argparse.ArgumentParser(prog="python -m tracer.lab.workloads.kvm")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--outs", type=int, default=200, help="port writes per VM run")
     p.add_argument("--pause-ms", type=float, default=0.0, help="sleep between runs")
