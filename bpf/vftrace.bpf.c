@@ -14,7 +14,7 @@
  * emitted when the window closes.  Guest accesses released by a switch happen after it,
  * so they are emitted on their own and joined by (pf, seq) in user space.
  *
- * Compile-time parameters (-D, set by tracer/probes.py):
+ * Compile-time parameters (-D, set by tracer/kernel/probes.py):
  *   SWITCH_SRC     SRC_PF_SCHED_RAW | SRC_PF_SCHED_TP | SRC_FUNC | SRC_TP
  *   SWITCH_FUNC    with SRC_FUNC and FUNC_MODE == MODE_FENTRY: the function
  *   <HOOK>_MODE    MODE_ABSENT | MODE_FENTRY | MODE_KPROBE per hook below
