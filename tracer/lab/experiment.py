@@ -24,13 +24,14 @@ from pathlib import Path
 from ..capture.files import read_capture
 from ..model.stats import Stats
 from ..model.units import fmt_ns
+from . import LabError
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 RECORDER_START_S = 300          # BCC compiles slowly under TCG
 CASES = (("mmap", "strict"), ("mmap", "batched"), ("trap", "strict"), ("trap", "batched"))
 
 
-class ExperimentError(Exception):
+class ExperimentError(LabError):
     """A one-line reason the run failed."""
 
 

@@ -66,16 +66,13 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from tracer.capture.files import CaptureError
     from tracer.errors import VftraceError
     from tracer.report import commands
     if args.command == "export" and args.no_calls and (args.calls or args.calls_parquet):
         other = "--calls" if args.calls else "--calls-parquet"
         raise VftraceError(f"--no-calls leaves the per-call rows out and {other} asks for "
                            "them: give one of the two")
-    try:
-        if args.command == "report":
-            return commands.report(args)
-        return commands.export(args)
-    except CaptureError as e:                 # anything tracer.capture refuses: one line
-        raise VftraceError(str(e)) from None
+    # What tracer.capture refuses is a CaptureError, a VftraceError too: one line.
+    if args.command == "report":
+        return commands.report(args)
+    return commands.export(args)

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import VftraceError
 from .kvm import KVM_EXIT_MMIO, RUN_UNION, KvmError, Vm
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
@@ -61,7 +62,7 @@ def bar_loop_code() -> bytes:
     return loop + bytes([0xEB, (-(len(loop) + 2)) & 0xFF])   # jmp loop
 
 
-class GuestError(Exception):
+class GuestError(VftraceError):
     """A one-line reason the guests cannot run."""
 
 
