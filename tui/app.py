@@ -28,6 +28,7 @@ from textual.worker import get_current_worker
 from tracer.model.schema import NO_VF
 from tracer.model.units import fmt_ns, fmt_rate
 
+from . import keys
 from .model import DashboardModel, describe_export, write_export
 from .sources import Batch, Source
 from .store import COL, DEFAULT_MAX_RECORDS
@@ -95,17 +96,9 @@ class VftraceApp(App):
     Screen.-narrow #switches { width: 1fr; }
     Screen.-short #probes { display: none; }
     """
-    BINDINGS = [
-        Binding("p", "toggle_pause", "Pause"),
-        Binding("r", "reset", "Reset"),
-        Binding("e", "export", "Export"),
-        Binding("f", "filter", "Filter"),
-        Binding("b", "budget", "Budget"),
-        Binding("s", "sort", "Sort"),
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("f1", "help", "Help", show=False),
-    ]
+    BINDINGS = [Binding(key, action, label, key_display=display, show=show)
+                for key, action, label, display, show in keys.bindings()]
+    COMMAND_PALETTE_BINDING = keys.PALETTE_KEY
 
     def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic,
                  budget_ns: int | None = None, pfs: Iterable[int] | None = None,
@@ -506,16 +499,12 @@ class VftraceApp(App):
             self.watchdog.stop()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        yield SystemCommand("Pause / resume", "Freeze the display (p)", self.action_toggle_pause)
-        yield SystemCommand("Reset statistics", "Start counting again (r)", self.action_reset)
-        yield SystemCommand("Export capture", "Write what the dashboard holds to CSV (e)",
-                            self.action_export)
-        yield SystemCommand("Filter PF/VF", "Only some PFs or VFs (f)", self.action_filter)
-        yield SystemCommand("Set budget", "The switch budget in ns (b)", self.action_budget)
-        yield SystemCommand("Sort table", "Sort per-PF/VF by the next column (s)",
-                            self.action_sort)
-        yield SystemCommand("Help", "The dashboard's keys (?)", self.action_help)
+        ours = [SystemCommand(k.title, f"{k.description[:1].upper()}{k.description[1:]} "
+                              f"({k.displays[0]})", getattr(self, f"action_{k.action}"))
+                for k in keys.KEYS]
+        titles = {c.title for c in ours}      # Textual's Quit: ours says what q does here
+        yield from (c for c in super().get_system_commands(screen) if c.title not in titles)
+        yield from ours
 
 
 # --- small helpers -----------------------------------------------------------------------

@@ -15,6 +15,8 @@ from tracer.errors import VftraceError
 from tracer.record.session import (Session, TraceOptions, add_trace_options, check_output,
                                    parse_ints, plan_for)
 
+from . import keys
+
 COMMANDS: tuple[str, ...] = ("live", "replay")
 
 LIVE_EPILOG = """examples:
@@ -23,14 +25,14 @@ LIVE_EPILOG = """examples:
   sudo vftrace live --calls calls.csv         # per-call rows: KVM exit and VFIO rates
   sudo vftrace live --pf 0 -b 5000 -- python -m tracer.lab.workloads.kvm
                                               # a guest started once armed, stopped first
-keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+""" + keys.epilog_line()
 
 REPLAY_EPILOG = """examples:
   vftrace replay cap.csv                      # as recorded (paced by the records' t_ns)
   vftrace replay cap.csv --speed max          # as fast as possible
   vftrace replay cap.csv --speed 10 --pf 0 -b 5000
   vftrace replay --follow cap.csv             # like tail -f: a recorder still writing it
-keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+""" + keys.epilog_line()
 
 
 def add_parsers(sub) -> None:
