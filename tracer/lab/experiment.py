@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..capture.files import read_capture
+from ..model import group_columns as gc
 from ..model.stats import Stats
 from ..model.units import fmt_ns
 from . import LabError
@@ -160,15 +161,19 @@ def compare_row(case: CaseResult) -> dict:
     }
 
 
+# The comparison's columns that are the group table's: their headers and formats.
+SPEC_COLUMNS = {"switch_p50_ns": "p50", "switch_p99_ns": "p99", "revoke_mean_ns": "revoke",
+                "grant_mean_ns": "grant", "exits_per_switch": "exits",
+                "blocked_ns_per_switch": "blocked_time"}
+
+
 def comparison_table(rows: list[dict]) -> str:
-    head = ("CASE", "SWITCHES", "LOST", "P50", "P99", "REVOKE", "GRANT", "EXITS/SW",
-            "BLOCKED/SW", "GUEST ACC/S")
+    spec = {key: gc.BY_NAME[name] for key, name in SPEC_COLUMNS.items()}
+    head = ("CASE", "SWITCHES", "LOST", *(c.header for c in spec.values()), "GUEST ACC/S")
     lines = [head]
     for r in rows:
         lines.append((f"{r['mode']}/{r['unmap_mode']}", str(r["switches"]), str(r["lost"]),
-                      fmt_ns(r["switch_p50_ns"]), fmt_ns(r["switch_p99_ns"]),
-                      fmt_ns(r["revoke_mean_ns"]), fmt_ns(r["grant_mean_ns"]),
-                      f"{r['exits_per_switch']:.2f}", fmt_ns(r["blocked_ns_per_switch"]),
+                      *(c.fmt(r[key]) for key, c in spec.items()),
                       f"{r['guest_accesses_per_s']:,}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
