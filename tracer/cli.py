@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-k", "--kernel", help="6.1, 6.12, a release string or a vmlinuz path "
                      "(default: the newest installed)")
     lab.add_argument("-n", "--pfs", type=int, default=1, help="simulated PFs: edu devices (default 1)")
-    lab.add_argument("-c", "--cpus", type=int, default=2, help="guest CPUs (default 2)")
-    lab.add_argument("-m", "--memory", default="2G", help="guest memory (default 2G)")
+    lab.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    lab.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     lab.add_argument("-t", "--timeout", type=seconds, help="stop the VM after this many seconds")
     lab.add_argument("--boot-timeout", type=seconds, default=150,
                      help="retry the boot when CMD has not started after this many seconds "

@@ -91,7 +91,7 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
     try:
         guests = subprocess.Popen(
             [*_python(), "-m", "tracer.lab.workloads.guests", "--mode", mode, "--vms", str(vms),
-             "--vcpus", str(vcpus), "--json", "--interval", "1", "-o", str(summary),
+             "--vcpus", str(vcpus), "--json", "--interval", "1", "--summary", str(summary),
              "--seconds", str(duration)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:        # the guests stop themselves after `duration` s of running
@@ -235,7 +235,7 @@ def compare(out_dir: Path, *, vms: int, vcpus: int, duration: float) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer.lab.experiment",
                                 description="Guests under a recorder (inside the lab VM).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -248,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--vms", type=int, default=2)
         q.add_argument("--vcpus", type=int, default=1)
         q.add_argument("-d", "--duration", type=float, default=10.0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("experiment: error: needs root (run it in the lab: vftrace lab ...)", file=sys.stderr)
         return 2
