@@ -65,7 +65,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
             rss.append((0.0, rss_kb(recorder.pid)))
             guests = subprocess.Popen(
                 [sys.executable, "-m", "tracer.lab.workloads.guests", "--mode", "mmap", "--vms",
-                 str(vms), "--json", "--interval", str(sample_s), "-o", str(guests_json)],
+                 str(vms), "--json", "--interval", str(sample_s), "--summary", str(guests_json)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             pfsched.set_enabled(True)
             t0 = time.monotonic()

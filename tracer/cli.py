@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
 
 from . import __version__
-from .errors import VftraceError
+from .errors import UsageError, VftraceError
 
 # Subcommands whose parsers and code live with their front end.  Each module has
-# add_parsers(subparsers) and run(args) -> int and raises VftraceError on bad input;
-# it imports its heavy libraries (Textual, matplotlib) inside run(), so `vftrace --help`
-# and the other commands stay fast.
+# COMMANDS, add_parsers(subparsers) and run(args) -> int; it imports its heavy libraries
+# (Textual, matplotlib) inside run(), so `vftrace --help` and the other commands stay fast.
 FRONT_ENDS = ("tui.cli", "tracer.report.cli", "tracer.record.calibrate")
 
 EPILOG = """examples:
@@ -28,13 +28,9 @@ EPILOG = """examples:
 """
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):                  # one line, no usage dump
-        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)", self.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  vftrace doctor\n  vftrace doctor --json | jq .can_trace",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("-j", "--json", action="store_true", help="machine-readable output")
+    d.set_defaults(handler="tracer.kernel.doctor:main")
 
     lab = sub.add_parser(
         "lab", help="run a command (or a shell) in the lab VM",
@@ -65,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-k", "--kernel", help="6.1, 6.12, a release string or a vmlinuz path "
                      "(default: the newest installed)")
     lab.add_argument("-n", "--pfs", type=int, default=1, help="simulated PFs: edu devices (default 1)")
-    lab.add_argument("-c", "--cpus", type=int, default=2, help="guest CPUs (default 2)")
-    lab.add_argument("-m", "--memory", default="2G", help="guest memory (default 2G)")
+    lab.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    lab.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     lab.add_argument("-t", "--timeout", type=seconds, help="stop the VM after this many seconds")
     lab.add_argument("--boot-timeout", type=seconds, default=150,
                      help="retry the boot when CMD has not started after this many seconds "
@@ -92,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", help="experiment: directory for its results "
                    "(default build/experiment/<kernel>)")
     lab.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: what to run in the guest")
+    lab.set_defaults(handler="tracer.lab.vm:main")
     pf = sub.add_parser(
         "pf-sched", help="load/unload pf_sched on the lab's edu devices (in the lab VM)",
         epilog="examples:\n  vftrace pf-sched up --slice-us 500 --unmap-mode batched\n"
@@ -102,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--nr-vfs", type=int, help="VFs per PF (default 4)")
     pf.add_argument("--bar-pages", type=int, help="pages per VF BAR (default 4)")
     pf.add_argument("--unmap-mode", choices=("strict", "batched"), help="IOTLB sync per unmap or per switch")
+    pf.set_defaults(handler="tracer.pfsched.control:main")
 
     rec = sub.add_parser(
         "record", help="record switch timings to a CSV capture (headless)",
@@ -119,14 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     from .record.session import add_trace_options
     add_trace_options(rec)
+    rec.set_defaults(handler="tracer.record.headless:main")
     for name in FRONT_ENDS:
-        _front_end(name).add_parsers(sub)
+        module = importlib.import_module(name)
+        module.add_parsers(sub)
+        for command in module.COMMANDS:
+            sub.choices[command].set_defaults(handler=f"{name}:run")
     return p
 
 
-def _front_end(name: str):
-    import importlib
-    return importlib.import_module(name)
+def handler(args: argparse.Namespace):
+    """The function that runs the parsed subcommand: every subparser names its own,
+    ``module:function``, imported only now so the other commands stay fast."""
+    module, _, function = args.handler.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,36 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = f"vftrace {args.command}"
-        if args.command == "doctor":
-            from .kernel import doctor
-            return doctor.main(args)
-        if args.command == "pf-sched":
-            from .pfsched import control
-            try:
-                return control.main(args)
-            except (control.GuestError, OSError) as e:
-                raise UsageError(f"vftrace pf-sched: error: {e}") from None
-        if args.command == "record":
-            from .record import headless
-            try:
-                return headless.main(args)
-            except headless.RecordError as e:
-                raise UsageError(f"vftrace record: error: {e}") from None
-        if args.command == "lab":
-            from .lab import LabError, vm
-            try:
-                return vm.main(args)
-            except LabError as e:
-                raise UsageError(f"vftrace lab: error: {e}") from None
-        for name in FRONT_ENDS:
-            mod = _front_end(name)
-            if args.command in getattr(mod, "COMMANDS", ()):
-                try:
-                    return mod.run(args)
-                except VftraceError as e:
-                    raise UsageError(f"vftrace {args.command}: error: {e}") from None
-    except UsageError as e:
-        print(f"error: {e}" if not str(e).startswith("vftrace") else str(e), file=sys.stderr)
+        return handler(args)(args)
+    except VftraceError as e:           # any refusal, of any subcommand: one line
+        who = e.prog if isinstance(e, UsageError) else command
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -174,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:     # the system said no (permissions, a full disk): not a bug trace
         print(f"{command}: error: {os_error_text(e)}", file=sys.stderr)
         return 2
-    return 0
 
 
 def os_error_text(e: OSError) -> str:

@@ -28,7 +28,8 @@ from textual.worker import get_current_worker
 from tracer.model.schema import NO_VF
 from tracer.model.units import fmt_ns, fmt_rate
 
-from .model import DashboardModel, describe_export, write_export
+from . import keys
+from .model import GROUP_COLUMNS, SORTS, DashboardModel, describe_export, write_export
 from .sources import Batch, Source
 from .store import COL, DEFAULT_MAX_RECORDS
 from .watchdog import StallWatchdog
@@ -51,12 +52,10 @@ TABLES_EVERY_TICKS = 5
 OUTPUT_BACKLOG_MAX = 0
 OVER = "bold red"
 
-GROUP_COLUMNS = ("GROUP", "COUNT", "P50", "P99", "P99.9", "MAX", ">BUDGET", "REVOKE",
-                 "GRANT", "EXITS/SW", "BLOCKED/SW")
 # Header cell -> sort name for a click on the per-PF/VF table's header.
-HEADER_SORT = {"GROUP": "group", "COUNT": "count", "P50": "p50", "P99": "p99",
-               "P99.9": "p99.9", "MAX": "max", ">BUDGET": ">budget", "EXITS/SW": "exits/sw",
-               "BLOCKED/SW": "blocked/sw"}
+HEADER_SORT = {c.header: c.header.lower() for c in GROUP_COLUMNS
+               if c.header.lower() in dict(SORTS)}
+SWITCH_TIME = {"p50", "p90", "p99", "p999", "max"}      # red over the budget
 GUEST_COLUMNS = ("PID", "VCPU", "REASON", "EXITS/S", "TOTAL", "IN SWITCH", "OUTSIDE", "AVG")
 
 
@@ -95,17 +94,9 @@ class VftraceApp(App):
     Screen.-narrow #switches { width: 1fr; }
     Screen.-short #probes { display: none; }
     """
-    BINDINGS = [
-        Binding("p", "toggle_pause", "Pause"),
-        Binding("r", "reset", "Reset"),
-        Binding("e", "export", "Export"),
-        Binding("f", "filter", "Filter"),
-        Binding("b", "budget", "Budget"),
-        Binding("s", "sort", "Sort"),
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("f1", "help", "Help", show=False),
-    ]
+    BINDINGS = [Binding(key, action, label, key_display=display, show=show)
+                for key, action, label, display, show in keys.bindings()]
+    COMMAND_PALETTE_BINDING = keys.PALETTE_KEY
 
     def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic,
                  budget_ns: int | None = None, pfs: Iterable[int] | None = None,
@@ -171,7 +162,7 @@ class VftraceApp(App):
         self._widgets = {w.id: w for w in self.screen.query("*") if w.id}
         self.w("switches").border_title = "Switches (newest first, over budget in red)"
         groups = self.w("groups")
-        groups.add_columns(*GROUP_COLUMNS)
+        groups.add_columns(*(c.header for c in GROUP_COLUMNS))
         self.w("guest-table").add_columns(*GUEST_COLUMNS)
         self.query_one("#guests").border_title = "Guests"
         self.query_one("#dist").border_title = "Distribution: switch ns, log scale"
@@ -357,23 +348,13 @@ class VftraceApp(App):
 
     def _update_groups(self, snap) -> None:
         table = self.w("groups")
-        rows, keys = [], []
+        rows, labels = [], []
         for g in self.model.group_rows(snap):
-            s = g.switch
-            share = f"{100 * g.over_budget_share:.2f}%"
-            cells = [Text(g.key.label, "bold" if g.key.level != "vf" else ""),
-                     Text(str(g.count), justify="right")]
-            for v in (s.p50, s.p99, s.p999, s.max):
-                cells.append(Text(fmt_ns(v), "red" if v is not None and v > snap.budget_ns
-                                  else "", justify="right"))
-            cells += [Text(share, OVER if g.over_budget else "green", justify="right"),
-                      Text(fmt_ns(g.revoke.mean), justify="right"),
-                      Text(fmt_ns(g.grant.mean), justify="right"),
-                      Text(f"{g.exits_per_switch:.2f}", justify="right"),
-                      Text(fmt_ns(g.blocked_ns_per_switch), justify="right")]
-            rows.append(cells)
-            keys.append(g.key.label)
-        _fill(table, rows, keys)
+            rows.append([Text(c.cell(g), _group_style(c.name, g, snap.budget_ns),
+                              justify=None if c.name == "group" else "right")
+                         for c in GROUP_COLUMNS])
+            labels.append(g.key.label)
+        _fill(table, rows, labels)
         arrow = "" if self.model.sort_name == "group" else " (largest first)"
         table.border_title = f"Per PF / per VF: sort by {self.model.sort_name}{arrow}  [s]"
 
@@ -506,19 +487,27 @@ class VftraceApp(App):
             self.watchdog.stop()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        yield SystemCommand("Pause / resume", "Freeze the display (p)", self.action_toggle_pause)
-        yield SystemCommand("Reset statistics", "Start counting again (r)", self.action_reset)
-        yield SystemCommand("Export capture", "Write what the dashboard holds to CSV (e)",
-                            self.action_export)
-        yield SystemCommand("Filter PF/VF", "Only some PFs or VFs (f)", self.action_filter)
-        yield SystemCommand("Set budget", "The switch budget in ns (b)", self.action_budget)
-        yield SystemCommand("Sort table", "Sort per-PF/VF by the next column (s)",
-                            self.action_sort)
-        yield SystemCommand("Help", "The dashboard's keys (?)", self.action_help)
+        ours = [SystemCommand(k.title, f"{k.description[:1].upper()}{k.description[1:]} "
+                              f"({k.displays[0]})", getattr(self, f"action_{k.action}"))
+                for k in keys.KEYS]
+        titles = {c.title for c in ours}      # Textual's Quit: ours says what q does here
+        yield from (c for c in super().get_system_commands(screen) if c.title not in titles)
+        yield from ours
 
 
 # --- small helpers -----------------------------------------------------------------------
+
+def _group_style(column: str, g, budget_ns: int) -> str:
+    """Over-budget figures in red; the all and PF rows' names in bold."""
+    if column == "group":
+        return "bold" if g.key.level != "vf" else ""
+    if column in SWITCH_TIME:
+        v = getattr(g.switch, column)
+        return "red" if v is not None and v > budget_ns else ""
+    if column == "over_budget":
+        return OVER if g.over_budget else "green"
+    return ""
+
 
 def _fill(table: DataTable, rows: list[list], keys: list[str] | None = None) -> None:
     """Replace a table's rows, unless they are what it shows already: a DataTable

@@ -12,25 +12,27 @@ import sys
 from pathlib import Path
 
 from tracer.errors import VftraceError
-from tracer.record.session import (Session, TraceOptions, add_trace_options, check_output,
-                                   parse_ints, plan_for)
+from tracer.record.session import (Session, TraceOptions, add_trace_options,
+                                   check_capture_output, parse_ints, plan_for)
+
+from . import keys
 
 COMMANDS: tuple[str, ...] = ("live", "replay")
 
 LIVE_EPILOG = """examples:
   sudo vftrace live                           # pf_sched's switches, as they happen
-  sudo vftrace live --csv cap.csv -d 60       # and record them (cap.csv + cap.meta.json)
+  sudo vftrace live -o cap.csv -d 60          # and record them (cap.csv + cap.meta.json)
   sudo vftrace live --calls calls.csv         # per-call rows: KVM exit and VFIO rates
   sudo vftrace live --pf 0 -b 5000 -- python -m tracer.lab.workloads.kvm
                                               # a guest started once armed, stopped first
-keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+""" + keys.epilog_line()
 
 REPLAY_EPILOG = """examples:
   vftrace replay cap.csv                      # as recorded (paced by the records' t_ns)
   vftrace replay cap.csv --speed max          # as fast as possible
   vftrace replay cap.csv --speed 10 --pf 0 -b 5000
   vftrace replay --follow cap.csv             # like tail -f: a recorder still writing it
-keys: p pause, r reset, e export, f filter, b budget, s sort, q quit, ? help"""
+""" + keys.epilog_line()
 
 
 def add_parsers(sub) -> None:
@@ -40,15 +42,16 @@ def add_parsers(sub) -> None:
                     "switches, their statistics per PF and VF, the latency distribution and "
                     "the guests' KVM exits in a terminal dashboard.",
         epilog=LIVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    live.add_argument("--csv", metavar="FILE",
+    live.add_argument("-o", "--output", metavar="FILE",
                       help="record the capture too (FILE + FILE.meta.json, as vftrace record)")
+    live.add_argument("--csv", metavar="FILE", help=argparse.SUPPRESS)   # -o's old name
     live.add_argument("-d", "--duration", type=float,
                       help="stop recording after this many seconds (the dashboard stays)")
     add_trace_options(live)
 
     rep = sub.add_parser(
         "replay", help="the dashboard over a capture file (or one being written: --follow)",
-        description="Replay a capture written by vftrace record (or vftrace live --csv) in "
+        description="Replay a capture written by vftrace record (or vftrace live -o) in "
                     "the dashboard, paced as recorded; with --follow, watch a capture "
                     "another vftrace is still writing.",
         epilog=REPLAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,8 +141,13 @@ def _listed(numbers: set[int]) -> str:
 
 
 def _live(args) -> int:
+    if args.output is not None and args.csv is not None:
+        raise VftraceError("--csv is -o/--output's old name: give one of the two")
+    # A capture given as --csv (its old name) is checked there, under that name.
     opts = TraceOptions.from_args(args, "live")
-    out = check_output(args.csv, "--csv")
+    flag, path = ("--csv", args.csv) if args.csv is not None else ("-o/--output", args.output)
+    out = check_capture_output(path, flag, {"--calls": opts.calls,
+                                            "--ready-file": opts.ready_file})
     plan = plan_for(opts)
     if plan is None:                          # --ebpf: the program was printed
         return 0

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from tracer.capture.files import CaptureWriter
+from tracer.model import group_columns as gc
 from tracer.model.filter import filter_mask
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
@@ -25,17 +26,15 @@ from .store import COL, DEFAULT_MAX_RECORDS, RecordStore, to_records, to_rows
 NS_PER_S = 1_000_000_000
 RATE_SECONDS = 120               # trace seconds of the rate sparkline kept
 
-# (name shown, key) for ``s``: the per-PF/VF table cycles through these, largest first.
+# The per-PF/VF table's columns (tracer.model.group_columns: one meaning per header).
+GROUP_COLUMNS = gc.pick("group", "count", "p50", "p99", "p999", "max", "over_budget",
+                        "revoke", "grant", "exits", "blocked_time")
+SORTED_BY = ("count", "p50", "p99", "p999", "max", "over_budget", "exits", "blocked_time")
+# (name shown, key) for ``s``: the table cycles through these, largest first; the name
+# is the column's header, lower-cased.
 SORTS: tuple[tuple[str, Callable[[GroupStats], float] | None], ...] = (
     ("group", None),
-    ("count", lambda g: g.count),
-    ("p50", lambda g: g.switch.p50 or 0),
-    ("p99", lambda g: g.switch.p99 or 0),
-    ("p99.9", lambda g: g.switch.p999 or 0),
-    ("max", lambda g: g.switch.max or 0),
-    (">budget", lambda g: g.over_budget_share),
-    ("exits/sw", lambda g: g.exits_per_switch),
-    ("blocked/sw", lambda g: g.blocked_ns_per_switch),
+    *((gc.BY_NAME[n].header.lower(), gc.BY_NAME[n].sort_key) for n in SORTED_BY),
 )
 
 

@@ -14,6 +14,8 @@ from textual_plotext import PlotextPlot
 
 from tracer.model.units import fmt_ns
 
+from . import keys
+
 PLOT_BINS = 40
 
 
@@ -91,18 +93,7 @@ class HeaderBar(Static):
         self.update(text)
 
 
-HELP_TEXT = """\
-[b]vftrace dashboard keys[/b]
-
-  [b]p[/b]        pause / resume the display (records keep being counted)
-  [b]r[/b]        reset the statistics (and the records kept for export)
-  [b]e[/b]        export what the dashboard holds to a capture CSV (+ .meta.json)
-  [b]f[/b]        filter: only some PFs / VFs (rebuilt from the kept records)
-  [b]b[/b]        set the switch budget (over-budget shares are recomputed)
-  [b]s[/b]        sort the per-PF / per-VF table by the next column
-  [b]q[/b]        quit (live: stops the workload, detaches the probes, closes the capture)
-  [b]?[/b] / F1   this help
-  [b]ctrl+p[/b]   command palette (every action above, by name)
+HELP_TEXT = "[b]vftrace dashboard keys[/b]\n\n" + "\n".join(keys.help_lines()) + f"""
 
 Over-budget switches are red.  Lost records (the kernel could not hand them over) are
 red in the header when there are any.  The header's rate is records arriving per second
@@ -110,11 +101,11 @@ of wall-clock time (over the last 5 s: a backlog drained at start shows as a bur
 rates in the Distribution and Guests panels are per second of trace time (a replay
 shows the rates the recording saw).
 
-[dim]escape, q or ? closes this screen[/dim]"""
+[dim]{keys.close_help_hint()}[/dim]"""
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,q,question_mark,f1", "dismiss", "Close")]
+    BINDINGS = [Binding(",".join(keys.close_help_keys()), "dismiss", "Close")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > Static { width: 92; height: auto; padding: 1 2; border: thick $accent;

@@ -72,7 +72,7 @@ def assert_tracks_nest(events: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def small_trace(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("trace") / "trace.json"
-    assert main(["export", str(SMALL), "-p", str(out)]) == 0
+    assert main(["export", str(SMALL), "--perfetto", str(out)]) == 0
     with open(out) as f:
         return json.load(f)
 
@@ -181,7 +181,7 @@ def test_missing_calls_file_warns_and_exports_switches(tmp_path, capsys):
     shutil.copy(SMALL, cap)
     shutil.copy(DATA / "small.meta.json", tmp_path / "cap.meta.json")   # calls_file absent here
     out = tmp_path / "t.json"
-    assert main(["export", str(cap), "-p", str(out)]) == 0
+    assert main(["export", str(cap), "--perfetto", str(out)]) == 0
     assert "small.calls.csv is missing" in capsys.readouterr().err
     assert {e["cat"] for e in slices(json.loads(out.read_text()))} == {
         "switch", "revoke", "grant"}
@@ -310,14 +310,15 @@ def test_export_bad_inputs(tmp_path, capsys):
     meta_before = (tmp_path / "cap.meta.json").read_bytes()
     cases = [
         (["export", str(SMALL)], "nothing to export"),
-        (["export", str(tmp_path / "nope.csv"), "-p", str(tmp_path / "t.json")], "no such file"),
-        (["export", str(junk), "-p", str(tmp_path / "t.json")], "header lacks column(s)"),
-        (["export", str(SMALL), "-p", str(tmp_path / "no" / "t.json")], "does not exist"),
-        (["export", str(SMALL), "-p", str(tmp_path / "x"), "--parquet", str(tmp_path / "x")],
-         "a different file"),
+        (["export", str(tmp_path / "nope.csv"), "--perfetto", str(tmp_path / "t.json")],
+         "no such file"),
+        (["export", str(junk), "--perfetto", str(tmp_path / "t.json")], "header lacks column(s)"),
+        (["export", str(SMALL), "--perfetto", str(tmp_path / "no" / "t.json")], "does not exist"),
+        (["export", str(SMALL), "--perfetto", str(tmp_path / "x"),
+          "--parquet", str(tmp_path / "x")], "a different file"),
         (["export", str(cap), "--parquet", str(cap)], "is an input"),
-        (["export", str(cap), "-p", str(tmp_path / "cap.meta.json")], "is an input"),
-        (["export", str(SMALL), "-p", str(tmp_path / "t.json"), "--calls",
+        (["export", str(cap), "--perfetto", str(tmp_path / "cap.meta.json")], "is an input"),
+        (["export", str(SMALL), "--perfetto", str(tmp_path / "t.json"), "--calls",
           str(tmp_path / "none.csv")], "--calls"),
     ]
     for args, says in cases:

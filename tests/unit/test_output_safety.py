@@ -165,7 +165,7 @@ def capture(tmp_path) -> Path:
     (["live", "--calls", "LINK"], "calls.csv"),
     (["report", "small.csv", "-o", "LINK"], "report.html"),
     (["report", "small.csv", "-o", "LINK"], "report.png"),
-    (["export", "small.csv", "-p", "LINK"], "trace.json"),
+    (["export", "small.csv", "--perfetto", "LINK"], "trace.json"),
     (["export", "small.csv", "--parquet", "LINK"], "cap.parquet"),
     (["export", "small.csv", "--calls-parquet", "LINK"], "calls.parquet"),
 ])
@@ -184,7 +184,7 @@ def test_report_and_export_outputs_follow_the_umask(tmp_path, capture, umask, ca
     try:
         assert main(["report", str(capture), "-o", str(tmp_path / "r.html")]) == 0
         assert main(["report", str(capture), "-o", str(tmp_path / "r.svg")]) == 0
-        assert main(["export", str(capture), "-p", str(tmp_path / "t.json"),
+        assert main(["export", str(capture), "--perfetto", str(tmp_path / "t.json"),
                      "--parquet", str(tmp_path / "c.parquet")]) == 0
     finally:
         umask(0o022)

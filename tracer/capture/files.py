@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
+from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 FLUSH_S = 0.5
 FLUSH_ROWS = 2048       # ~250 KiB of switch rows per write
 
 
-class CaptureError(Exception):
+class CaptureError(VftraceError):
     """A capture that cannot be written or read; the message is one line."""
 
 

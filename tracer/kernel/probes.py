@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import VftraceError
 from .features import Kernel
 
 FENTRY, KPROBE, ABSENT = "fentry", "kprobe", "absent"
@@ -21,7 +22,7 @@ CALIB_CANDIDATES = ("security_task_getsid", "__task_pid_nr_ns")
 SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iotlb_sync")
 
 
-class ProbeError(Exception):
+class ProbeError(VftraceError):
     """Nothing sensible can be attached: a one-line reason for the user."""
 
 

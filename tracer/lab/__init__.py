@@ -2,7 +2,8 @@
 pf_sched and KVM guests on its VFs, and the experiment comparing BAR modes; the guests
 and VFIO workloads are in ``workloads``.  It runs the recorder, so it may import any part
 of ``tracer``."""
+from ..errors import VftraceError
 
 
-class LabError(Exception):
+class LabError(VftraceError):
     """A one-line, user-facing reason the lab cannot run."""

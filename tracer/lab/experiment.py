@@ -22,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..capture.files import read_capture
+from ..model import group_columns as gc
 from ..model.stats import Stats
 from ..model.units import fmt_ns
+from . import LabError
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
 RECORDER_START_S = 300          # BCC compiles slowly under TCG
 CASES = (("mmap", "strict"), ("mmap", "batched"), ("trap", "strict"), ("trap", "batched"))
 
 
-class ExperimentError(Exception):
+class ExperimentError(LabError):
     """A one-line reason the run failed."""
 
 
@@ -89,7 +91,7 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
     try:
         guests = subprocess.Popen(
             [*_python(), "-m", "tracer.lab.workloads.guests", "--mode", mode, "--vms", str(vms),
-             "--vcpus", str(vcpus), "--json", "--interval", "1", "-o", str(summary),
+             "--vcpus", str(vcpus), "--json", "--interval", "1", "--summary", str(summary),
              "--seconds", str(duration)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:        # the guests stop themselves after `duration` s of running
@@ -159,15 +161,19 @@ def compare_row(case: CaseResult) -> dict:
     }
 
 
+# The comparison's columns that are the group table's: their headers and formats.
+SPEC_COLUMNS = {"switch_p50_ns": "p50", "switch_p99_ns": "p99", "revoke_mean_ns": "revoke",
+                "grant_mean_ns": "grant", "exits_per_switch": "exits",
+                "blocked_ns_per_switch": "blocked_time"}
+
+
 def comparison_table(rows: list[dict]) -> str:
-    head = ("CASE", "SWITCHES", "LOST", "P50", "P99", "REVOKE", "GRANT", "EXITS/SW",
-            "BLOCKED/SW", "GUEST ACC/S")
+    spec = {key: gc.BY_NAME[name] for key, name in SPEC_COLUMNS.items()}
+    head = ("CASE", "SWITCHES", "LOST", *(c.header for c in spec.values()), "GUEST ACC/S")
     lines = [head]
     for r in rows:
         lines.append((f"{r['mode']}/{r['unmap_mode']}", str(r["switches"]), str(r["lost"]),
-                      fmt_ns(r["switch_p50_ns"]), fmt_ns(r["switch_p99_ns"]),
-                      fmt_ns(r["revoke_mean_ns"]), fmt_ns(r["grant_mean_ns"]),
-                      f"{r['exits_per_switch']:.2f}", fmt_ns(r["blocked_ns_per_switch"]),
+                      *(c.fmt(r[key]) for key, c in spec.items()),
                       f"{r['guest_accesses_per_s']:,}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
@@ -229,7 +235,7 @@ def compare(out_dir: Path, *, vms: int, vcpus: int, duration: float) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer.lab.experiment",
                                 description="Guests under a recorder (inside the lab VM).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -242,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--vms", type=int, default=2)
         q.add_argument("--vcpus", type=int, default=1)
         q.add_argument("-d", "--duration", type=float, default=10.0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("experiment: error: needs root (run it in the lab: vftrace lab ...)", file=sys.stderr)
         return 2

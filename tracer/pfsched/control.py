@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from .. import paths
+from ..errors import VftraceError
 
 EDU_VENDOR, EDU_DEVICE = "0x1234", "0x11e8"
 PCI = Path("/sys/bus/pci")
@@ -23,8 +24,8 @@ PARAM_RANGES = {"slice_us": (0, 10_000_000), "nr_vfs": (1, 64), "bar_pages": (1,
 RUNTIME_PARAMS = ("slice_us", "unmap_mode")      # writable while loaded (0644); others 0444
 
 
-class GuestError(Exception):
-    pass
+class GuestError(VftraceError):
+    """A one-line reason pf_sched cannot be set up, taken down or read."""
 
 
 def kmod_path(name: str = "pf_sched") -> Path:

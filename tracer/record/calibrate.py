@@ -139,15 +139,12 @@ def run(args) -> int:
 
 
 def _run_capture(path: Path, as_json: bool) -> int:
-    from ..capture.files import CaptureError, iter_capture, read_meta
+    from ..capture.files import iter_capture, read_meta
     if not path.is_file():
         raise VftraceError(f"--capture {path}: no such file")
-    try:
-        meta = read_meta(path, require=False)
-        problems: list[str] = []
-        acc = accuracy(iter_capture(path, problems))
-    except CaptureError as e:
-        raise VftraceError(str(e)) from None
+    meta = read_meta(path, require=False)           # a CaptureError is a VftraceError
+    problems: list[str] = []
+    acc = accuracy(iter_capture(path, problems))
     floor = meta.get("floor_ns") if meta else None
     modes_used = meta.get("probe_modes") if meta else None
     if as_json:
@@ -168,10 +165,7 @@ def _run_live(args) -> int:
     require_bcc()
     spec = args.switch
     if spec is None:
-        try:
-            offer = probes.KernelOffer.probe()
-        except probes.ProbeError as e:
-            raise VftraceError(str(e)) from None
+        offer = probes.KernelOffer.probe()            # a ProbeError is a VftraceError
         spec = "pf_sched" if "pf_sched:vf_switch_begin" in offer.tracepoints else IDLE_SOURCE
     plan = make_plan(TraceOptions(switch=spec, probe_mode=args.probe_mode))
     if not plan.calib_modes:

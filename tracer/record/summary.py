@@ -2,20 +2,13 @@
 and ``perf kvm stat``: one line per group, latencies in human units."""
 from __future__ import annotations
 
-from tracer.model.stats import GroupStats, Snapshot, Stats
+from tracer.model import group_columns as gc
+from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
 
-
-HEADER = ("GROUP", "COUNT", "P50", "P90", "P99", "P99.9", "MAX",
-          "REVOKE", "GRANT", ">BUDGET", "EXITS/SW", "BLOCKED/SW")
-
-
-def _row(g: GroupStats) -> tuple[str, ...]:
-    s = g.switch
-    return (g.key.label, str(g.count), fmt_ns(s.p50), fmt_ns(s.p90), fmt_ns(s.p99),
-            fmt_ns(s.p999), fmt_ns(s.max), fmt_ns(g.revoke.mean), fmt_ns(g.grant.mean),
-            f"{100 * g.over_budget_share:.2f}%", f"{g.exits_per_switch:.1f}",
-            f"{g.blocked_per_switch:.1f}")
+COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "over_budget",
+                  "revoke", "grant", "exits", "blocked")
+HEADER = gc.header(COLUMNS)
 
 
 def _lost(meta: dict | None) -> tuple[int, dict]:
@@ -46,16 +39,8 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
     if not snap.records:
         lines.append("no switches recorded")
         return "\n".join(lines) + "\n"
-    groups = [snap.overall]
-    for level in (snap.per_pf, snap.per_vf, snap.per_pair):
-        if len(level) > 1 or level is snap.per_pair:   # skip levels that repeat "all"
-            groups.extend(level)
-    table = [HEADER, *map(_row, groups)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     lines.append("")
-    for r in table:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
+    lines.extend(gc.align([HEADER, *(gc.cells(COLUMNS, g) for g in gc.table_groups(snap))]))
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,8 @@ REPORT_EPILOG = """examples:
 EXPORT_EPILOG = """examples:
   vftrace export cap.csv --perfetto trace.json  # open in ui.perfetto.dev or chrome://tracing
   vftrace export cap.csv --parquet cap.parquet  # typed columns + the meta (pandas, DuckDB)
-  vftrace export cap.csv -p trace.json --parquet cap.parquet --calls-parquet calls.parquet
+  vftrace export cap.csv --perfetto trace.json --parquet cap.parquet \\
+                 --calls-parquet calls.parquet
 """
 
 
@@ -39,7 +40,7 @@ def add_parsers(sub) -> None:
     rep.add_argument("-l", "--label", action="append", metavar="LABEL",
                      help="name of a capture in tables and legends, in capture order "
                           "(repeatable; default: the file name without .csv)")
-    rep.add_argument("-s", "--size", metavar="WxH",
+    rep.add_argument("--size", metavar="WxH",
                      help="figure size in pixels (default 1600x1000)")
     rep.add_argument("-b", "--budget-ns", type=int, metavar="NS",
                      help="switch budget for the over-budget share (default: the capture's)")
@@ -55,7 +56,7 @@ def add_parsers(sub) -> None:
         epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("capture", metavar="CAPTURE.csv",
                      help="a capture CSV written by vftrace record")
-    exp.add_argument("-p", "--perfetto", metavar="FILE", help="write the timeline (JSON) here")
+    exp.add_argument("--perfetto", metavar="FILE", help="write the timeline (JSON) here")
     exp.add_argument("--parquet", metavar="FILE", help="write the switch rows as Parquet here")
     exp.add_argument("--calls-parquet", metavar="FILE",
                      help="write the per-call rows as Parquet here")
@@ -66,16 +67,13 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from tracer.capture.files import CaptureError
     from tracer.errors import VftraceError
     from tracer.report import commands
     if args.command == "export" and args.no_calls and (args.calls or args.calls_parquet):
         other = "--calls" if args.calls else "--calls-parquet"
         raise VftraceError(f"--no-calls leaves the per-call rows out and {other} asks for "
                            "them: give one of the two")
-    try:
-        if args.command == "report":
-            return commands.report(args)
-        return commands.export(args)
-    except CaptureError as e:                 # anything tracer.capture refuses: one line
-        raise VftraceError(str(e)) from None
+    # What tracer.capture refuses is a CaptureError, a VftraceError too: one line.
+    if args.command == "report":
+        return commands.report(args)
+    return commands.export(args)

@@ -41,10 +41,11 @@ def render_html(captures: list[Capture], svg: str) -> str:
                 parts.append(f"<div class=\"warning\">WARNING: {esc(cap.label)}: "
                              f"{esc(n.text)}</div>")
     parts.append(f"<figure>\n{svg}\n</figure>")
-    if len(captures) > 1 and (rows := tables.comparison_rows(captures)):
+    if len(captures) > 1 and (groups := tables.comparison_groups(captures)):
         parts.append("<section>\n<h2>Comparison</h2>")
         parts.append(tables.html_table(("CAPTURE", *tables.HEADER),
-                                       [(r.capture, *tables.cells(r)) for r in rows], names=2))
+                                       [(label, *tables.cells(g)) for label, g in groups],
+                                       names=2))
         parts.append("</section>")
     for cap in captures:
         parts.append(f"<section>\n<h2>{esc(cap.label)} <small>({esc(str(cap.path))})</small>"
@@ -62,9 +63,9 @@ def render_html(captures: list[Capture], svg: str) -> str:
         if plain := [n for n in notes if not n.warning]:
             parts.append("<ul class=\"notes\">" + "".join(
                 f"<li>{esc(n.text)}</li>" for n in plain) + "</ul>")
-        rows = tables.capture_rows(cap)
-        if rows:
-            parts.append(tables.html_table(tables.HEADER, [tables.cells(r) for r in rows]))
+        groups = tables.capture_groups(cap)
+        if groups:
+            parts.append(tables.html_table(tables.HEADER, [tables.cells(g) for g in groups]))
         else:
             parts.append("<p>No switches in this capture.</p>")
         if exits := tables.exit_rows(cap):

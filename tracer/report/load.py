@@ -98,10 +98,7 @@ def _refuse_calls_file(p: Path) -> None:
 
 def load_meta(path: Path) -> tuple[dict, list[str]]:
     """The capture's meta (empty when there is none) and what is wrong with it."""
-    try:
-        meta = read_meta(path, require=False)     # checks the types of the keys it knows
-    except CaptureError as e:
-        raise VftraceError(str(e)) from None
+    meta = read_meta(path, require=False)     # checks the types of the keys it knows
     _check_meta_numbers(path, meta)
     problems = []
     if not meta:

@@ -11,6 +11,7 @@ import textwrap
 from dataclasses import asdict, dataclass
 
 from tracer.model import exit_reasons
+from tracer.model import group_columns as gc
 from tracer.model.stats import GroupStats
 from tracer.model.units import fmt_ns
 from tracer.report.load import Capture
@@ -51,55 +52,35 @@ def row_of(capture: str, g: GroupStats) -> Row:
         blocked_per_switch=g.blocked_per_switch, blocked_ns_per_switch=g.blocked_ns_per_switch)
 
 
+def capture_groups(cap: Capture) -> list[GroupStats]:
+    """Overall, per PF, per (PF, incoming VF) and per (PF, from->to), as every group
+    table has them."""
+    return gc.table_groups(cap.snapshot)
+
+
 def capture_rows(cap: Capture) -> list[Row]:
-    """Overall, per PF, per (PF, incoming VF) and per (PF, from->to); a level with one
-    group only repeats "all" and is left out (the pairs are always shown)."""
-    snap = cap.snapshot
-    if not snap.records:
-        return []
-    groups = [snap.overall]
-    for level in (snap.per_pf, snap.per_vf, snap.per_pair):
-        if len(level) > 1 or level is snap.per_pair:
-            groups.extend(level)
-    return [row_of(cap.label, g) for g in groups]
+    return [row_of(cap.label, g) for g in capture_groups(cap)]
 
 
-def comparison_rows(captures: list[Capture]) -> list[Row]:
-    """Overall and per-PF rows of every capture, for side-by-side reading."""
-    rows = []
+def comparison_groups(captures: list[Capture]) -> list[tuple[str, GroupStats]]:
+    """(capture, group): overall and per-PF groups of every capture, for side-by-side
+    reading."""
+    out = []
     for cap in captures:
         if cap.snapshot.records:
-            rows.append(row_of(cap.label, cap.snapshot.overall))
-            rows.extend(row_of(cap.label, g) for g in cap.snapshot.per_pf)
-    return rows
+            out.append((cap.label, cap.snapshot.overall))
+            out.extend((cap.label, g) for g in cap.snapshot.per_pf)
+    return out
 
 
-HEADER = ("GROUP", "COUNT", "P50", "P90", "P99", "P99.9", "MAX", ">BUDGET",
-          "REVOKE", "GRANT", "REV%", "EXITS/SW", "EXIT_T/SW", "BLOCK_T/SW")
-LEGEND = ("P50..MAX: switch time; >BUDGET: share of switches over the budget; REVOKE, "
-          "GRANT: mean time per switch in each phase, REV%: revoke's share of the switch "
-          "time; EXITS/SW: KVM exits per switch; EXIT_T/SW, BLOCK_T/SW: mean time per "
-          "switch in KVM exits and in guest accesses blocked on the switched-off VF")
+COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "over_budget",
+                  "revoke", "grant", "revoke_share", "exits", "exit_time", "blocked_time")
+HEADER = gc.header(COLUMNS)
+LEGEND = gc.legend(COLUMNS)
 
 
-def _per_switch(value: float) -> str:
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
-
-
-def cells(row: Row) -> tuple[str, ...]:
-    return (row.group, str(row.count), fmt_ns(row.p50), fmt_ns(row.p90), fmt_ns(row.p99),
-            fmt_ns(row.p999), fmt_ns(row.max), f"{100 * row.over_budget_share:.2f}%",
-            fmt_ns(row.revoke_mean), fmt_ns(row.grant_mean), f"{100 * row.revoke_share:.1f}%",
-            _per_switch(row.exits_per_switch), fmt_ns(row.exit_ns_per_switch),
-            fmt_ns(row.blocked_ns_per_switch))
-
-
-def align(table: list[tuple[str, ...]], names: int = 1) -> list[str]:
-    """The first ``names`` columns left-aligned, numbers right-aligned, two spaces apart."""
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    return ["  ".join([c.ljust(w) for c, w in zip(r[:names], widths)] +
-                      [c.rjust(w) for c, w in zip(r[names:], widths[names:])]).rstrip()
-            for r in table]
+def cells(g: GroupStats) -> tuple[str, ...]:
+    return gc.cells(COLUMNS, g)
 
 
 # --- what the capture's meta says: losses, problems, context ------------------------------
@@ -233,20 +214,20 @@ def render_text(captures: list[Capture]) -> str:
             out.append(line)
         for n in notes(cap):
             out.append(("WARNING: " if n.warning else "note: ") + n.text)
-        rows = capture_rows(cap)
-        if rows:
+        groups = capture_groups(cap)
+        if groups:
             out.append("")
-            out.extend(align([HEADER, *map(cells, rows)]))
+            out.extend(gc.align([HEADER, *map(cells, groups)]))
         else:
             out.append("no switches in this capture")
         if exits := exit_rows(cap):
             out.append("")
-            out.extend(align([EXIT_HEADER, *map(exit_cells, exits)]))
+            out.extend(gc.align([EXIT_HEADER, *map(exit_cells, exits)]))
         out.append("")
-    if len(captures) > 1 and (rows := comparison_rows(captures)):
+    if len(captures) > 1 and (groups := comparison_groups(captures)):
         out.append("== comparison ==")
-        table = [("CAPTURE", *HEADER)] + [(r.capture, *cells(r)) for r in rows]
-        out.extend(align(table, names=2))
+        table = [("CAPTURE", *HEADER)] + [(label, *cells(g)) for label, g in groups]
+        out.extend(gc.align(table, names=2))
         out.append("")
     out.append(textwrap.fill(LEGEND, 100))
     return "\n".join(out) + "\n"

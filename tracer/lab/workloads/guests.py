@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import VftraceError
 from .kvm import KVM_EXIT_MMIO, RUN_UNION, KvmError, Vm
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
@@ -61,7 +62,7 @@ def bar_loop_code() -> bytes:
     return loop + bytes([0xEB, (-(len(loop) + 2)) & 0xFF])   # jmp loop
 
 
-class GuestError(Exception):
+class GuestError(VftraceError):
     """A one-line reason the guests cannot run."""
 
 
@@ -251,7 +252,9 @@ def _table(rows: list[dict], rates: list[float], elapsed: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    # Short flags as vftrace's (-M --mode, -j --json; tests/unit/test_flags.py): the ones
+    # that mean something else there (-m, -n, -c, -s, -o) are long only.
     p = argparse.ArgumentParser(
         prog="python -m tracer.lab.workloads.guests",
         description="KVM guests looping over loads/stores to pf_sched VF BARs (lab, root).",
@@ -259,14 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                "  python -m tracer.lab.workloads.guests --mode mmap --vms 2 --seconds 10\n"
                "  python -m tracer.lab.workloads.guests --mode trap --vcpus 2 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--mode", choices=MODES, default="mmap")
-    p.add_argument("-n", "--vms", type=int, default=1, help="VMs, one VF each (default 1)")
-    p.add_argument("-c", "--vcpus", type=int, default=1, help="vCPUs per VM (default 1)")
-    p.add_argument("-s", "--seconds", type=float, help="stop after this long (default: signal)")
+    p.add_argument("-M", "--mode", choices=MODES, default="mmap")
+    p.add_argument("--vms", type=int, default=1, help="VMs, one VF each (default 1)")
+    p.add_argument("--vcpus", type=int, default=1, help="vCPUs per VM (default 1)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: signal)")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="report every S seconds")
     p.add_argument("-j", "--json", action="store_true", help="one JSON object per report")
-    p.add_argument("-o", "--summary", help="also write the final report (JSON) to this file")
-    args = p.parse_args(argv)
+    p.add_argument("--summary", help="also write the final report (JSON) to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     for name in ("vms", "vcpus"):
         if getattr(args, name) < 1:
             print(f"guests: error: --{name} must be at least 1", file=sys.stderr)
