@@ -107,42 +107,174 @@ def test_not_root_is_a_clear_error(capsys, monkeypatch):
     assert len(err.splitlines()) == 1
 
 
-class FakeEngine:
-    """Stands in for Engine: start() 'calibrates' (or fails), close() is recorded."""
-    fail: Exception | None = None
+# --- the engine's floor arithmetic, on samples we choose --------------------------------
+
+CALIB = "security_task_getsid"
+
+
+class Slot:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+class Table:
+    """A BPF array as BCC shows it: indexed by ctypes ints, items with ``.value``."""
+
+    def __init__(self, values=(), on_set=None) -> None:
+        self.values, self.on_set = list(values), on_set
+
+    def __getitem__(self, key):
+        return Slot(self.values[key.value])        # IndexError past the slots given
+
+    def __setitem__(self, key, value) -> None:
+        if self.on_set:
+            self.on_set(key.value, value.value)
+
+    def open_ring_buffer(self, callback) -> None:
+        pass
+
+
+class CalibBPF:
+    """The kernel side of calibration: each time the engine zeroes ``calib_count`` for a
+    probe mode, the next run's samples land in ``calib`` and its count in
+    ``calib_count`` (the calls seen, which can exceed the slots).  Attachments of the
+    calibration probes are tracked; BCC attaches the fentry pair itself at load."""
+
+    def __init__(self, runs: list[tuple[int, list[int]]]) -> None:
+        self.runs = list(runs)
+        self.count, self.slots = Table([None]), Table()
+        self.count.on_set = self._next_run
+        self.attached = {("kfunc", CALIB), ("kretfunc", CALIB)}
+        self.cleaned = False
+
+    def _next_run(self, index: int, value: int) -> None:
+        assert (index, value) == (0, 0), "calib_count is only ever zeroed"
+        calls, samples = self.runs.pop(0)
+        self.count.values, self.slots.values = [calls], samples
+
+    def __getitem__(self, name: str) -> Table:
+        return {"calib_count": self.count, "calib": self.slots}.get(name) or Table([0])
+
+    def attach_kprobe(self, event, fn_name):
+        self.attached.add(("kprobe", event))
+
+    def attach_kretprobe(self, event, fn_name, maxactive=0):
+        self.attached.add(("kretprobe", event))
+
+    def detach_kprobe(self, event):
+        self.attached.remove(("kprobe", event))
+
+    def detach_kretprobe(self, event):
+        self.attached.remove(("kretprobe", event))
+
+    def detach_kfunc(self, fn_name):
+        self.attached.remove(("kfunc", fn_name.decode()))
+
+    def detach_kretfunc(self, fn_name):
+        self.attached.remove(("kretfunc", fn_name.decode()))
+
+    def ring_buffer_consume(self):
+        pass
+
+    def cleanup(self):
+        self.cleaned = True
+
+
+def calibrated(runs, modes=("fentry", "kprobe")):
+    from tracer.kernel.engine import Engine
+    from tracer.kernel.probes import Plan
+    engine = Engine(Plan("pf_sched", "raw_tp", calib_func=CALIB, calib_modes=modes),
+                    budget_ns=100, on_switch=lambda rec: None)
+    engine.bpf = bpf = CalibBPF(runs)
+    engine._calibrate()
+    assert bpf.runs == [] and bpf.attached == set(), "every mode ran and was detached"
+    return engine
+
+
+def shuffled(values: list[int]) -> list[int]:
+    import random
+    values = list(values)
+    random.Random(1).shuffle(values)          # the kernel's slots are in arrival order
+    return values
+
+
+def test_floor_is_median_and_p10_p90_of_the_samples_per_mode():
+    fentry = shuffled(range(301, 401))                     # 100 samples, 1 ns apart
+    kprobe = shuffled([600] * 95 + [50_000] * 5)           # 5 calls hit by an interrupt
+    engine = calibrated([(100, fentry), (100, kprobe)])
+    # 301..400: the median lies between 350 and 351, p10 between 310 and 311, p90
+    # between 390 and 391; reported in whole ns, rounded down.
+    assert engine.floor.modes["fentry"] == {"median_ns": 350, "p10_ns": 310, "p90_ns": 390,
+                                            "samples": 100}
+    # The outliers move neither the median nor p90 (their mean would be 3,070 ns).
+    assert engine.floor.modes["kprobe"] == {"median_ns": 600, "p10_ns": 600, "p90_ns": 600,
+                                            "samples": 100}
+    assert engine.floor.as_meta()["function"] == CALIB
+    assert not any(w.startswith("floor:") for w in engine.warnings)
+
+
+def test_floor_reads_no_more_samples_than_the_kernel_has_slots():
+    from tracer.kernel import layout
+    slots = layout.header().constants["VFT_CALIB_SAMPLES"]
+    samples = shuffled([400] * (slots // 2) + [500] * (slots - slots // 2))
+    engine = calibrated([(slots + 904, samples)], modes=("fentry",))    # more calls than slots
+    assert engine.floor.modes["fentry"]["samples"] == slots
+    assert engine.floor.modes["fentry"]["median_ns"] == 450
+
+
+def test_a_mode_with_too_few_samples_has_no_floor_and_says_so():
+    engine = calibrated([(100, shuffled(range(301, 401))), (9, [700] * 9)])
+    assert set(engine.floor.modes) == {"fentry"}
+    assert f"floor: kprobe calibration saw 9 calls of {CALIB}" in engine.warnings
+
+
+def test_no_calibration_function_means_an_unknown_floor():
+    from tracer.kernel.engine import Engine
+    from tracer.kernel.probes import Plan
+    engine = Engine(Plan("pf_sched", "raw_tp"), budget_ns=100, on_switch=lambda rec: None)
+    engine._calibrate()                        # touches no BPF (there is none)
+    assert engine.floor.modes == {}
+    assert "floor unknown" in engine.warnings[-1]
+    assert "unknown" in calibrate.format_floor(engine.floor.as_meta())
+
+
+def test_measure_floor_starts_the_real_engine_and_detaches(monkeypatch):
+    """vftrace calibrate's path: Engine.start (with BCC replaced by the fake kernel
+    side), the floor it computed, then close (BCC's cleanup)."""
+    import sys
+    import types
+    from tracer.kernel.probes import Plan
+    bpf = CalibBPF([(100, shuffled(range(301, 401))), (100, shuffled(range(501, 601)))])
+    monkeypatch.setitem(sys.modules, "bcc", types.SimpleNamespace(BPF=lambda **kw: bpf))
+    floor, warnings = calibrate.measure_floor(
+        Plan("pf_sched", "raw_tp", calib_func=CALIB, calib_modes=("fentry", "kprobe")))
+    assert floor == {"function": CALIB,
+                     "fentry": {"median_ns": 350, "p10_ns": 310, "p90_ns": 390, "samples": 100},
+                     "kprobe": {"median_ns": 550, "p10_ns": 510, "p90_ns": 590, "samples": 100}}
+    assert warnings == []
+    assert bpf.cleaned and bpf.attached == set()
+
+
+class FailingEngine:
+    """Stands in for Engine whose start() fails as BCC does; close() is recorded."""
     closed = 0
 
     def __init__(self, plan, *, budget_ns, on_switch):
-        from tracer.kernel.engine import Floor
-        self.floor, self.warnings = Floor(plan.calib_func), ["w1"]
+        pass
 
     def start(self):
-        if FakeEngine.fail:
-            raise FakeEngine.fail
-        self.floor.modes["fentry"] = {"median_ns": 7, "p10_ns": 5, "p90_ns": 9, "samples": 3}
+        raise Exception("bpf: Failed to load\nmore detail")
 
     def close(self):
-        FakeEngine.closed += 1
-
-
-def test_measure_floor_reads_the_engine_floor_and_detaches(monkeypatch):
-    from tracer.kernel import engine
-    from tracer.kernel.probes import Plan
-    monkeypatch.setattr(engine, "Engine", FakeEngine)
-    FakeEngine.fail, FakeEngine.closed = None, 0
-    floor, warnings = calibrate.measure_floor(Plan("pf_sched", "raw_tp", calib_func="g"))
-    assert floor == {"function": "g", "fentry": {"median_ns": 7, "p10_ns": 5, "p90_ns": 9,
-                                                "samples": 3}}
-    assert warnings == ["w1"] and FakeEngine.closed == 1
+        FailingEngine.closed += 1
 
 
 def test_measure_floor_load_failure_is_one_line_and_detaches(monkeypatch):
     from tracer.kernel import engine
     from tracer.kernel.probes import Plan
-    monkeypatch.setattr(engine, "Engine", FakeEngine)
-    FakeEngine.fail, FakeEngine.closed = Exception("bpf: Failed to load\nmore detail"), 0
+    monkeypatch.setattr(engine, "Engine", FailingEngine)
+    FailingEngine.closed = 0
     with pytest.raises(VftraceError) as e:
         calibrate.measure_floor(Plan("pf_sched", "raw_tp"))
     assert str(e.value) == "could not load the BPF program: bpf: Failed to load"
-    assert FakeEngine.closed == 1
-    FakeEngine.fail = None
+    assert FailingEngine.closed == 1

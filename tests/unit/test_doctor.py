@@ -116,18 +116,109 @@ def test_kprobes_alone_are_enough_when_trampolines_are_missing(tmp_path):
     assert "bpf_trampoline_link_prog" in by_key(checks)["fentry"].detail
 
 
-def test_doctor_on_this_machine_agrees_with_its_own_checks():
-    """The real command on the real kernel: exit status and verdict match the probes."""
+# --- the command: exit status and output against trees whose answers we know -------------
+
+TREES = {
+    # name: (tree options, bcc importable, euid, can trace)
+    "debian": (dict(kprobes=True, modules=True, headers=True, tracefs=True), True, 0, True),
+    "kprobes_only": (dict(kprobes=True, modules=True, headers=True, tracefs=True,
+                          trampolines=False), True, 0, True),
+    "no_probe_mode": (dict(kprobes=False, modules=True, headers=True, tracefs=True,
+                           trampolines=False), True, 0, False),
+    "no_tracefs": (dict(kprobes=True, modules=True, headers=True, tracefs=False), True, 0, False),
+    "no_headers": (dict(kprobes=True, modules=True, headers=False, tracefs=True), True, 0, False),
+    "no_bcc": (dict(kprobes=True, modules=True, headers=True, tracefs=True), False, 0, False),
+    "not_root": (dict(kprobes=True, modules=True, headers=True, tracefs=True), True, 1000, False),
+}
+
+
+@pytest.fixture
+def doctor_on(monkeypatch, tmp_path):
+    """Run ``vftrace doctor`` (the real command, through cli.main) on a fake tree: the
+    kernel view and the BCC probe are the only stand-ins."""
+    from tracer import cli
+    monkeypatch.delenv("VFTRACE_LAB", raising=False)
+
+    def run(name: str, *args: str) -> int:
+        opts, bcc, euid, _ = TREES[name]
+        root = tmp_path / name
+        if not root.exists():
+            make_tree(root, **opts)
+        monkeypatch.setattr(doctor, "Kernel", lambda: fake_kernel(root, euid=euid))
+        monkeypatch.setattr(doctor, "check_all",
+                            lambda k: check_all(k, bcc_probe=has_bcc if bcc else no_bcc))
+        return cli.main(["doctor", *args])
+
+    return run
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_doctor_exit_status_follows_the_kernel(doctor_on, capsys, name):
+    expected = TREES[name][-1]
+    rc = doctor_on(name, "--json")
+    data = json.loads(capsys.readouterr().out)
+    assert rc == (0 if expected else 1)
+    assert data["can_trace"] is expected
+    assert data["kernel"] == REL and data["in_lab"] is False
+    rc = doctor_on(name)
+    text = capsys.readouterr().out
+    assert rc == (0 if expected else 1)
+    assert ("tracing is possible" in text) is expected
+    assert ("tracing is NOT possible" in text) is not expected
+
+
+def test_doctor_json_reports_each_feature_of_the_tree(doctor_on, capsys):
+    doctor_on("kprobes_only", "--json")
+    checks = {c["key"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    # what make_tree put there (or left out), check by check
+    assert {k for k, c in checks.items() if c["ok"]} == {
+        "root", "bpf_syscall", "bcc", "btf", "kernel_headers", "kprobes", "raw_tracepoint",
+        "ringbuf", "tracefs", "tp:kvm:kvm_exit", "tp:kvm:kvm_entry", "tp:iommu:map",
+        "tp:iommu:unmap", "iommu", "modules", "kvm"}
+    assert checks["iommu"]["detail"] == "dmar0"
+    assert checks["kernel_headers"]["detail"].endswith(f"lib/modules/{REL}/build")
+    assert checks["vfio_iommu_type1"]["detail"] == "available, not loaded"
+    assert checks["pf_sched"]["detail"] == "not loaded"
+
+
+def test_doctor_names_the_lab_when_it_runs_in_one(doctor_on, capsys, tmp_path):
+    make_tree(tmp_path / "debian", **TREES["debian"][0])
+    (tmp_path / "debian/proc/cmdline").write_text("virtme_initmount0=/ quiet\n")
+    assert doctor_on("debian", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["in_lab"] is True
+    doctor_on("debian")
+    assert "on lab VM (virtme-ng)" in capsys.readouterr().out
+
+
+def test_doctor_on_this_machine_reports_its_facts():
+    """The real command on the real kernel, against what can be seen without doctor:
+    the release, the euid, BTF, modules and BCC; a missing requirement means exit 1."""
+    import importlib.util
+    import os
     r = subprocess.run([sys.executable, "-m", "tracer.cli", "doctor", "--json"],
                        capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 1), r.stderr
     data = json.loads(r.stdout)
-    assert r.returncode == (0 if data["can_trace"] else 1)
-    text = subprocess.run([sys.executable, "-m", "tracer.cli", "doctor"],
-                          capture_output=True, text=True, timeout=60).stdout
-    if data["can_trace"]:
-        assert "tracing is possible" in text
-    else:
-        assert "tracing is NOT possible" in text
-        kp = next(c for c in data["checks"] if c["key"] == "kprobes")
-        if not kp["ok"] and not data["in_lab"]:
-            assert "only the lab works" in text
+    release = os.uname().release
+    assert data["kernel"] == release
+    ok = {c["key"]: c["ok"] for c in data["checks"]}
+    assert ok["root"] == (os.geteuid() == 0)
+    assert ok["btf"] == Path("/sys/kernel/btf/vmlinux").is_file()
+    assert ok["modules"] == Path("/proc/modules").is_file()
+    assert ok["bcc"] == (importlib.util.find_spec("bcc") is not None)
+    headers = (Path(f"/lib/modules/{release}/build/include").is_dir()
+               or Path("/sys/kernel/kheaders.tar.xz").is_file()
+               or "/kheaders.ko" in _modules_dep(release))
+    tracefs = any(Path(p, "events").is_dir()
+                  for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
+    assert ok["kernel_headers"] == headers and ok["tracefs"] == tracefs
+    blocked = not (os.geteuid() == 0 and ok["bcc"] and headers and tracefs)
+    if blocked:
+        assert r.returncode == 1 and data["can_trace"] is False
+
+
+def _modules_dep(release: str) -> str:
+    try:
+        return Path(f"/lib/modules/{release}/modules.dep").read_text()
+    except OSError:
+        return ""

@@ -14,7 +14,7 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Input
 
-from tests.unit.test_tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, caught_up,
+from tests.unit.tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, caught_up,
                                     group_counts, run_async, table_rows, wait_for)
 from tracer.capture.files import iter_calls, read_capture
 from tui.app import VftraceApp

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.unit.test_tui_support import DATA, SMALL
+from tests.unit.tui_support import DATA, SMALL
 from tracer.cli import main
 from tui.cli import parse_speed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.unit.test_tui_support import SMALL
+from tests.unit.tui_support import SMALL
 from tracer.capture.files import read_capture
 from tracer.model.schema import CallRecord
 from tracer.model.stats import Stats

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from tests.unit.test_tui_support import SIZE, SMALL, FrozenClock, caught_up, run_async
+from tests.unit.tui_support import SIZE, SMALL, FrozenClock, caught_up, run_async
 from tui.app import VftraceApp
 from tui.sources import ReplaySource
 
