@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -519,10 +520,14 @@ def _fill(table: DataTable, rows: list[list], keys: list[str] | None = None) -> 
     table.clear()
     # Widths from what is shown now: a DataTable only ever widens a column, so a value
     # gone by (or shown half-way through a filter) would keep its column wide for good.
-    for column in table.columns.values():
-        column.content_width = column.label.cell_len
     for i, row in enumerate(rows):
         table.add_row(*row, key=keys[i] if keys else None)
+    # Set now rather than when the DataTable next idles: a screen drawn in between (a
+    # snapshot, a slow terminal's one frame) would show the columns cut to their labels.
+    for i, column in enumerate(table.columns.values()):
+        column.content_width = max([column.label.cell_len,
+                                    *(cell_len(str(getattr(row[i], "plain", row[i])))
+                                      for row in rows if i < len(row))])
 
 
 _UNITS = {"": 1, "ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_tui_support import SIZE, SMALL, FrozenClock, caught_up, run_async, table_rows
+from tests.unit.tui_support import SIZE, SMALL, FrozenClock, caught_up, run_async, table_rows
 from tests.unit.test_summary import rec
 from tracer.capture.files import iter_capture, read_meta
 from tracer.model import group_columns as gc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.unit.test_tui_support import SIZE, FedSource, FrozenClock, run_async
+from tests.unit.tui_support import SIZE, FedSource, FrozenClock, run_async
 from tui import keys
 from tui.app import VftraceApp
 from tui.cli import LIVE_EPILOG, REPLAY_EPILOG
