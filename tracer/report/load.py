@@ -184,6 +184,11 @@ def load_capture(path: str | os.PathLike, label: str | None = None,
     meta, problems = load_meta(p)
     budget = budget_ns if budget_ns is not None else meta.get("budget_ns") or DEFAULT_BUDGET_NS
     stats = Stats(int(budget))
+    if meta.get("complete"):
+        stats.account(meta.get("filtered_out"))      # what --pf/--vf left out: no gap
+    elif (meta.get("filters") or {}).get("vf"):
+        problems.append("recorded with --vf and not closed: the seq gaps below include "
+                        "the switches the filter left out")
     parts: list[np.ndarray] = []
     for chunk in switch_chunks(p, problems):
         stats.add_many(chunk, now=0.0)
