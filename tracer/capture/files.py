@@ -411,10 +411,23 @@ def read_meta(path: str | os.PathLike, require: bool = True) -> dict:
         parse_filtered_out(meta.get(FILTERED_OUT))
     except ValueError as e:
         raise CaptureError(f"{mp}: {e}") from None
+    if meta.get("budget_ns") is not None and meta["budget_ns"] <= 0:
+        raise CaptureError(f"{mp}: budget_ns {meta['budget_ns']} is not positive")
     lost = meta.get("lost_records_per_cpu")
     if lost is not None:                         # JSON keys are strings; the CPUs are ints
         meta["lost_records_per_cpu"] = _lost_per_cpu(mp, lost)
     return meta
+
+
+def calls_path(path: str | os.PathLike, meta: dict) -> Path | None:
+    """The per-call CSV the meta names, beside the capture; None when it names none or
+    names anything but a plain file name (a meta is untrusted: no directory part, no
+    ``..``, so a reader never opens a file elsewhere)."""
+    name = meta.get("calls_file")
+    if not isinstance(name, str) or not name or name in (".", "..") or \
+            Path(name).name != name or "\0" in name:
+        return None
+    return Path(path).with_name(name)
 
 
 def _open_regular(path: Path) -> BinaryIO:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__
+from ..capture import output
 from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from ..errors import VftraceError
 from ..kernel import probes
@@ -90,27 +91,12 @@ def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
 
 
 def check_output(path: str | None, flag: str) -> Path | None:
-    """An output file that can be created: its directory exists and is writable, and
-    nothing is planted at the path (a symlink is refused, never followed)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not str(path):
-        raise RecordError(f"{flag}: give a file name")
-    if p.is_symlink():
-        raise RecordError(f"{flag} {path}: is a symlink; refusing to write through it "
-                          "(remove it or give another name)")
-    if p.is_dir():
-        raise RecordError(f"{flag} {path}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise RecordError(f"{flag} {path}: directory {parent} {what}")
-    if not os.access(parent, os.W_OK):
-        raise RecordError(f"{flag} {path}: directory {parent} is not writable")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise RecordError(f"{flag} {path}: the file is not writable")
-    return p
+    """``tracer.capture.output.check_output`` (the one rule for files vftrace writes), as
+    a RecordError so ``vftrace record``/``live`` still print one line and exit 2."""
+    try:
+        return output.check_output(path, flag)
+    except output.OutputError as e:
+        raise RecordError(str(e)) from None
 
 
 def check_capture_output(path: str | None, flag: str,
