@@ -29,7 +29,7 @@ LAB_DIR = REPO / "tests" / "lab"
 INTEGRATION_DIR = REPO / "tests" / "integration"
 RESULTS = REPO / "build" / "lab-results"
 LAB_PFS = 3                       # two PFs for pf_sched, one free edu device for VFIO
-LAB_TIMEOUT_S = int(os.environ.get("VFTRACE_LAB_TIMEOUT", "1800"))
+LAB_TIMEOUT_S = int(os.environ.get("VFTRACE_LAB_TIMEOUT", "2700"))
 
 
 def in_lab() -> bool:

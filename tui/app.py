@@ -113,6 +113,7 @@ class VftraceApp(App):
                                     vfs=set(vfs) if vfs is not None else None,
                                     max_records=max_records,
                                     vendor=self.header_info.kvm_vendor)
+        self.model.account(self.header_info.meta)   # a capture recorded with --pf/--vf
         self.export_dir = Path(export_dir) if export_dir is not None else Path.cwd()
         self.handle_signals = handle_signals
         self.refresh_hz, self.coalesce_s = refresh_hz, coalesce_s

@@ -162,7 +162,9 @@ def _live(args) -> int:
     print(f"vftrace: arming the probes on {plan.source} (BCC compiles the program first)...",
           file=sys.stderr)
     source.start()
-    code = _show(source, budget_ns=opts.budget_ns)
+    # The session hands the dashboard every switch: its statistics count seqs, then
+    # apply --pf/--vf (shown in the header; ``f`` changes it).
+    code = _show(source, budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)
     if (problem := session.workload_warning()) is not None:
         print(f"vftrace: warning: {problem}", file=sys.stderr)
     if out is not None:

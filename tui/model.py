@@ -16,7 +16,7 @@ import numpy as np
 
 from tracer.capture.files import CaptureWriter
 from tracer.model import group_columns as gc
-from tracer.model.filter import filter_mask
+from tracer.model.filter import FilterGate, merge_meta
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
 from .guests import GuestModel
@@ -65,6 +65,7 @@ class DashboardModel:
         self.finished = False
         self.resets = 0
         self.seen = 0                    # switches received since the last reset
+        self.upstream: dict | None = None   # the source capture's meta ``filtered_out``
         self._clear_views()
 
     def _clear_views(self) -> None:
@@ -76,6 +77,8 @@ class DashboardModel:
         if batch.restart:
             self.reset()
             self.finished = False
+        if batch.header is not None:
+            self.account(batch.header.meta)
         rows = to_rows(batch.switches)
         if rows.shape[0]:
             self.store.append(rows)
@@ -94,9 +97,22 @@ class DashboardModel:
         if batch.status is not None:
             self.status = batch.status
         self.finished = self.finished or batch.finished
+        if batch.finished:
+            self._apply_upstream(whole=True)
+
+    def account(self, source_meta: dict | None) -> None:
+        """The capture being shown was recorded with --pf/--vf: what its recorder left out
+        (meta ``filtered_out``) counts as left out, not as seq gaps.  The first and last
+        seqs apply once the whole capture has been read (``finished``)."""
+        self.upstream = (source_meta or {}).get("filtered_out") or None
+        self._apply_upstream(whole=self.finished)
+
+    def _apply_upstream(self, whole: bool) -> None:
+        if self.upstream and self.resets == 0:     # after ``r`` it no longer adds up
+            self.stats.account(self.upstream, whole=whole)
 
     def _view(self, rows: np.ndarray) -> None:
-        kept = rows[filter_mask(rows, self.pfs, self.vfs)]
+        kept = rows[self.stats.filter.mask(rows)]
         if not kept.shape[0]:
             return
         self.hist.add_array(kept[:, COL["switch_ns"]])
@@ -123,10 +139,10 @@ class DashboardModel:
         self.pfs, self.vfs = pfs, vfs
         self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
         self._clear_views()
+        self._apply_upstream(whole=self.finished)
         rows = self.store.rows()
         if rows.shape[0]:
-            # Stats applies the VF filter itself (it tracks seq gaps per PF before it).
-            self.stats.add_rows(rows[filter_mask(rows, pfs, None)], now=now)
+            self.stats.add_rows(rows, now=now)      # Stats filters after counting seqs
             self._view(rows)
 
     def set_budget(self, budget_ns: int) -> None:
@@ -183,12 +199,19 @@ class DashboardModel:
     # -- export -------------------------------------------------------------------------
     def plan_export(self, directory: Path, source_meta: dict, source_description: str,
                     paused: bool = False) -> ExportPlan:
-        rows = self.store.rows()
-        rows = rows[filter_mask(rows, self.pfs, self.vfs)].copy()
+        gate = FilterGate(self.stats.filter)
+        rows = gate.rows(self.store.rows()).copy()
         skip = {"columns", "complete", "stop_time", "stop_reason", "records",
-                "lost_records_per_cpu", "lost_total", "start_time", "calls_file", "tool"}
+                "lost_records_per_cpu", "lost_total", "start_time", "calls_file", "tool",
+                "filtered_out"}
         meta = {k: v for k, v in source_meta.items() if k not in skip}
         left_out = self.store.dropped
+        # What a filter left out, here or by the source's recorder, is no seq gap to
+        # whoever opens the export (the recorder's account holds while the store has
+        # every record since the start).
+        upstream = self.upstream if not left_out and not self.resets else None
+        if upstream or gate.filter.active:
+            meta["filtered_out"] = merge_meta(upstream, gate.as_meta())
         meta.update({
             "tool": "vftrace dashboard export",
             "budget_ns": self.budget_ns,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields, header_positions,
+from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields, calls_path,
+                            header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
@@ -140,14 +141,6 @@ def load_meta(path: Path) -> tuple[dict, list[str]]:
         return {}, [f"no meta file ({meta_path(path).name}): header details unknown"]
     return meta, [] if meta.get("complete") else ["capture is not complete: its recorder "
                                                   "did not close it"]
-
-
-def calls_path(path: Path, meta: dict) -> Path | None:
-    """The per-call CSV the meta names, when it is next to the capture."""
-    name = meta.get("calls_file")
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        return None
-    return path.with_name(name)
 
 
 def lost_from_meta(meta: dict) -> dict[int, int]:

@@ -225,7 +225,7 @@ json_values = st.recursive(
     max_leaves=12)
 META_KEYS = ("kernel", "switch_source", "probe_modes", "floor_ns", "budget_ns", "filters",
              "warnings", "kvm_vendor", "calls_file", "background", "lost_records_per_cpu",
-             "lost_total", "records", "stop_reason", "complete", "columns")
+             "lost_total", "records", "stop_reason", "complete", "columns", "filtered_out")
 metas = st.dictionaries(st.sampled_from(META_KEYS) | st.text(max_size=8), json_values,
                         max_size=8)
 
@@ -234,12 +234,12 @@ def meta_is_usable(meta: dict) -> None:
     """What the dashboard and the report do with an accepted meta must not raise."""
     HeaderInfo.from_meta(meta, "test")
     lost_from_meta(meta)
-    from tracer.errors import VftraceError
-    from tracer.report.load import _check_meta_numbers
-    try:
-        _check_meta_numbers(Path("x.csv"), meta)
-    except VftraceError:
-        pass
+    from tracer.capture.files import calls_path
+    from tracer.model.stats import Stats
+    calls = calls_path(Path("d/x.csv"), meta)             # beside the capture, or none
+    assert calls is None or calls.parent == Path("d")
+    Stats().account(meta.get("filtered_out"))            # read_meta checked it
+    assert meta.get("budget_ns") is None or meta["budget_ns"] > 0
 
 
 @PROPS

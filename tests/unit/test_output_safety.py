@@ -191,3 +191,33 @@ def test_report_and_export_outputs_follow_the_umask(tmp_path, capture, umask, ca
     capsys.readouterr()
     for name in ("r.html", "r.svg", "t.json", "c.parquet"):
         assert mode_of(tmp_path / name) == mode, name
+
+
+# --- one home for each check (#18) -------------------------------------------------------
+
+def test_record_check_output_is_the_capture_rule_as_a_record_error(tmp_path):
+    from tracer.capture import output
+    from tracer.record.session import RecordError, check_output
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "elsewhere.csv")
+    for bad in (str(link), str(tmp_path), str(tmp_path / "no" / "x.csv"), ""):
+        with pytest.raises(output.OutputError) as want:
+            output.check_output(bad, "--calls")
+        with pytest.raises(RecordError) as got:
+            check_output(bad, "--calls")
+        assert str(got.value) == str(want.value)
+    assert check_output(str(tmp_path / "ok.csv"), "--calls") == tmp_path / "ok.csv"
+
+
+@pytest.mark.parametrize("name, found", [
+    ("calls.csv", True), ("../calls.csv", False), ("/etc/passwd", False), ("..", False),
+    (".", False), ("sub/calls.csv", False), ("", False), (7, False), (None, False)])
+def test_one_calls_path_rule_for_report_and_replay(tmp_path, name, found):
+    from tracer.capture.files import calls_path
+    from tracer.report.load import calls_path as report_calls_path
+    from tui import sources
+    cap = tmp_path / "c.csv"
+    want = tmp_path / "calls.csv" if found else None
+    assert calls_path(cap, {"calls_file": name}) == want
+    assert report_calls_path(cap, {"calls_file": name}) == want
+    assert sources.calls_path is calls_path

@@ -247,7 +247,9 @@ def test_the_whole_process_group_is_stopped_and_sigterm_escalates(tmp_path):
     w.proc.stdout.close()
 
 
-def test_filters_decide_what_the_capture_and_callback_see(tmp_path, events):
+def test_filters_decide_what_the_capture_keeps_and_the_callback_sees_all(tmp_path, events):
+    # The callback's statistics count seqs before they filter (no false gaps); the
+    # capture keeps what the filter keeps and its meta says what was left out.
     seen = []
     opts = TraceOptions(pfs={1})
     s = Session(opts, Plan("pf_sched", "raw_tp"), tool="test", output=tmp_path / "c.csv",
@@ -255,9 +257,10 @@ def test_filters_decide_what_the_capture_and_callback_see(tmp_path, events):
     s.start()
     s.poll(10)
     s.stop("done")
-    _, rows, _ = read_capture(tmp_path / "c.csv")
+    meta, rows, _ = read_capture(tmp_path / "c.csv")
     assert rows and all(r.pf == 1 for r in rows)
-    assert [r.seq for r in rows] == [r.seq for r in seen]
+    assert [r.seq for r in rows] == [r.seq for r in seen if r.pf == 1]
+    assert meta["filtered_out"]["0"]["switches"] == sum(r.pf == 0 for r in seen)
 
 
 # --- vftrace record end to end, on the fake engine --------------------------------------

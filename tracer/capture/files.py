@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterable, Iterator
 from tracer import __version__
 from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_filtered_out
 
 FLUSH_S = 0.5
 FLUSH_ROWS = 2048       # ~250 KiB of switch rows per write
@@ -371,7 +372,8 @@ _META_TYPES: dict[str, tuple[type, str]] = {
     **dict.fromkeys(("tool", "version", "kernel", "host", "start_time", "stop_time",
                      "stop_reason", "switch_source", "buffer", "kvm_vendor", "calls_file"),
                     (str, "a string")),
-    **dict.fromkeys(("probe_modes", "floor_ns", "filters", "background", "workload"),
+    **dict.fromkeys(("probe_modes", "floor_ns", "filters", "background", "workload",
+                     "filtered_out"),
                     (dict, "an object")),
     **dict.fromkeys(("warnings", "columns"), (list, "a list")),
     **dict.fromkeys(("budget_ns", "records", "lost_total", "partial_windows",
@@ -406,10 +408,27 @@ def read_meta(path: str | os.PathLike, require: bool = True) -> dict:
         if value is not None and (not isinstance(value, kind) or
                                   (kind is int and isinstance(value, bool))):
             raise CaptureError(f"{mp}: {key} is not {name}: {_short(value)}")
+    try:
+        parse_filtered_out(meta.get(FILTERED_OUT))
+    except ValueError as e:
+        raise CaptureError(f"{mp}: {e}") from None
+    if meta.get("budget_ns") is not None and meta["budget_ns"] <= 0:
+        raise CaptureError(f"{mp}: budget_ns {meta['budget_ns']} is not positive")
     lost = meta.get("lost_records_per_cpu")
     if lost is not None:                         # JSON keys are strings; the CPUs are ints
         meta["lost_records_per_cpu"] = _lost_per_cpu(mp, lost)
     return meta
+
+
+def calls_path(path: str | os.PathLike, meta: dict) -> Path | None:
+    """The per-call CSV the meta names, beside the capture; None when it names none or
+    names anything but a plain file name (a meta is untrusted: no directory part, no
+    ``..``, so a reader never opens a file elsewhere)."""
+    name = meta.get("calls_file")
+    if not isinstance(name, str) or not name or name in (".", "..") or \
+            Path(name).name != name or "\0" in name:
+        return None
+    return Path(path).with_name(name)
 
 
 def _open_regular(path: Path) -> BinaryIO:

@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .filter import FilterGate, SwitchFilter
 from .schema import COLUMNS
 
 # --- log-linear histogram ---------------------------------------------------------------
@@ -334,16 +335,16 @@ _monotonic = time.monotonic
 class Stats:
     """Switch statistics, overall and per PF, per (PF, incoming VF), per (PF, from->to).
 
-    ``pfs``/``vfs`` restrict what is counted: a record is kept when its PF is in ``pfs``
-    and its incoming or outgoing VF is in ``vfs`` (a switch involves both).  Seq gaps
-    are counted over every record of a kept PF, before the VF filter, since seqs are
-    numbered per PF and a VF filter would otherwise look like loss.
+    ``pfs``/``vfs`` restrict what is counted (``filter.SwitchFilter``), applied by
+    ``filter.FilterGate`` after every record's seq is counted: what the filter leaves out
+    is never a seq gap.  A capture recorded with a filter says in its meta what was left
+    out; ``account`` takes that, so its reader counts the recorder's gaps.
     """
 
     def __init__(self, budget_ns: int = 100, *, pfs: Iterable[int] | None = None,
                  vfs: Iterable[int] | None = None, rate_window_s: float = 5.0) -> None:
-        self.pfs = frozenset(pfs) if pfs is not None else None
-        self.vfs = frozenset(vfs) if vfs is not None else None
+        self.filter = SwitchFilter.of(pfs, vfs)
+        self.pfs, self.vfs = self.filter.pfs, self.filter.vfs
         self.rate_window_s = rate_window_s
         self.budget_ns = int(budget_ns)
         self.reset()
@@ -351,9 +352,8 @@ class Stats:
     def reset(self) -> None:
         self._pending: list[bytes] = []           # packed stats rows not folded yet
         self._cells: dict[tuple[int, int, int], _Cell] = {}
-        self._seqs: dict[int, list[int]] = {}     # pf -> [min, max, count]
+        self._gate = FilterGate(self.filter)       # seqs counted, then the filter
         self._records = 0
-        self._ignored = 0
         self._ticks: deque[list] = deque()        # [tick, arrivals] for the rate
         self._newest_tick: list | None = None     # self._ticks[-1]: add()'s fast path
         self._first_arrival: float | None = None
@@ -419,20 +419,12 @@ class Stats:
         exact = int(rows.max()) < _SAFE_SUM and int(rows.min()) > -_SAFE_SUM
         if not exact:
             rows = np.clip(rows, -MAX_VALUE, MAX_VALUE)
-        if self.pfs is not None:
-            rows = self._keep(rows, np.isin(rows[:, _PF], list(self.pfs)), rows.shape[0])
-            if not rows.shape[0]:
-                return
-        # One sort by group key makes each PF, and each group, a contiguous slice;
-        # per-group sums, extremes and over-budget counts then come from one reduceat
-        # each.  (A VF filter keeps the order.)
+        # One sort by group key makes each group a contiguous slice; per-group sums,
+        # extremes and over-budget counts then come from one reduceat each.  The gate
+        # counts seqs (sorted by PF here), then filters, keeping the order.
         order = np.lexsort((rows[:, _TO], rows[:, _FROM], rows[:, _PF]))
-        rows = rows[order]
-        self._track_seqs(rows)
-        if self.vfs is not None:
-            wanted = list(self.vfs)
-            rows = self._keep(rows, np.isin(rows[:, _TO], wanted) |
-                              np.isin(rows[:, _FROM], wanted), rows.shape[0])
+        rows = self._gate.rows(rows[order], pf_col=_PF, seq_col=_SEQ, from_col=_FROM,
+                               to_col=_TO)
         if not rows.shape[0]:
             return
         self._records += rows.shape[0]
@@ -462,26 +454,10 @@ class Stats:
                 hist.add_indices(by_dist[m, a:b], imins[g][m], imaxs[g][m], vmins[g][m],
                                  vmaxs[g][m])
 
-    def _keep(self, rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-        kept = rows[mask]
-        self._ignored += n - kept.shape[0]
-        return kept
-
-    def _track_seqs(self, rows: np.ndarray) -> None:
-        """Seq extremes and counts per PF of ``rows``, sorted by PF."""
-        # min/max/count per PF instead of "expected next": per-CPU buffers deliver
-        # records out of order, which must not count as loss.
-        pfs = rows[:, _PF]
-        starts = np.concatenate(([0], np.flatnonzero(pfs[1:] != pfs[:-1]) + 1))
-        counts = np.diff(np.append(starts, pfs.size)).tolist()
-        los = np.minimum.reduceat(rows[:, _SEQ], starts).tolist()
-        his = np.maximum.reduceat(rows[:, _SEQ], starts).tolist()
-        for pf, lo, hi, n in zip(pfs[starts].tolist(), los, his, counts):
-            seen = self._seqs.get(pf)
-            if seen is None:
-                self._seqs[pf] = [lo, hi, n]
-            else:
-                seen[0], seen[1], seen[2] = min(seen[0], lo), max(seen[1], hi), seen[2] + n
+    def account(self, filtered_out: dict | None, *, whole: bool = True) -> None:
+        """A capture's ``filtered_out`` meta (see ``FilterGate.account``): the switches
+        its recorder's filter left out are counted as left out, not as gaps."""
+        self._gate.account(filtered_out, whole=whole)
 
     @property
     def records(self) -> int:
@@ -491,9 +467,10 @@ class Stats:
 
     @property
     def ignored(self) -> int:
-        """Records the filters dropped."""
+        """Records the filters dropped (here, and by the recorder of an ``account``ed
+        capture)."""
         self._flush()
-        return self._ignored
+        return self._gate.left_out_total + self._gate.upstream_left_out
 
     # rate
 
@@ -528,7 +505,7 @@ class Stats:
 
     def seq_gaps(self) -> dict[int, int]:
         self._flush()
-        return {pf: max(0, hi - lo + 1 - n) for pf, (lo, hi, n) in sorted(self._seqs.items())}
+        return self._gate.gaps()
 
     def memory_bytes(self) -> int:
         """Histogram memory: bounded by groups x buckets, never by the record count."""
@@ -553,7 +530,7 @@ class Stats:
         filters = {"pfs": sorted(self.pfs) if self.pfs is not None else None,
                    "vfs": sorted(self.vfs) if self.vfs is not None else None}
         return Snapshot(
-            budget_ns=self.budget_ns, records=self._records, ignored=self._ignored,
+            budget_ns=self.budget_ns, records=self._records, ignored=self.ignored,
             overall=_group_stats(GroupKey("all"), overall),
             per_pf=ordered(per_pf), per_vf=ordered(per_vf), per_pair=ordered(pairs),
             seq_gaps=self.seq_gaps(), rate_per_s=self.rate(now), filters=filters)

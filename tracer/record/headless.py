@@ -28,7 +28,7 @@ def main(args) -> int:
     if plan is None:                          # --ebpf: the program was printed
         return 0
 
-    stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)
+    stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)   # sees every switch
     session = Session(opts, plan, tool="vftrace record", output=out, on_switch=stats.add,
                       signals=True)
     session.start()

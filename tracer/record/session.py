@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__
+from ..capture import output
 from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from ..errors import VftraceError
 from ..kernel import probes
 from ..model import exit_reasons
+from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
 from ..model.schema import CallRecord, SwitchRecord
 from .instances import Registration
 from ..pfsched.watch import PfWatch
@@ -89,27 +91,12 @@ def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
 
 
 def check_output(path: str | None, flag: str) -> Path | None:
-    """An output file that can be created: its directory exists and is writable, and
-    nothing is planted at the path (a symlink is refused, never followed)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not str(path):
-        raise RecordError(f"{flag}: give a file name")
-    if p.is_symlink():
-        raise RecordError(f"{flag} {path}: is a symlink; refusing to write through it "
-                          "(remove it or give another name)")
-    if p.is_dir():
-        raise RecordError(f"{flag} {path}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise RecordError(f"{flag} {path}: directory {parent} {what}")
-    if not os.access(parent, os.W_OK):
-        raise RecordError(f"{flag} {path}: directory {parent} is not writable")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise RecordError(f"{flag} {path}: the file is not writable")
-    return p
+    """``tracer.capture.output.check_output`` (the one rule for files vftrace writes), as
+    a RecordError so ``vftrace record``/``live`` still print one line and exit 2."""
+    try:
+        return output.check_output(path, flag)
+    except output.OutputError as e:
+        raise RecordError(str(e)) from None
 
 
 def check_capture_output(path: str | None, flag: str,
@@ -230,9 +217,10 @@ class TraceOptions:
                 "vf": sorted(self.vfs) if self.vfs else None,
                 "pid": sorted(self.pids) if self.pids else None}
 
-    def keeps_switch(self, rec: SwitchRecord) -> bool:
-        return ((self.pfs is None or rec.pf in self.pfs) and
-                (self.vfs is None or rec.to_vf in self.vfs or rec.from_vf in self.vfs))
+    @property
+    def switch_filter(self) -> SwitchFilter:
+        """--pf/--vf; applied only through a ``FilterGate`` (seqs counted first)."""
+        return SwitchFilter.of(self.pfs, self.vfs)
 
     def keeps_call(self, rec: CallRecord) -> bool:
         return self.pids is None or rec.pid in self.pids
@@ -430,8 +418,11 @@ def group_members(pgid: int) -> list[int]:
 class Session:
     """A recording from arming to detaching; see the module docstring for the order.
 
-    ``on_switch``/``on_call`` see the records the filters keep (the capture holds the
-    same ones).  ``engine_factory`` is ``Engine`` unless a test passes a fake one.
+    ``on_switch`` sees every switch, so the consumer's statistics (``Stats`` with
+    ``opts.switch_filter``) count seqs before filtering; the capture holds what the
+    filter keeps, and its meta says (``filtered_out``) what it left out, so a reader does
+    not count those as gaps.  ``on_call`` sees the calls --pid keeps.
+    ``engine_factory`` is ``Engine`` unless a test passes a fake one.
     """
 
     def __init__(self, opts: TraceOptions, plan: probes.Plan, *, tool: str,
@@ -460,6 +451,7 @@ class Session:
         self.startup_s = 0.0
         self.stop_reason: str | None = None
         self.lost: dict[int, int] = {}
+        self.gate = FilterGate(opts.switch_filter)     # what the capture keeps
 
     # -- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -532,11 +524,10 @@ class Session:
 
     # -- records ----------------------------------------------------------------------
     def _switch(self, rec: SwitchRecord) -> None:
-        if self.opts.keeps_switch(rec):
-            if self.capture is not None:
-                self.capture.write(rec)
-            if self.on_switch is not None:
-                self.on_switch(rec)
+        if self.gate.admit(rec) and self.capture is not None:
+            self.capture.write(rec)
+        if self.on_switch is not None:
+            self.on_switch(rec)
 
     def _call(self, rec: CallRecord) -> None:
         if self.opts.keeps_call(rec):
@@ -616,6 +607,8 @@ class Session:
         return self.meta
 
     def _close_writers(self, reason: str) -> None:
+        if self.gate.filter.active:           # after engine.close(): its flush counted
+            self.meta[FILTERED_OUT] = self.gate.as_meta()
         try:
             if self.capture is not None:
                 self.capture.close(stop_reason=reason, lost=self.lost)

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from tracer.capture import files as capture_files
 from tracer.capture.files import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
 from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord
@@ -98,8 +99,7 @@ def _refuse_calls_file(p: Path) -> None:
 
 def load_meta(path: Path) -> tuple[dict, list[str]]:
     """The capture's meta (empty when there is none) and what is wrong with it."""
-    meta = read_meta(path, require=False)     # checks the types of the keys it knows
-    _check_meta_numbers(path, meta)
+    meta = read_meta(path, require=False)     # checks the keys it knows, numbers too
     problems = []
     if not meta:
         problems.append(f"no meta file ({meta_path(path).name}): lost records, budget and "
@@ -108,28 +108,6 @@ def load_meta(path: Path) -> tuple[dict, list[str]]:
         problems.append("capture is not complete: the recorder did not close it, so lost "
                         "records are unknown")
     return meta, problems
-
-
-INT_FIELDS = ("budget_ns", "lost_total", "records", "partial_windows", "late_releases",
-              "orphan_releases")
-
-
-def _check_meta_numbers(path: Path, meta: dict) -> None:
-    """The meta numbers the report does arithmetic with must be integers (or absent):
-    a hand-edited meta must not end in a traceback."""
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in INT_FIELDS:
-        if meta.get(key) is not None and not is_int(meta[key]):
-            raise VftraceError(f"{meta_path(path)}: {key} is not an integer: {meta[key]!r}")
-    per_cpu = meta.get("lost_records_per_cpu")
-    if per_cpu is not None and not (isinstance(per_cpu, dict) and
-                                    all(is_int(v) for v in per_cpu.values())):
-        raise VftraceError(f"{meta_path(path)}: lost_records_per_cpu is not a map of CPU "
-                           "to count")
-    if meta.get("budget_ns") is not None and meta["budget_ns"] <= 0:
-        raise VftraceError(f"{meta_path(path)}: budget_ns {meta['budget_ns']} is not positive")
 
 
 def switch_chunks(path: Path, problems: list[str]) -> Iterator[list[SwitchRecord]]:
@@ -160,14 +138,13 @@ def call_chunks(path: Path, problems: list[str]) -> Iterator[list[CallRecord]]:
 def calls_path(path: Path, meta: dict, override: str | os.PathLike | None = None
                ) -> Path | None:
     """The per-call CSV of a capture: ``override``, else the meta's ``calls_file`` next
-    to the capture; None when the capture has none."""
+    to the capture (``tracer.capture.files.calls_path``); None when it has none."""
     if override is not None:
         p = Path(override)
         if not p.is_file():
             raise VftraceError(f"--calls {p}: no such file")
         return p
-    name = meta.get("calls_file")
-    return path.with_name(Path(name).name) if name else None
+    return capture_files.calls_path(path, meta)
 
 
 _PLOT_GETTER = attrgetter(*PLOT_COLUMNS)
@@ -181,6 +158,11 @@ def load_capture(path: str | os.PathLike, label: str | None = None,
     meta, problems = load_meta(p)
     budget = budget_ns if budget_ns is not None else meta.get("budget_ns") or DEFAULT_BUDGET_NS
     stats = Stats(int(budget))
+    if meta.get("complete"):
+        stats.account(meta.get("filtered_out"))      # what --pf/--vf left out: no gap
+    elif (meta.get("filters") or {}).get("vf"):
+        problems.append("recorded with --vf and not closed: the seq gaps below include "
+                        "the switches the filter left out")
     parts: list[np.ndarray] = []
     for chunk in switch_chunks(p, problems):
         stats.add_many(chunk, now=0.0)
