@@ -374,3 +374,27 @@ def test_help_has_examples():
     r = subprocess.run([sys.executable, "-m", "tracer.cli", "report", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "examples:" in r.stdout and "--size" in r.stdout
+
+
+def test_interrupt_context_calls_and_negative_durations_are_reported(tmp_path, capsys):
+    """Kept out of the switches by the kernel side, so never silent: the report says how
+    many calls were interrupt-context (none charged to a window) and how many durations
+    came out negative and were discarded (a warning: those rows are missing)."""
+    meta = json.loads((DATA / "small.meta.json").read_text())
+    background = dict(meta.get("background") or {})
+    background["irq_calls"] = {"iommu_unmap": {"count": 3, "bytes": 61440},
+                               "iotlb_sync": {"count": 3, "bytes": 0},
+                               "iommu_map": {"count": 0, "bytes": 0}}
+    background["negative_durations"] = {"switch": 2}
+    cap = copy_capture(tmp_path, background=background)
+    assert main(["report", str(cap)]) == 0
+    text = capsys.readouterr().out
+    assert "6 calls made in interrupt context (iommu_unmap 3, iotlb_sync 3)" in text
+    assert "WARNING: 2 durations came out negative (switch 2)" in text
+    notes = run_json(capsys, str(cap))["captures"][0]["notes"]
+    assert any(not n["warning"] and "interrupt context" in n["text"] for n in notes)
+    assert any(n["warning"] and "negative" in n["text"] for n in notes)
+    plain = copy_capture(tmp_path, name="plain")             # the shipped capture: neither
+    assert main(["report", str(plain)]) == 0
+    text = capsys.readouterr().out
+    assert "interrupt context" not in text and "negative" not in text

@@ -133,6 +133,19 @@ def notes(cap: Capture) -> list[Note]:
     if releases:
         out.append(Note(True, f"{releases} blocked-access releases not joined to their switch "
                               "(late or orphaned): blocked time is undercounted"))
+    background = _of_type(m.get("background"), dict)
+    irq = {k: v.get("count") for k, v in _of_type(background.get("irq_calls"), dict).items()
+           if isinstance(v, dict) and isinstance(v.get("count"), int) and v["count"] > 0}
+    if irq:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(irq.items()))
+        out.append(Note(False, f"{sum(irq.values())} calls made in interrupt context ({kinds}): "
+                               "no switch made them, so none is charged to a window"))
+    negative = {k: n for k, n in _of_type(background.get("negative_durations"), dict).items()
+                if isinstance(n, int) and n > 0}
+    if negative:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(negative.items()))
+        out.append(Note(True, f"{sum(negative.values())} durations came out negative ({kinds}) "
+                              "and were discarded: those switches or calls are missing"))
     for w in _of_type(m.get("warnings"), list):
         out.append(Note(False, f"recorder: {w}"))
     filters = {k: v for k, v in _of_type(m.get("filters"), dict).items() if v}
