@@ -23,7 +23,7 @@ class StallWatchdog:
     def __init__(self, path: str, stall_s: float = 5.0,
                  clock=time.monotonic) -> None:
         self.path, self.stall_s, self.clock = path, stall_s, clock
-        self._last = clock()
+        self._last: float | None = None      # armed by the first beat: the App's start-up
         self._stop = threading.Event()
         self._stalled = False
         self._previous_hook = threading.excepthook
@@ -63,6 +63,8 @@ class StallWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.stall_s / 5):
+            if self._last is None:             # not drawing yet: mounting under TCG took
+                continue                       # over 5 s (a false stall in a CI run)
             idle = self.clock() - self._last
             if idle < self.stall_s:
                 self._stalled = False

@@ -28,7 +28,10 @@ def test_a_stall_dumps_every_threads_stack_once_and_a_beat_rearms_it(tmp_path):
     dog = StallWatchdog(str(dump), stall_s=0.2)
     dog.start()
     try:
-        assert wait_for(lambda: stalls(dump) == 1)     # no beat: a stall
+        time.sleep(0.6)
+        assert stalls(dump) == 0                       # armed by the first beat only
+        dog.beat()
+        assert wait_for(lambda: stalls(dump) == 1)     # then no beat: a stall
         time.sleep(0.5)
         assert stalls(dump) == 1                       # written once per stall
         text = dump.read_text()
