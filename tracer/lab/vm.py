@@ -252,22 +252,37 @@ def run_vm(argv: list[str], timeout: float | None, interactive: bool,
     124 on timeout (like coreutils' timeout), 128+N when stopped by signal N, BOOT_HANG
     when ``started`` did not appear within ``boot_timeout`` (the VM is stopped)."""
     stdin = None if interactive or not sys.stdin.isatty() else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, env=_child_env(), stdin=stdin, process_group=0)
-    tty_fd = None
-    if interactive:
-        tty_fd = sys.stdin.fileno()
-        old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        os.tcsetpgrp(tty_fd, proc.pid)          # the VM's console gets the keyboard
-        os.killpg(proc.pid, signal.SIGCONT)     # in case it touched the tty first (SIGTTIN)
+    started_vm: list[subprocess.Popen] = []
+    pending: list[int] = []
 
     def on_signal(signum, _frame):
+        if not started_vm:          # before the VM exists: stopped right after it starts
+            pending.append(signum)
+            return
         raise _Stop(signum)
 
+    # The handlers go in before the VM starts: a stop signal in between would otherwise
+    # end this process by default and leave QEMU running in its own process group.
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        proc = subprocess.Popen(argv, env=_child_env(), stdin=stdin, process_group=0)
+    except BaseException:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        raise
+    started_vm.append(proc)
+    tty_fd = None
     t0 = time.monotonic()
     deadline = t0 + timeout if timeout else None
     boot_deadline = t0 + boot_timeout if started else None
     try:
+        if pending:
+            raise _Stop(pending[0])
+        if interactive:
+            tty_fd = sys.stdin.fileno()
+            old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(tty_fd, proc.pid)          # the VM's console gets the keyboard
+            os.killpg(proc.pid, signal.SIGCONT)     # in case it touched the tty first (SIGTTIN)
         while True:
             now = time.monotonic()
             wake = min(d for d in (deadline, boot_deadline, now + 3600) if d is not None)
