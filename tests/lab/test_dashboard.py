@@ -35,8 +35,10 @@ def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
     capture = tmp_path / "live.csv"
     cmd = shlex.join([sys.executable, "-m", "tracer.cli", "live", "--csv", str(capture)])
     with pfsched.loaded(1, slice_us=2000) as bdfs:
+        stalls = tmp_path / "stalls.txt"        # the watchdog's dumps (tui/watchdog.py)
         tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
-             f"TERM=xterm-256color {cmd}; echo exited $? > {tmp_path}/rc; sleep 600")
+             f"TERM=xterm-256color VFTRACE_STALL_DUMP={stalls} {cmd}; "
+             f"echo exited $? > {tmp_path}/rc; sleep 600")
         try:
             deadline, screen, first = time.monotonic() + START_S, "", 0
             while time.monotonic() < deadline:
@@ -49,7 +51,7 @@ def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
             assert "pf0" in screen and "lost 0" in screen, screen
             time.sleep(3)                               # it keeps streaming
             later = switches_shown(pane(session))
-            assert later > first, pane(session)
+            assert later > first, pane(session) + (stalls.read_text() if stalls.exists() else "")
             tmux("send-keys", "-t", session, "q")
             deadline = time.monotonic() + 60
             while not (tmp_path / "rc").exists() and time.monotonic() < deadline:
