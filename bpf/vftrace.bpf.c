@@ -10,9 +10,17 @@
  * driver's DMA unmap from its completion interrupt, on whatever task it interrupted) are
  * not that task's: they are counted apart per kind (irq_calls), never timed.  A duration
  * that comes out negative is counted (negative), never written.  KVM exits happen on
- * vCPU threads: an exit counts in every window open when it began.  The record is
- * emitted when the window closes.  Guest accesses released by a switch happen after it,
- * so they are emitted on their own and joined by (pf, seq) in user space.
+ * vCPU threads: an exit counts, and its time is charged, in every window open when it
+ * began.  The record is emitted when the window closes.  What a switch costs after its
+ * record left (a guest access it released, the end of an exit that outlived it) is
+ * emitted on its own as a vft_join and added by (pf, seq) in user space.
+ *
+ * Windows live in VFT_MAX_OPEN array slots, taken by compare-and-swap at the begin, so
+ * their memory is never freed under a reader on another CPU.  What another CPU adds to
+ * a window (KVM exits and their time) goes into counters the end swaps for VFT_CLOSED:
+ * an add either lands before the swap and is in the record, or sees VFT_CLOSED and goes
+ * out as a join.  Maps that fill up, windows that cannot be recorded, and records the
+ * buffers could not take are counted (drops, lost), never lost silently.
  *
  * Compile-time parameters (-D, set by tracer/kernel/probes.py):
  *   SWITCH_SRC     SRC_PF_SCHED_RAW | SRC_PF_SCHED_TP | SRC_FUNC | SRC_TP
@@ -38,9 +46,15 @@
 #define VFIO_IOMMU_MAP_DMA 0x3b71
 #define VFIO_IOMMU_UNMAP_DMA 0x3b72
 
+#define VFT_CLOSED (1ull << 63)     /* in window.exits/exit_ns: the window has closed */
+#define VFT_STALE_NS 10000000000ull /* an open window older than this lost its end */
+
 struct window {
 	struct vft_switch rec;
 	u64 grant_start;
+	u64 exits;              /* kvm_exits so far, | VFT_CLOSED once closed */
+	u64 exit_ns;            /* exit_ns so far, | VFT_CLOSED once closed */
+	u64 owner;              /* tid of the task whose window this is, 0: a free slot */
 };
 
 struct start_key {
@@ -59,15 +73,20 @@ struct exit_start {
 	u32 vcpu;
 	u32 open_mask;          /* slots whose windows were open when the exit began */
 	u32 pad;
+	u64 seq[VFT_MAX_OPEN];  /* ... and which windows those were */
+	u32 pf[VFT_MAX_OPEN];
 };
 
-BPF_HASH(windows, u32, struct window, 256);          /* switching task -> open window */
-BPF_ARRAY(open_slots, u32, VFT_MAX_OPEN);             /* slot -> tid of its open window */
+BPF_ARRAY(windows, struct window, VFT_MAX_OPEN);      /* slot -> window */
+BPF_HASH(task_slot, u32, u32, 1024);                  /* switching task -> its slot */
+BPF_ARRAY(open_mask, u64, 1);     /* slots with an open window (u64: BPF atomics are 64-bit) */
 BPF_HASH(starts, struct start_key, struct start_val, 16384);
-BPF_HASH(exit_starts, u32, struct exit_start, 4096);  /* vCPU thread -> exit in progress */
+/* vCPU thread -> exit in progress; LRU, so threads torn down mid-exit age out. */
+BPF_TABLE("lru_hash", u32, struct exit_start, exit_starts, 4096);
 BPF_HASH(bg_calls, struct vft_bg_key, struct vft_bg_val, 4096);
 BPF_HASH(exits, struct vft_exit_key, struct vft_exit_val, 8192);
 BPF_PERCPU_ARRAY(lost, u64, VFT_NR_LOST);
+BPF_PERCPU_ARRAY(drops, u64, VFT_NR_DROPS);
 BPF_ARRAY(calib, u64, VFT_CALIB_SAMPLES);
 BPF_ARRAY(calib_count, u64, 1);
 BPF_ARRAY(func_seq, u64, 1);                           /* seq for func:/tp: windows */
@@ -89,23 +108,31 @@ BPF_ARRAY(armed, u32, 1);
 
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
-BPF_RINGBUF_OUTPUT(releases, 64);     /* a zap can release every guest vCPU at once */
+BPF_RINGBUF_OUTPUT(joins, 64);        /* a zap can release every guest vCPU at once */
 #if EMIT_CALLS
 BPF_RINGBUF_OUTPUT(calls, RINGBUF_PAGES);
 #endif
 #else
 BPF_PERF_OUTPUT(switches);
-BPF_PERF_OUTPUT(releases);
+BPF_PERF_OUTPUT(joins);
 #if EMIT_CALLS
 BPF_PERF_OUTPUT(calls);
 #endif
 #endif
 
+/* Atomic though per-CPU: an fentry program can be preempted by another on its CPU. */
 static __always_inline void count_lost(int idx)
 {
 	u64 *n = lost.lookup(&idx);
 	if (n)
-		(*n)++;         /* per-CPU: no atomics needed */
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void count_drop(int idx)
+{
+	u64 *n = drops.lookup(&idx);
+	if (n)
+		__sync_fetch_and_add(n, 1);
 }
 
 /* One function per buffer: BCC rewrites table methods, which it cannot inside macros. */
@@ -119,14 +146,18 @@ static __always_inline void emit_switch(void *ctx, struct vft_switch *rec)
 		count_lost(VFT_LOST_SWITCH);
 }
 
-static __always_inline void emit_release(void *ctx, struct vft_release *rec)
+static __always_inline void emit_join(void *ctx, u32 kind, u32 pf, s32 vf, u64 seq,
+				      u64 ns, u64 t_ns)
 {
+	u64 id = bpf_get_current_pid_tgid();
+	struct vft_join j = { .seq = seq, .ns = ns, .t_ns = t_ns, .kind = kind, .pf = pf,
+			      .vf = vf, .pid = id >> 32, .cpu = bpf_get_smp_processor_id() };
 #if USE_RINGBUF
-	if (releases.ringbuf_output(rec, sizeof(*rec), 0))
+	if (joins.ringbuf_output(&j, sizeof(j), 0))
 #else
-	if (releases.perf_submit(ctx, rec, sizeof(*rec)))
+	if (joins.perf_submit(ctx, &j, sizeof(j)))
 #endif
-		count_lost(VFT_LOST_RELEASE);
+		count_lost(VFT_LOST_JOIN);
 }
 
 static __always_inline int is_armed(void)
@@ -178,53 +209,171 @@ static __always_inline void count_negative(u32 kind)
 
 /* ---- switch windows -------------------------------------------------------------- */
 
+static __always_inline u64 *open_mask_word(void)
+{
+	u32 zero = 0;
+	return open_mask.lookup(&zero);
+}
+
+/* The open window of the current task, or NULL. */
+static __always_inline struct window *task_window(u32 tid)
+{
+	u32 *slot = task_slot.lookup(&tid);
+	if (!slot)
+		return 0;
+	u32 i = *slot;
+	struct window *w = windows.lookup(&i);
+	return w && w->owner == tid ? w : 0;
+}
+
+/*
+ * A window's life, as KVM exits on other CPUs see it (an exit reads its clock, then
+ * open_mask, then adds to each window it found open whose start stamp is not after its
+ * own clock): the begin stamps t_ns, then publishes the slot in open_mask; the end
+ * unpublishes it, then stamps its end, then swaps the counters for VFT_CLOSED.  So every
+ * exit counted in a window began between its two stamps.  One that began there but was
+ * held up (an interrupt) until after the swap is counted outside windows.
+ */
+static __always_inline void unpublish(u32 i)
+{
+	u64 *mask = open_mask_word();
+	if (mask)
+		__sync_fetch_and_and(mask, ~(1ull << i));
+}
+
+/* The exits and exit time a window got; no more are added to it after this. */
+static __always_inline void close_counters(struct window *w, u64 *exits, u64 *exit_ns)
+{
+	*exits = __sync_lock_test_and_set(&w->exits, VFT_CLOSED) & ~VFT_CLOSED;
+	*exit_ns = __sync_lock_test_and_set(&w->exit_ns, VFT_CLOSED) & ~VFT_CLOSED;
+}
+
+static __always_inline void close_window(u32 i, struct window *w, u64 *exits, u64 *exit_ns)
+{
+	unpublish(i);
+	close_counters(w, exits, exit_ns);
+}
+
+static __always_inline void release_slot(struct window *w)
+{
+	__sync_lock_test_and_set(&w->owner, 0);
+}
+
+/* Take a free slot for @tid (or reclaim one whose window's end never came). */
+static __always_inline int take_slot(u32 tid, u64 now)
+{
+#pragma unroll
+	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
+		u32 k = i;
+		struct window *w = windows.lookup(&k);
+		if (w && __sync_val_compare_and_swap(&w->owner, 0, tid) == 0)
+			return i;
+	}
+#pragma unroll
+	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
+		u32 k = i;
+		struct window *w = windows.lookup(&k);
+		if (!w)
+			continue;
+		u64 old = w->owner, t = w->rec.t_ns;
+		if (old && t && now - t > VFT_STALE_NS &&
+		    __sync_val_compare_and_swap(&w->owner, old, tid) == old) {
+			u32 gone = old;
+			u64 x, y;
+			close_window(i, w, &x, &y);
+			task_slot.delete(&gone);
+			count_drop(VFT_DROP_STALE);
+			return i;
+		}
+	}
+	return -1;
+}
+
 static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 {
 	u32 tid = current_tid();
-	u32 slot = pf % VFT_MAX_OPEN;
-	struct window w = {};
+	u64 x, y;
 
 	if (!is_armed())
 		return 0;
-
-	w.rec.seq = seq;
-	w.rec.pf = pf;
-	w.rec.from_vf = from_vf;
-	w.rec.to_vf = to_vf;
-	w.rec.tid = tid;
-	windows.update(&tid, &w);
-	open_slots.update(&slot, &tid);
-	/* Stamp last: the map updates above are the tracer's cost, not the switch's. */
-	struct window *open = windows.lookup(&tid);
-	if (open)
-		open->rec.t_ns = bpf_ktime_get_ns();
+	u32 *held = task_slot.lookup(&tid);
+	if (held) {             /* a source that nests, or a missed end: drop the open one */
+		u32 i = *held;
+		struct window *old = windows.lookup(&i);
+		if (old && old->owner == tid) {
+			close_window(i, old, &x, &y);
+			release_slot(old);
+		}
+		task_slot.delete(&tid);
+		count_drop(VFT_DROP_NESTED);
+	}
+	int got = take_slot(tid, bpf_ktime_get_ns());
+	if (got < 0) {
+		count_drop(VFT_DROP_NO_SLOT);
+		return 0;
+	}
+	u32 slot = got;
+	struct window *w = windows.lookup(&slot);
+	if (!w)
+		return 0;
+	if (task_slot.update(&tid, &slot)) {
+		release_slot(w);
+		count_drop(VFT_DROP_TASK_SLOT);
+		return 0;
+	}
+	__builtin_memset(&w->rec, 0, sizeof(w->rec));
+	w->grant_start = 0;
+	w->rec.seq = seq;
+	w->rec.pf = pf;
+	w->rec.from_vf = from_vf;
+	w->rec.to_vf = to_vf;
+	w->rec.tid = tid;
+	/* Who it is first, then open the counters, then stamp, then publish the slot
+	 * (kvm_exit reads seq, pf and t_ns of the windows in open_mask; the atomics order
+	 * the stores on x86).  The map updates above are the tracer's cost, not the
+	 * switch's; the publish is inside the window, so that an exit counted in it
+	 * began after its stamp. */
+	__sync_lock_test_and_set(&w->exits, 0);
+	__sync_lock_test_and_set(&w->exit_ns, 0);
+	w->rec.t_ns = bpf_ktime_get_ns();
+	u64 *mask = open_mask_word();
+	if (mask)
+		__sync_fetch_and_or(mask, 1ull << slot);
 	return 0;
 }
 
 static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revoke_ns,
 				      u64 source_grant_ns)
 {
-	u64 now = bpf_ktime_get_ns();
 	u32 tid = current_tid();
-	u32 zero = 0, none = 0;
-	struct window *w = windows.lookup(&tid);
+	u32 zero = 0;
+	u32 *slot = task_slot.lookup(&tid);
+	struct window *w = 0;
+	u32 i = 0;
 
-	if (!w) {
+	if (slot) {
+		i = *slot;
+		w = windows.lookup(&i);
+	}
+	if (!w || w->owner != tid) {
+		if (slot)
+			task_slot.delete(&tid);
 		/* Before arming every end is unmatched (begins are gated): not a loss. */
 		u64 *p = is_armed() ? partial.lookup(&zero) : 0;
 		if (p)
 			__sync_fetch_and_add(p, 1);
 		return 0;
 	}
-	u32 slot = w->rec.pf % VFT_MAX_OPEN;
-	u32 *owner = open_slots.lookup(&slot);
-	if (owner && *owner == tid)
-		open_slots.update(&slot, &none);
-
+	/* Unpublished before the stamp: no exit that began after the stamp is counted. */
+	unpublish(i);
+	u64 now = bpf_ktime_get_ns();
+	u64 exits, exit_ns;
+	close_counters(w, &exits, &exit_ns);
+	task_slot.delete(&tid);
 	if (now < w->rec.t_ns || (w->grant_start && (w->grant_start < w->rec.t_ns ||
 						     w->grant_start > now))) {
 		count_negative(0);      /* e.g. a begin from an interrupt on this task */
-		windows.delete(&tid);
+		release_slot(w);
 		return 0;
 	}
 	w->rec.switch_ns = now - w->rec.t_ns;
@@ -234,12 +383,14 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	} else {
 		w->rec.revoke_ns = w->rec.switch_ns;
 	}
+	w->rec.kvm_exits = exits;
+	w->rec.exit_ns = exit_ns;
 	w->rec.source_ns = source_ns;
 	w->rec.source_revoke_ns = source_revoke_ns;
 	w->rec.source_grant_ns = source_grant_ns;
 	w->rec.cpu = bpf_get_smp_processor_id();
 	emit_switch(ctx, &w->rec);
-	windows.delete(&tid);
+	release_slot(w);
 	return 0;
 }
 
@@ -333,7 +484,10 @@ static __always_inline int call_enter(u64 sp, u32 kind, u64 size)
 			return 0;
 		}
 	}
-	starts.update(&k, &v);
+	if (starts.update(&k, &v)) {
+		count_drop(VFT_DROP_STARTS);
+		return 0;
+	}
 	/* Stamp after the update, so the call's time does not include our map write. */
 	started = starts.lookup(&k);
 	if (started)
@@ -347,8 +501,10 @@ static __always_inline void add_bg(u32 pid, u32 kind, u64 ns, u64 size)
 	struct vft_bg_val zero = {}, *v;
 
 	v = bg_calls.lookup_or_try_init(&k, &zero);
-	if (!v)
+	if (!v) {
+		count_drop(VFT_DROP_BG);
 		return;
+	}
 	__sync_fetch_and_add(&v->count, 1);
 	__sync_fetch_and_add(&v->ns, ns);
 	__sync_fetch_and_add(&v->bytes, size);
@@ -414,7 +570,7 @@ static __always_inline int call_exit(void *ctx, u64 sp, u32 kind)
 		return 0;
 	}
 
-	struct window *w = windows.lookup(&tid);
+	struct window *w = task_window(tid);
 	if (!w) {
 		add_bg(bpf_get_current_pid_tgid() >> 32, kind, ns, size);
 		emit_call(ctx, kind, start, ns, size, 0, 0, 0);
@@ -462,7 +618,7 @@ static __always_inline int count_kick(u64 sp)
 			count_irq(VFT_VCPU_KICK, 0);
 		return 0;
 	}
-	struct window *w = windows.lookup(&tid);
+	struct window *w = task_window(tid);
 	if (w)
 		w->rec.vcpu_kicks++;
 	return 0;
@@ -547,31 +703,53 @@ int krp_vfio_ioctl(struct pt_regs *ctx)
 TRACEPOINT_PROBE(kvm, kvm_exit)
 {
 	u32 tid = current_tid();
-	struct exit_start e = { .ts = bpf_ktime_get_ns(), .reason = args->exit_reason,
-				.vcpu = args->vcpu_id };
+	struct exit_start init = { .ts = bpf_ktime_get_ns(), .reason = args->exit_reason,
+				   .vcpu = args->vcpu_id };
 
 	if (!is_armed())
 		return 0;
-
-#pragma unroll
-	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
-		u32 slot = i;
-		u32 *owner = open_slots.lookup(&slot);
-		if (!owner || !*owner)
-			continue;
-		struct window *w = windows.lookup(owner);
-		if (!w)
-			continue;
-		__sync_fetch_and_add(&w->rec.kvm_exits, 1);
-		e.open_mask |= 1u << i;
+	/* Kept in the map from the start: the windows it began in are written into the
+	 * map value, whose contents the verifier does not track (a mask built on the stack
+	 * took it past its state limit, each combination of slots a state of its own). */
+	if (exit_starts.update(&tid, &init)) {
+		count_drop(VFT_DROP_EXIT_STARTS);
+		return 0;
+	}
+	struct exit_start *e = exit_starts.lookup(&tid);
+	if (!e)
+		return 0;
+	u64 *maskp = open_mask_word();
+	u64 mask = maskp ? *maskp : 0;
+	if (mask) {             /* most exits come while no window is open */
+#pragma clang loop unroll(disable)
+		for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
+			if (!(mask & (1ull << i)))
+				continue;
+			u32 slot = i;
+			struct window *w = windows.lookup(&slot);
+			if (!w)
+				continue;
+			/* Opened after this exit began (its stamp is later): not its window. */
+			if (w->rec.t_ns > init.ts)
+				continue;
+			/* Closed since the mask was read: the exit began after that window. */
+			if (__sync_fetch_and_add(&w->exits, 1) & VFT_CLOSED)
+				continue;
+			/* Read after the add: the window the add landed in (a begin sets seq
+			 * and pf before it opens the counter). */
+			e->seq[i & (VFT_MAX_OPEN - 1)] = w->rec.seq;
+			e->pf[i & (VFT_MAX_OPEN - 1)] = w->rec.pf;
+			e->open_mask |= 1u << i;
+		}
 	}
 	/* Counted now: a vCPU whose VM is torn down never enters again. */
-	struct vft_exit_key k = { .pid = bpf_get_current_pid_tgid() >> 32, .vcpu = e.vcpu,
-				  .reason = e.reason, .in_window = e.open_mask != 0 };
+	struct vft_exit_key k = { .pid = bpf_get_current_pid_tgid() >> 32, .vcpu = init.vcpu,
+				  .reason = init.reason, .in_window = e->open_mask != 0 };
 	struct vft_exit_val zero = {}, *v = exits.lookup_or_try_init(&k, &zero);
 	if (v)
 		__sync_fetch_and_add(&v->count, 1);
-	exit_starts.update(&tid, &e);
+	else
+		count_drop(VFT_DROP_EXITS);
 	return 0;
 }
 
@@ -591,24 +769,26 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	}
 	u64 ns = now - e->ts;
 	u64 seq = 0;
-	u32 pf = 0;
-#pragma unroll
-	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
-		if (!(e->open_mask & (1u << i)))
-			continue;
-		u32 slot = i;
-		u32 *owner = open_slots.lookup(&slot);
-		if (!owner || !*owner)
-			continue;
-		struct window *w = windows.lookup(owner);
-		if (!w)
-			continue;
-		__sync_fetch_and_add(&w->rec.exit_ns, ns);
-		seq = w->rec.seq;
-		pf = w->rec.pf;
+	u32 pf = 0, mask = e->open_mask;
+	if (mask) {             /* a loop, as in kvm_exit */
+#pragma clang loop unroll(disable)
+		for (u32 i = VFT_MAX_OPEN; i-- > 0;) {  /* downwards: the call row gets the lowest */
+			if (!(mask & (1u << i)))
+				continue;
+			u32 slot = i & (VFT_MAX_OPEN - 1);
+			seq = e->seq[slot];
+			pf = e->pf[slot];
+			struct window *w = windows.lookup(&slot);
+			/* Still the window the exit began in, and still open: added in time. */
+			if (w && w->rec.seq == seq && w->rec.pf == pf &&
+			    !(__sync_fetch_and_add(&w->exit_ns, ns) & VFT_CLOSED))
+				continue;
+			/* It outlived that window: its time goes to it by (pf, seq). */
+			emit_join(args, VFT_JOIN_EXIT, pf, -1, seq, ns, e->ts);
+		}
 	}
 	struct vft_exit_key k = { .pid = id >> 32, .vcpu = e->vcpu, .reason = e->reason,
-				  .in_window = e->open_mask != 0 };
+				  .in_window = mask != 0 };
 	struct vft_exit_val *v = exits.lookup(&k);
 	if (v)
 		__sync_fetch_and_add(&v->ns, ns);
@@ -623,14 +803,9 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 #if HAVE_ACCESS_TP
 static __always_inline int access_released(void *ctx, u32 pf, s32 vf, u64 wait_ns, u64 seq)
 {
-	u64 id = bpf_get_current_pid_tgid();
 	if (!is_armed())
 		return 0;
-	struct vft_release r = { .seq = seq, .wait_ns = wait_ns, .t_ns = bpf_ktime_get_ns(),
-				 .pf = pf, .vf = vf, .pid = id >> 32,
-				 .cpu = bpf_get_smp_processor_id() };
-
-	emit_release(ctx, &r);
+	emit_join(ctx, VFT_JOIN_RELEASE, pf, vf, seq, wait_ns, bpf_ktime_get_ns());
 	return 0;
 }
 

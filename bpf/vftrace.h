@@ -24,10 +24,29 @@
 /* Indexes of the per-CPU lost-record counters, one per output buffer. */
 #define VFT_LOST_SWITCH 0
 #define VFT_LOST_CALL 1
-#define VFT_LOST_RELEASE 2
+#define VFT_LOST_JOIN 2
 #define VFT_NR_LOST 3
 
-#define VFT_MAX_OPEN 8          /* windows open at once (PF index modulo this) */
+/*
+ * Indexes of the per-CPU counters of what the kernel side could not keep, other than
+ * full output buffers (VFT_LOST_*): each is a map that was full or a window that had to
+ * be dropped.  Read into the capture's meta as kernel_drops.
+ */
+#define VFT_DROP_NO_SLOT 0      /* a switch not recorded: VFT_MAX_OPEN windows were open */
+#define VFT_DROP_NESTED 1       /* a begin on a task whose window was open: that one dropped */
+#define VFT_DROP_STALE 2        /* a window whose end never came, reclaimed (VFT_STALE_NS) */
+#define VFT_DROP_TASK_SLOT 3    /* a switch not recorded: task_slot map full */
+#define VFT_DROP_STARTS 4       /* a call not timed: starts map full */
+#define VFT_DROP_EXIT_STARTS 5  /* a KVM exit not timed: exit_starts map full */
+#define VFT_DROP_BG 6           /* a call's background total not kept: bg_calls full */
+#define VFT_DROP_EXITS 7        /* an exit's per-vCPU total not kept: exits map full */
+#define VFT_NR_DROPS 8
+
+/* What a vft_join record adds to the switch (pf, seq) after that switch's record. */
+#define VFT_JOIN_RELEASE 0      /* a blocked guest access it released (blocked_*) */
+#define VFT_JOIN_EXIT 1         /* an exit that began in it and ended after it (exit_ns) */
+
+#define VFT_MAX_OPEN 16         /* switch windows open at once, over all PFs and tasks */
 #define VFT_CALIB_SAMPLES 4096
 
 /* One switch window, assembled in the kernel and emitted at the window's end. */
@@ -46,7 +65,7 @@ struct vft_switch {
 	__u64 sync_ns;          /* IOTLB flush; inside unmap_ns when the unmap syncs itself */
 	__u64 mmu_ns;           /* unmap_mapping_range */
 	__u64 mmu_notifier_ns;  /* KVM's MMU notifier invalidation, inside mmu_ns */
-	__u64 exit_ns;          /* time vCPUs spent in exits that began in the window */
+	__u64 exit_ns;          /* vCPU time in exits begun in the window (VFT_JOIN_EXIT) */
 	__u64 source_ns;        /* the switch source's own timing (pf_sched total_ns) */
 	__u64 source_revoke_ns;
 	__u64 source_grant_ns;
@@ -78,15 +97,22 @@ struct vft_call {
 	__u32 pf;
 };
 
-/* A guest access released after blocking on a switched-off VF (pf_sched:vf_access_wait). */
-struct vft_release {
+/*
+ * A cost of switch (pf, seq) known only after its record left (joined in user space):
+ * VFT_JOIN_RELEASE, a guest access released after blocking on a switched-off VF
+ * (pf_sched:vf_access_wait; ns: how long it waited), or VFT_JOIN_EXIT, a KVM exit that
+ * began in the window and ended after it (ns: the whole exit; vf: -1).
+ */
+struct vft_join {
 	__u64 seq;
-	__u64 wait_ns;
+	__u64 ns;
 	__u64 t_ns;
+	__u32 kind;
 	__u32 pf;
 	__s32 vf;
 	__u32 pid;
 	__u32 cpu;
+	__u32 pad;
 };
 
 /* Background totals, per process and kind (VFIO DMA map/unmap, iommu calls). */

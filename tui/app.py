@@ -310,6 +310,8 @@ class VftraceApp(App):
         line2 = Text(f"elapsed {_clock_text(now - self._t_start)}  switches {records}  "
                      f"{fmt_rate(model.stats.rate(now))} (wall)  ")
         line2.append(f"lost {lost}", "bold white on red" if lost else "green")
+        if model.kernel_drops:          # windows not recorded, full maps: see the report
+            line2.append(f"  kernel drops {model.kernel_drops}", "bold white on red")
         line2.append("  budget ")
         line2.append(fmt_ns(model.budget_ns), "bold")
         if self.paused:

@@ -59,6 +59,7 @@ class DashboardModel:
         self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
         self.sort_index = 0
         self.lost: dict[int, int] = {}
+        self.kernel_drops = 0            # what the kernel side could not keep (VFT_DROP_*)
         self.problems: list[str] = []
         self.bad_lines = 0
         self.status = ""
@@ -89,6 +90,9 @@ class DashboardModel:
             self.guests.add_calls(batch.calls)
         if batch.guest_totals is not None:
             self.guests.set_totals(batch.guest_totals, now)
+            drops = batch.guest_totals.get("kernel_drops")
+            if isinstance(drops, dict):
+                self.kernel_drops = sum(n for n in drops.values() if isinstance(n, int))
         if batch.lost_per_cpu is not None:
             self.lost = dict(batch.lost_per_cpu)
         if batch.problems:

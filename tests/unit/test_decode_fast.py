@@ -1,6 +1,6 @@
 """The fast per-record paths against the reference ones they replace.
 
-Decoding: raw ``vft_switch`` / ``vft_call`` / ``vft_release`` samples are laid out by
+Decoding: raw ``vft_switch`` / ``vft_call`` / ``vft_join`` samples are laid out by
 ctypes from bpf/vftrace.h, as the kernel writes them, and the engine's struct-based
 callbacks must give exactly what the ctypes path (``layout.decode`` + one getattr per
 field) gives.  Then the other per-record paths made faster with it: ``Stats.add_rows``
@@ -31,7 +31,7 @@ from tui.store import to_rows
 HEADER = layout.header()
 SWITCH = HEADER.structs["vft_switch"]
 CALL = HEADER.structs["vft_call"]
-RELEASE = HEADER.structs["vft_release"]
+JOIN = HEADER.structs["vft_join"]
 U64_MAX = 2**64 - 1
 
 
@@ -143,15 +143,18 @@ def test_call_outside_switches_has_no_seq():
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=field_values(RELEASE))
-def test_release_decoding_matches_ctypes(values):
-    sample = Sample(RELEASE, values)
+@given(values=field_values(JOIN))
+def test_join_decoding_matches_ctypes(values):
+    """Each join goes to the assembler by its kind: an exit's end or a release."""
+    sample = Sample(JOIN, values)
     eng, _, _ = engine()
-    released = []
-    eng.assembler.release = lambda pf, seq, wait_ns: released.append((pf, seq, wait_ns))
-    eng._on_release(sample.address)
-    r = layout.decode("vft_release", sample.bytes)
-    assert released == [(r.pf, r.seq, r.wait_ns)]
+    joined = []
+    eng.assembler.release = lambda pf, seq, ns: joined.append(("release", pf, seq, ns))
+    eng.assembler.exit_end = lambda pf, seq, ns: joined.append(("exit", pf, seq, ns))
+    eng._on_join(sample.address)
+    r = layout.decode("vft_join", sample.bytes)
+    kind = "exit" if r.kind == HEADER.constants["VFT_JOIN_EXIT"] else "release"
+    assert joined == [(kind, r.pf, r.seq, r.ns)]
 
 
 def test_struct_layout_follows_ctypes_for_every_record():

@@ -166,6 +166,27 @@ def test_flush_passes_everything_on_and_counts_unmatched_releases():
     assert [r.seq for r in out] == [1] and a.orphan_releases == 1
 
 
+def test_exit_ends_add_their_time_to_the_switch_they_began_in():
+    """An exit that outlived its window: its time goes to that switch (pf, seq), not to
+    the one open when it ended; a record already passed on counts it late, with its ns."""
+    out, clock = [], Clock()
+    a = Assembler(out.append, hold_ns=100, clock=clock)
+    a.exit_end(0, 5, 1000)              # before its record arrived
+    a.switch(rec(0, 5))
+    a.switch(rec(0, 6))
+    a.exit_end(0, 5, 300)               # while 6 is the newest: still 5's
+    a.release(0, 5, 40)
+    clock.t = 150
+    a.tick()
+    got = {r.seq: (r.exit_ns, r.blocked_accesses, r.blocked_ns) for r in out}
+    assert got == {5: (1300, 1, 40), 6: (0, 0, 0)}
+    a.exit_end(0, 6, 77)                # too late
+    assert (a.late_exits, a.late_exit_ns, a.late_releases) == (1, 77, 0)
+    a.exit_end(2, 1, 5)                 # its switch never comes: orphaned at the end
+    a.flush()
+    assert a.orphan_exits == 1 and a.orphan_releases == 0
+
+
 # ---- record's command line --------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ class FakeEngine:
         self.plan, self.on_switch, self.on_call = plan, on_switch, on_call
         self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
         self.warnings = ["a hook failed"]
-        self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0)
+        self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
+                                         late_exit_ns=50, orphan_exits=0, flush=lambda: None)
         self.bpf = None
         self.seq = 0
 
@@ -65,7 +66,10 @@ class FakeEngine:
         return {1: 4}
 
     def lost_by_kind(self):
-        return {"switch": 3, "call": 0, "release": 1}
+        return {"switch": 3, "call": 0, "join": 1}
+
+    def drain(self):
+        pass
 
     def partial_windows(self):
         return 0
@@ -147,7 +151,8 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     on_disk, rows, problems = read_capture(tmp_path / "c.csv")
     assert on_disk["workload"]["exit_status"] == 3 and on_disk["stop_reason"] == reason
     assert on_disk["lost_total"] == 4 and not problems
-    assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "release": 1}
+    assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "join": 1}
+    assert (on_disk["late_exits"], on_disk["late_exit_ns"]) == (2, 50)
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 
 

@@ -1,10 +1,14 @@
-"""Join blocked-access releases to the switches that released them.
+"""Join what a switch costs after its record left the kernel to that switch.
 
-A guest access blocked on a switched-off VF is released by the grant of a switch and
-reported when its task runs again, which can be after that switch's record left the
-kernel.  Records are therefore held for a short time (``hold_ns``) and releases are
-added by (pf, seq); releases that come later than that are counted, never dropped
-silently.
+Two such costs arrive on their own, keyed by (pf, seq) (``struct vft_join``):
+- a guest access blocked on a switched-off VF, released by the switch's grant and
+  reported when its task runs again (``blocked_accesses``, ``blocked_ns``);
+- a KVM exit that began in the switch's window and ended after it, e.g. a vCPU blocked
+  in pf_sched's fault handler (its time goes to ``exit_ns``; the exit was counted in
+  ``kvm_exits`` by the kernel when it began).
+Records are therefore held for a short time (``hold_ns``) and joins are added by
+(pf, seq); joins that come later than that are counted (``late_releases``,
+``late_exits`` and ``late_exit_ns``), never dropped silently.
 """
 from __future__ import annotations
 
@@ -16,23 +20,28 @@ from typing import Callable
 from ..model.schema import COLUMNS, SwitchRecord
 
 PF, SEQ = COLUMNS.index("pf"), COLUMNS.index("seq")
+# What a held switch gathers: [blocked accesses, their wait ns, late exits, their ns]
+RELEASES, RELEASE_NS, EXITS, EXIT_NS = range(4)
 
-MAX_PENDING_RELEASES = 65536
+MAX_PENDING_JOINS = 65536
 
 
 class Assembler:
     """Held switches are plain tuples of their column values (the garbage collector does
     not track tuples of ints, and ~50k are held at 200k records/s); the record is built
-    when it is passed on.  Releases for a held switch add up beside it."""
+    when it is passed on.  Joins for a held switch add up beside it."""
 
     def __init__(self, emit: Callable[[SwitchRecord], None], hold_ns: int = 250_000_000,
                  clock: Callable[[], int] = time.monotonic_ns):
         self.emit, self.hold_ns, self.clock = emit, hold_ns, clock
         self.held: OrderedDict[tuple[int, int], tuple[int, tuple]] = OrderedDict()
-        self.released: dict[tuple[int, int], list[int]] = {}  # held key -> [count, ns]
-        self.early: dict[tuple[int, int], list[int]] = {}   # releases before their record
+        self.joined: dict[tuple[int, int], list[int]] = {}    # held key -> RELEASES...
+        self.early: dict[tuple[int, int], list[int]] = {}     # joins before their record
         self.late_releases = 0      # their record had already been passed on
-        self.orphan_releases = 0    # dropped from the early table when it overflowed
+        self.orphan_releases = 0    # releases never matched (early table overflow, or end)
+        self.late_exits = 0         # exit ends whose record had already been passed on
+        self.late_exit_ns = 0
+        self.orphan_exits = 0       # exit ends never matched
         self.last_emitted: dict[int, int] = {}                 # pf -> newest seq passed on
         self.next_due: int | None = None                       # when the oldest is due
 
@@ -43,9 +52,9 @@ class Assembler:
         """One switch as its column values (``COLUMNS`` order)."""
         key = (values[PF], values[SEQ])
         now = self.clock()
-        waits = self.early.pop(key, None)
-        if waits:
-            self.released[key] = [len(waits), sum(waits)]
+        early = self.early.pop(key, None)
+        if early:
+            self.joined[key] = early
         self.held[key] = (now, values)
         if self.next_due is None:
             self.next_due = now + self.hold_ns
@@ -53,22 +62,39 @@ class Assembler:
             self._pass_on_due(now)
 
     def release(self, pf: int, seq: int, wait_ns: int) -> None:
-        key = (pf, seq)
-        if key in self.held:
-            extra = self.released.get(key)
-            if extra is None:
-                self.released[key] = [1, wait_ns]
-            else:
-                extra[0] += 1
-                extra[1] += wait_ns
-            return
-        if self.emitted_past(pf, seq):
+        """A guest access switch (pf, seq) released after blocking ``wait_ns``."""
+        if not self._join((pf, seq), 1, wait_ns, 0, 0):
             self.late_releases += 1
-            return
-        if len(self.early) >= MAX_PENDING_RELEASES:
-            _, dropped = self.early.popitem()
-            self.orphan_releases += len(dropped)
-        self.early.setdefault(key, []).append(wait_ns)
+
+    def exit_end(self, pf: int, seq: int, ns: int) -> None:
+        """An exit that began in switch (pf, seq)'s window took ``ns`` in all."""
+        if not self._join((pf, seq), 0, 0, 1, ns):
+            self.late_exits += 1
+            self.late_exit_ns += ns
+
+    def _join(self, key: tuple[int, int], releases: int, release_ns: int, exits: int,
+              exit_ns: int) -> bool:
+        """Add to switch ``key``, held or still to come; False when it was passed on."""
+        extra = self.joined.get(key) if key in self.held else self.early.get(key)
+        if extra is None:
+            if key not in self.held:
+                if self.emitted_past(*key):
+                    return False
+                if len(self.early) >= MAX_PENDING_JOINS:
+                    _, dropped = self.early.popitem()
+                    self._orphaned(dropped)
+                extra = self.early[key] = [0, 0, 0, 0]
+            else:
+                extra = self.joined[key] = [0, 0, 0, 0]
+        extra[RELEASES] += releases
+        extra[RELEASE_NS] += release_ns
+        extra[EXITS] += exits
+        extra[EXIT_NS] += exit_ns
+        return True
+
+    def _orphaned(self, extra: list[int]) -> None:
+        self.orphan_releases += extra[RELEASES]
+        self.orphan_exits += extra[EXITS]
 
     def emitted_past(self, pf: int, seq: int) -> bool:
         return seq <= self.last_emitted.get(pf, 0)
@@ -94,16 +120,18 @@ class Assembler:
         while self.held:
             self._pass_on(next(iter(self.held)))
         self.next_due = None
-        self.orphan_releases += sum(len(v) for v in self.early.values())
+        for extra in self.early.values():
+            self._orphaned(extra)
         self.early.clear()
 
     def _pass_on(self, key) -> None:
         _, values = self.held.pop(key)
         rec = SwitchRecord(*values)
-        extra = self.released.pop(key, None)
+        extra = self.joined.pop(key, None)
         if extra is not None:
-            rec.blocked_accesses += extra[0]
-            rec.blocked_ns += extra[1]
+            rec.blocked_accesses += extra[RELEASES]
+            rec.blocked_ns += extra[RELEASE_NS]
+            rec.exit_ns += extra[EXIT_NS]
         pf, seq = key
         if seq > self.last_emitted.get(pf, 0):
             self.last_emitted[pf] = seq

@@ -19,7 +19,7 @@ from ..model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
 # What the kernel's vft_switch gives, in SwitchRecord order: all but over_budget, which is
-# decided here (blocked_* are absent from it and read as 0 until releases add to them).
+# decided here (blocked_* are absent from it and read as 0 until joins add to them).
 SWITCH_READ = COLUMNS[:-1]
 SWITCH_NS = COLUMNS.index("switch_ns")
 CALL_READ = ("kind", *CALL_COLUMNS[1:])
@@ -146,7 +146,7 @@ class Engine:
 
     def _open_buffers(self) -> None:
         b = self.bpf
-        names = [("switches", self._on_switch), ("releases", self._on_release)]
+        names = [("switches", self._on_switch), ("joins", self._on_join)]
         if self.plan.emit_calls:
             names.append(("calls", self._on_call))
         for name, cb in names:
@@ -176,16 +176,24 @@ class Engine:
         return layout.header().reader("vft_call", CALL_READ)
 
     @cached_property
-    def _read_release(self) -> layout.Reader:
-        return layout.header().reader("vft_release", ("pf", "seq", "wait_ns"))
+    def _read_join(self) -> layout.Reader:
+        return layout.header().reader("vft_join", ("kind", "pf", "seq", "ns"))
+
+    @cached_property
+    def _join_exit(self) -> int:
+        return layout.header().constants["VFT_JOIN_EXIT"]
 
     def _on_switch(self, data) -> None:
         values = self._read_switch(data)
         self.samples += 1
         self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0))
 
-    def _on_release(self, data) -> None:
-        self.assembler.release(*self._read_release(data))
+    def _on_join(self, data) -> None:
+        kind, pf, seq, ns = self._read_join(data)
+        if kind == self._join_exit:
+            self.assembler.exit_end(pf, seq, ns)
+        else:
+            self.assembler.release(pf, seq, ns)
 
     def _on_call(self, data) -> None:
         if self.on_call:
@@ -225,13 +233,24 @@ class Engine:
             out["perf_overrun"] = self.user_lost    # perf buffer: the kind is not reported
         return out
 
+    def kernel_drops(self) -> dict[str, int]:
+        """What the kernel side could not keep besides full buffers (VFT_DROP_*, see
+        vftrace.h): windows it could not record, maps that were full.  Every one is
+        listed, zeros too, so a capture says they were counted."""
+        if self.bpf is None:
+            return {}
+        table = self.bpf["drops"]
+        return {name.removeprefix("VFT_DROP_").lower(): sum(int(v) for v in table[ctypes.c_int(idx)])
+                for name, idx in layout.header().constants.items() if name.startswith("VFT_DROP_")}
+
     def partial_windows(self) -> int:
         return int(self.bpf["partial"][ctypes.c_int(0)].value) if self.bpf else 0
 
     def background(self) -> dict:
         """Totals outside/inside windows: iommu and VFIO calls per pid, calls made in
-        interrupt context (never in a window) per kind, KVM exits, and the durations that
-        came out negative, per kind ("switch": a window), counted instead of written."""
+        interrupt context (never in a window) per kind, KVM exits, the durations that
+        came out negative, per kind ("switch": a window), counted instead of written, and
+        what the kernel side could not keep (kernel_drops)."""
         calls = {}
         for k, v in self.bpf["bg_calls"].items():
             calls.setdefault(str(k.pid), {})[self.kinds.get(k.kind, str(k.kind))] = {
@@ -241,7 +260,8 @@ class Engine:
             exits.append({"pid": k.pid, "vcpu": k.vcpu, "reason": k.reason,
                           "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
         return {"calls_by_pid": calls, "irq_calls": self._irq_calls(), "kvm_exits": exits,
-                "negative_durations": self._negative_durations()}
+                "negative_durations": self._negative_durations(),
+                "kernel_drops": self.kernel_drops()}
 
     def _per_kind(self, name: str) -> dict[int, list]:
         """A per-CPU array indexed by call kind: kind -> the per-CPU values."""

@@ -25,7 +25,7 @@ STRUCT_CODES = {"__u64": "Q", "__s64": "q", "__u32": "I", "__s32": "i", "__u16":
                 "__s16": "h", "__u8": "B", "__s8": "b"}
 STRUCT_RE = re.compile(r"struct\s+(vft_\w+)\s*\{(.*?)\};", re.S)
 FIELD_RE = re.compile(r"^\s*(__[us]\d+)\s+(\w+)(?:\[(\w+)\])?\s*;")
-DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+(\d+)\s*$", re.M)
+DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+(\d+)\s*(?:/\*.*\*/\s*)?$", re.M)
 
 Reader = Callable[[object], tuple]
 """Raw sample (BCC's int address or a bytes-like object) -> the fields asked for."""
@@ -58,7 +58,8 @@ class Header:
 
     def kinds(self) -> dict[int, str]:
         """Call kinds by number: VFT_IOMMU_MAP -> 'iommu_map'."""
-        skip = ("VFT_NR_", "VFT_LOST_", "VFT_MAX_", "VFT_CALIB_SAMPLES")
+        skip = ("VFT_NR_", "VFT_LOST_", "VFT_DROP_", "VFT_JOIN_", "VFT_MAX_",
+                "VFT_CALIB_SAMPLES")
         return {v: k[4:].lower() for k, v in self.constants.items()
                 if not k.startswith(skip)}
 

@@ -589,12 +589,19 @@ class Session:
                 self.workload.stop()
                 self.meta.setdefault("workload", {}).update(self.workload.as_meta())
             engine = self.engine
+            # Drained first, so what closed during the stop is in the counts; the joins'
+            # counts after the held records were passed on (flush counts the orphans).
+            engine.drain()
             self.lost = engine.lost_per_cpu()
             self.meta.update({"lost_by_kind": engine.lost_by_kind(),
-                              "late_releases": engine.assembler.late_releases,
-                              "orphan_releases": engine.assembler.orphan_releases,
                               "partial_windows": engine.partial_windows(),
                               "background": engine.background() if engine.bpf else {}})
+            a = engine.assembler
+            a.flush()
+            self.meta.update({"late_releases": a.late_releases,
+                              "orphan_releases": a.orphan_releases,
+                              "late_exits": a.late_exits, "late_exit_ns": a.late_exit_ns,
+                              "orphan_exits": a.orphan_exits})
         finally:
             try:
                 self.engine.close()           # flushes held records into the writers

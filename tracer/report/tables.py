@@ -103,9 +103,21 @@ def losses_line(cap: Capture) -> str:
     parts = [f"lost records {lost if lost is not None else 'unknown'}",
              f"seq gaps {cap.snapshot.seq_gaps_total}"]
     for key, name in (("partial_windows", "partial windows"),
-                      ("late_releases", "late releases"), ("orphan_releases", "orphan releases")):
+                      ("late_releases", "late releases"), ("orphan_releases", "orphan releases"),
+                      ("late_exits", "late exits"), ("orphan_exits", "orphan exits")):
         parts.append(f"{name} {m[key] if key in m else 'unknown'}")
+    drops = kernel_drops(m)
+    parts.append(f"kernel drops {sum(drops.values()) if drops is not None else 'unknown'}")
     return "losses: " + ", ".join(parts)
+
+
+def kernel_drops(meta: dict) -> dict[str, int] | None:
+    """What the kernel side could not keep (windows not recorded, full maps; the meta's
+    background.kernel_drops), or None where it was not counted."""
+    drops = _of_type(meta.get("background"), dict).get("kernel_drops")
+    if not isinstance(drops, dict):
+        return None
+    return {k: v for k, v in drops.items() if isinstance(v, int)}
 
 
 def notes(cap: Capture) -> list[Note]:
@@ -133,6 +145,16 @@ def notes(cap: Capture) -> list[Note]:
     if releases:
         out.append(Note(True, f"{releases} blocked-access releases not joined to their switch "
                               "(late or orphaned): blocked time is undercounted"))
+    exits = int(m.get("late_exits") or 0) + int(m.get("orphan_exits") or 0)
+    if exits:
+        out.append(Note(True, f"{exits} KVM exits outlived their switch and reached user "
+                              "space too late to be joined (late or orphaned): exit_ns is "
+                              "undercounted"))
+    dropped = {k: n for k, n in (kernel_drops(m) or {}).items() if n > 0}
+    if dropped:
+        what = ", ".join(f"{k} {n}" for k, n in sorted(dropped.items()))
+        out.append(Note(True, f"the kernel side could not keep everything ({what}; see "
+                              "VFT_DROP_* in bpf/vftrace.h): figures miss those"))
     background = _of_type(m.get("background"), dict)
     irq = {k: v.get("count") for k, v in _of_type(background.get("irq_calls"), dict).items()
            if isinstance(v, dict) and isinstance(v.get("count"), int) and v["count"] > 0}
@@ -255,6 +277,9 @@ def report_json(captures: list[Capture]) -> dict:
         "partial_windows": cap.meta.get("partial_windows"),
         "late_releases": cap.meta.get("late_releases"),
         "orphan_releases": cap.meta.get("orphan_releases"),
+        "late_exits": cap.meta.get("late_exits"),
+        "orphan_exits": cap.meta.get("orphan_exits"),
+        "kernel_drops": kernel_drops(cap.meta),
         "truncated": cap.truncated, "problems": cap.problems,
         "notes": [asdict(n) for n in notes(cap)],
         "rows": [asdict(r) for r in capture_rows(cap)],

@@ -1,0 +1,87 @@
+"""KVM exits charged to the right switch, checked against the kernel's own counts.
+
+The kernel counts every exit and its duration per vCPU thread in tracefs hists (no BPF
+involved, ``tests/lab/kernel_counts.py``) while vftrace records the same guests.  With
+one PF the windows never overlap, so every exit is in at most one switch, and the calls
+file's kvm_exit rows give each exit's start, duration and switch.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.lab import kernel_counts, labutil, pfsched
+from tracer.capture.files import iter_calls, read_capture
+from tracer.lab.experiment import record_with_guests
+
+pytestmark = pytest.mark.lab
+OUT = labutil.REPO / "build" / "lab-captures"
+SECONDS = 6
+
+
+@pytest.mark.parametrize("mode", ["mmap", "trap"])
+def test_exits_and_their_time_match_the_kernels_count_and_stay_with_their_switch(mode):
+    csv = OUT / f"exits-{mode}-{labutil.kernel_release()}.csv"
+    calls_csv = csv.with_suffix(".calls.csv")
+    with pfsched.loaded(1, slice_us=2000, nr_vfs=2):
+        with kernel_counts.ExitLatency() as kernel:
+            guests, _, err = record_with_guests(
+                csv, mode=mode, vms=2, vcpus=1, duration=SECONDS,
+                record_args=["--calls", str(calls_csv)])
+            began, ended = kernel.exits(), kernel.latency()
+    meta, rows, problems = read_capture(csv)
+    assert not problems, problems
+    assert meta["lost_total"] == 0, err
+    assert guests["returncode"] == 0 and not guests["errors"], guests
+    assert not any(meta["background"]["kernel_drops"].values()), meta["background"]
+    exits = meta["background"]["kvm_exits"]
+
+    # 1. Every exit the kernel saw begin, vftrace counted (only the guests make exits).
+    k_began = sum(began.values())
+    assert k_began > 1000
+    assert sum(e["count"] for e in exits) == k_began
+
+    # 2. Their time: the kernel's own latency sum against vftrace's, over the exits that
+    #    ended.  Each end differs only by where on the tracepoint each clock was read.
+    k_ended = sum(n for n, _ in ended.values())
+    k_ns = sum(ns for _, ns in ended.values())
+    calls = [c for c in iter_calls(calls_csv) if c.kind == "kvm_exit"]
+    assert len(calls) == k_ended
+    v_ns = sum(e["ns"] for e in exits)
+    assert v_ns == sum(c.ns for c in calls)
+    print(f"{mode}: exits began {k_began}, ended {k_ended}; kernel {k_ns} ns, "
+          f"vftrace {v_ns} ns ({(v_ns - k_ns) / k_ns:+.3%}); "
+          f"late-joined {meta['late_exits']}; rows {len(rows)}")
+    assert abs(v_ns - k_ns) <= 0.02 * k_ns, (v_ns, k_ns)
+
+    # 3. Per switch: an exit counts and is timed in the switch it began in, and no
+    #    other; exits that outlived their window still reach it (joined after it).
+    by_seq: dict[int, list] = {}
+    for c in calls:
+        if c.seq is not None:
+            by_seq.setdefault(c.seq, []).append(c)
+    windows = {r.seq: r for r in rows}
+    assert set(by_seq) <= set(windows)
+    outlived, early, late = 0, [], []
+    for seq, mine in by_seq.items():
+        r = windows[seq]
+        end = r.t_ns + r.switch_ns
+        early += [r.t_ns - c.t_ns for c in mine if c.t_ns < r.t_ns]
+        late += [c.t_ns - end for c in mine if c.t_ns > end]
+        outlived += sum(1 for c in mine if c.t_ns + c.ns > end)
+    longest = max(c.ns for c in calls)
+    print(f"{mode}: {sum(len(m) for m in by_seq.values())} exits in windows, {outlived} "
+          f"outlived theirs; began before the window's stamp: {len(early)} (max "
+          f"{max(early, default=0)} ns), after its end stamp: {len(late)} (max "
+          f"{max(late, default=0)} ns); longest exit {longest} ns; floor "
+          f"{meta['floor_ns']}")
+    assert not early and not late, "an exit counted in a window it did not begin in"
+    for r in rows:
+        mine = by_seq.get(r.seq, [])
+        assert r.exit_ns == sum(c.ns for c in mine), r.seq
+        # The exits that never ended (a vCPU's last, at the guests' stop) have no row.
+        assert len(mine) <= r.kvm_exits <= len(mine) + 2, r.seq
+    in_window = [e for e in exits if e["in_window"]]
+    assert sum(r.kvm_exits for r in rows) == sum(e["count"] for e in in_window)
+    assert sum(r.exit_ns for r in rows) == sum(e["ns"] for e in in_window)
+    assert outlived > 0, "no exit outlived its window: the case this test is for"
+    assert meta["late_exits"] == 0 and meta["orphan_exits"] == 0
