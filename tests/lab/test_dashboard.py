@@ -49,8 +49,16 @@ def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
                 time.sleep(2)
             assert first > 0, f"no switches on screen after {START_S} s:\n{screen}"
             assert "pf0" in screen and "lost 0" in screen, screen
-            time.sleep(3)                               # it keeps streaming
-            later = switches_shown(pane(session))
+            # It keeps streaming.  Within 30 s, not 3: in CI this VM's one TCG thread
+            # shares two cores with the other kernel's VM and the unit tests, and once
+            # the whole guest got no CPU for 3 s (CI run A: same screen, same elapsed
+            # 00:07, nothing to draw); alone, 4 of 4 runs moved within 3 s.  A frozen
+            # dashboard (#19) never moves again, so this still catches it.
+            deadline = time.monotonic() + 30
+            later = first
+            while later <= first and time.monotonic() < deadline:
+                time.sleep(1)
+                later = switches_shown(pane(session))
             assert later > first, pane(session) + (stalls.read_text() if stalls.exists() else "")
             tmux("send-keys", "-t", session, "q")
             deadline = time.monotonic() + 60
