@@ -47,13 +47,17 @@
 #define VFIO_IOMMU_UNMAP_DMA 0x3b72
 
 #define VFT_CLOSED (1ull << 63)     /* in window.exits/exit_ns: the window has closed */
+/* window.exit_ns packs the exits that ended in time (above) and their ns (below), so
+ * one atomic add keeps the two together: the record says how many ends are to come. */
+#define VFT_ENDED_SHIFT 40
+#define VFT_EXIT_NS_MASK ((1ull << VFT_ENDED_SHIFT) - 1)
 #define VFT_STALE_NS 10000000000ull /* an open window older than this lost its end */
 
 struct window {
 	struct vft_switch rec;
 	u64 grant_start;
 	u64 exits;              /* kvm_exits so far, | VFT_CLOSED once closed */
-	u64 exit_ns;            /* exit_ns so far, | VFT_CLOSED once closed */
+	u64 exit_ns;            /* ended exits << VFT_ENDED_SHIFT | their ns, | VFT_CLOSED */
 	u64 owner;              /* tid of the task whose window this is, 0: a free slot */
 };
 
@@ -241,17 +245,23 @@ static __always_inline void unpublish(u32 i)
 		__sync_fetch_and_and(mask, ~(1ull << i));
 }
 
-/* The exits and exit time a window got; no more are added to it after this. */
-static __always_inline void close_counters(struct window *w, u64 *exits, u64 *exit_ns)
+/* The exits a window got, and the time and number of those that ended before its close;
+ * no more are added to it after this. */
+static __always_inline void close_counters(struct window *w, u64 *exits, u64 *exit_ns,
+					   u64 *ended)
 {
 	*exits = __sync_lock_test_and_set(&w->exits, VFT_CLOSED) & ~VFT_CLOSED;
-	*exit_ns = __sync_lock_test_and_set(&w->exit_ns, VFT_CLOSED) & ~VFT_CLOSED;
+	u64 v = __sync_lock_test_and_set(&w->exit_ns, VFT_CLOSED) & ~VFT_CLOSED;
+	*exit_ns = v & VFT_EXIT_NS_MASK;
+	*ended = v >> VFT_ENDED_SHIFT;
 }
 
-static __always_inline void close_window(u32 i, struct window *w, u64 *exits, u64 *exit_ns)
+static __always_inline void close_window(u32 i, struct window *w)
 {
+	u64 x, y, z;
+
 	unpublish(i);
-	close_counters(w, exits, exit_ns);
+	close_counters(w, &x, &y, &z);
 }
 
 static __always_inline void release_slot(struct window *w)
@@ -279,8 +289,7 @@ static __always_inline int take_slot(u32 tid, u64 now)
 		if (old && t && now - t > VFT_STALE_NS &&
 		    __sync_val_compare_and_swap(&w->owner, old, tid) == old) {
 			u32 gone = old;
-			u64 x, y;
-			close_window(i, w, &x, &y);
+			close_window(i, w);
 			task_slot.delete(&gone);
 			count_drop(VFT_DROP_STALE);
 			return i;
@@ -292,7 +301,6 @@ static __always_inline int take_slot(u32 tid, u64 now)
 static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 {
 	u32 tid = current_tid();
-	u64 x, y;
 
 	if (!is_armed())
 		return 0;
@@ -301,7 +309,7 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 		u32 i = *held;
 		struct window *old = windows.lookup(&i);
 		if (old && old->owner == tid) {
-			close_window(i, old, &x, &y);
+			close_window(i, old);
 			release_slot(old);
 		}
 		task_slot.delete(&tid);
@@ -367,8 +375,8 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	/* Unpublished before the stamp: no exit that began after the stamp is counted. */
 	unpublish(i);
 	u64 now = bpf_ktime_get_ns();
-	u64 exits, exit_ns;
-	close_counters(w, &exits, &exit_ns);
+	u64 exits, exit_ns, ended;
+	close_counters(w, &exits, &exit_ns, &ended);
 	task_slot.delete(&tid);
 	if (now < w->rec.t_ns || (w->grant_start && (w->grant_start < w->rec.t_ns ||
 						     w->grant_start > now))) {
@@ -385,6 +393,7 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	}
 	w->rec.kvm_exits = exits;
 	w->rec.exit_ns = exit_ns;
+	w->rec.exits_pending = exits > ended ? exits - ended : 0;
 	w->rec.source_ns = source_ns;
 	w->rec.source_revoke_ns = source_revoke_ns;
 	w->rec.source_grant_ns = source_grant_ns;
@@ -780,8 +789,9 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 			pf = e->pf[slot];
 			struct window *w = windows.lookup(&slot);
 			/* Still the window the exit began in, and still open: added in time. */
-			if (w && w->rec.seq == seq && w->rec.pf == pf &&
-			    !(__sync_fetch_and_add(&w->exit_ns, ns) & VFT_CLOSED))
+			if (w && w->rec.seq == seq && w->rec.pf == pf && ns <= VFT_EXIT_NS_MASK &&
+			    !(__sync_fetch_and_add(&w->exit_ns, (1ull << VFT_ENDED_SHIFT) + ns) &
+			      VFT_CLOSED))
 				continue;
 			/* It outlived that window: its time goes to it by (pf, seq). */
 			emit_join(args, VFT_JOIN_EXIT, pf, -1, seq, ns, e->ts);

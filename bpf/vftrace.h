@@ -80,7 +80,7 @@ struct vft_switch {
 	__u32 mmu_calls;
 	__u32 kvm_exits;
 	__u32 vcpu_kicks;
-	__u32 pad;
+	__u32 exits_pending;    /* of kvm_exits, not ended at the close: VFT_JOIN_EXITs to come */
 };
 
 /* One timed call (written only with --calls). */

@@ -91,6 +91,7 @@ def engine(budget_ns: int = 100) -> tuple[Engine, list, list]:
     switches, calls = [], []
     eng = Engine(Plan("pf_sched", "raw_tp"), budget_ns=budget_ns, on_switch=switches.append,
                  on_call=calls.append, hold_ns=0)
+    eng.assembler.max_hold_ns = 0       # nor wait for exit ends (exits_pending is random)
     return eng, switches, calls
 
 

@@ -187,6 +187,30 @@ def test_exit_ends_add_their_time_to_the_switch_they_began_in():
     assert a.orphan_exits == 1 and a.orphan_releases == 0
 
 
+def test_a_switch_waits_for_the_exit_ends_the_kernel_said_are_to_come():
+    """However late its exits' ends arrive (a loaded machine), a switch is held until
+    they are in, up to max_hold_ns; then it goes on and a later end counts late."""
+    out, clock = [], Clock()
+    a = Assembler(out.append, hold_ns=100, clock=clock, max_hold_ns=1000)
+    a.switch_values(tuple(getattr(rec(0, 1), c) for c in COLUMNS), 2)
+    a.switch(rec(0, 2))
+    clock.t = 500
+    a.tick()
+    assert out == []                    # 1 waits for its two ends, 2 waits behind it
+    a.exit_end(0, 1, 30)
+    a.tick()
+    assert out == []
+    a.exit_end(0, 1, 12)
+    a.tick()
+    assert [(r.seq, r.exit_ns) for r in out] == [(1, 42), (2, 0)]
+    a.switch_values(tuple(getattr(rec(0, 3), c) for c in COLUMNS), 1)
+    clock.t = 1600                      # its end never came (a VM torn down mid-exit)
+    a.tick()
+    assert [r.seq for r in out][-1] == 3 and a.late_exits == 0
+    a.exit_end(0, 3, 5)
+    assert (a.late_exits, a.late_exit_ns) == (1, 5)
+
+
 # ---- record's command line --------------------------------------------------------------
 
 

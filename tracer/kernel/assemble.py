@@ -7,8 +7,11 @@ Two such costs arrive on their own, keyed by (pf, seq) (``struct vft_join``):
   in pf_sched's fault handler (its time goes to ``exit_ns``; the exit was counted in
   ``kvm_exits`` by the kernel when it began).
 Records are therefore held for a short time (``hold_ns``) and joins are added by
-(pf, seq); joins that come later than that are counted (``late_releases``,
-``late_exits`` and ``late_exit_ns``), never dropped silently.
+(pf, seq).  The kernel says how many exit ends a switch still awaits (exits_pending), and
+its record is held until they are in, however loaded the machine, up to ``max_hold_ns``
+(an exit can last as long as its vCPU blocks; one whose VM is torn down never ends).
+Joins that come later than that are counted (``late_releases``, ``late_exits`` and
+``late_exit_ns``), never dropped silently.
 """
 from __future__ import annotations
 
@@ -32,9 +35,12 @@ class Assembler:
     when it is passed on.  Joins for a held switch add up beside it."""
 
     def __init__(self, emit: Callable[[SwitchRecord], None], hold_ns: int = 250_000_000,
-                 clock: Callable[[], int] = time.monotonic_ns):
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 max_hold_ns: int = 2_000_000_000):
         self.emit, self.hold_ns, self.clock = emit, hold_ns, clock
-        self.held: OrderedDict[tuple[int, int], tuple[int, tuple]] = OrderedDict()
+        self.max_hold_ns = max(max_hold_ns, hold_ns)
+        # key -> (arrival, column values, exit ends still to come)
+        self.held: OrderedDict[tuple[int, int], tuple[int, tuple, int]] = OrderedDict()
         self.joined: dict[tuple[int, int], list[int]] = {}    # held key -> RELEASES...
         self.early: dict[tuple[int, int], list[int]] = {}     # joins before their record
         self.late_releases = 0      # their record had already been passed on
@@ -48,14 +54,15 @@ class Assembler:
     def switch(self, rec: SwitchRecord) -> None:
         self.switch_values(_column_values(rec))
 
-    def switch_values(self, values: tuple) -> None:
-        """One switch as its column values (``COLUMNS`` order)."""
+    def switch_values(self, values: tuple, exits_pending: int = 0) -> None:
+        """One switch as its column values (``COLUMNS`` order), and how many of its
+        exits' ends are still to come as joins."""
         key = (values[PF], values[SEQ])
         now = self.clock()
         early = self.early.pop(key, None)
         if early:
             self.joined[key] = early
-        self.held[key] = (now, values)
+        self.held[key] = (now, values, exits_pending)
         if self.next_due is None:
             self.next_due = now + self.hold_ns
         if now >= self.next_due:
@@ -106,13 +113,21 @@ class Assembler:
                 self._pass_on_due(now)
 
     def _pass_on_due(self, now: int) -> None:
+        """Pass on, oldest first (the capture stays in order), what has been held
+        ``hold_ns`` and has its exit ends, or has waited ``max_hold_ns``."""
         held = self.held
         while held:
             key = next(iter(held))
-            arrived = held[key][0]
-            if now - arrived < self.hold_ns:
+            arrived, _, pending = held[key]
+            age = now - arrived
+            if age < self.hold_ns:
                 self.next_due = arrived + self.hold_ns
                 return
+            if pending and age < self.max_hold_ns:
+                extra = self.joined.get(key)
+                if extra is None or extra[EXITS] < pending:
+                    self.next_due = now                 # look again at the next call
+                    return
             self._pass_on(key)
         self.next_due = None
 
@@ -125,7 +140,7 @@ class Assembler:
         self.early.clear()
 
     def _pass_on(self, key) -> None:
-        _, values = self.held.pop(key)
+        _, values, _ = self.held.pop(key)
         rec = SwitchRecord(*values)
         extra = self.joined.pop(key, None)
         if extra is not None:

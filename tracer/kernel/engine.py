@@ -169,7 +169,8 @@ class Engine:
     # on first use; a cached_property is a plain instance attribute after that.
     @cached_property
     def _read_switch(self) -> layout.Reader:
-        return layout.header().reader("vft_switch", SWITCH_READ)
+        # its columns, then how many of its exits' ends are still to come as joins
+        return layout.header().reader("vft_switch", (*SWITCH_READ, "exits_pending"))
 
     @cached_property
     def _read_call(self) -> layout.Reader:
@@ -184,9 +185,10 @@ class Engine:
         return layout.header().constants["VFT_JOIN_EXIT"]
 
     def _on_switch(self, data) -> None:
-        values = self._read_switch(data)
+        *values, pending = self._read_switch(data)
         self.samples += 1
-        self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0))
+        self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0),
+                                     pending)
 
     def _on_join(self, data) -> None:
         kind, pf, seq, ns = self._read_join(data)
