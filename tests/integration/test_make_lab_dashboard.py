@@ -63,6 +63,17 @@ def panels_filled(screen: str) -> list[str]:
     return empty
 
 
+def blocked_on_output(dump: str) -> list[str]:
+    """The stall dumps (tui/watchdog.py) whose main thread (the one running the CLI) was
+    waiting to hand output to Textual's writer thread: the terminal not taking it."""
+    found = []
+    for block in dump.split("\nThread ")[1:] + dump.split("\nCurrent thread ")[1:]:
+        frames = block.split("\n\n")[0]
+        if "tracer/cli.py" in frames and re.search(r"queue\.py\", line \d+ in put", frames):
+            found.append(frames)
+    return found
+
+
 @pytest.mark.timeout(START_S + STRESS_S + 300)
 def test_lab_dashboard_keeps_moving_for_two_minutes_and_q_shuts_the_vm_down(tmp_path):
     require_lab()
@@ -101,9 +112,14 @@ def test_lab_dashboard_keeps_moving_for_two_minutes_and_q_shuts_the_vm_down(tmp_
             shown = screen()
             now = (switches(shown), elapsed_s(shown))
             samples.append(now)
-            # Within 15 s (three samples): the lab's serial console (~10 KB/s) can hold
-            # one frame for over 5 s (fresh-clone run 3 saw one such sample).
-            previous = samples[-4] if len(samples) >= 4 else previous
+            # Within 30 s (six samples).  Under TCG the guest's one emulation thread
+            # also runs the emulated IOMMU and the guests, and the dashboard's frames
+            # come 5-6.4 s apart at times: the stall dumps of fresh-clone runs A and B
+            # show its main thread busy (folding statistics, rendering, the footer's
+            # recompose), never blocked.  Two such gaps fell inside one 15 s window in
+            # run B.  The freeze of #19 never moved again and blocked on the terminal:
+            # that is checked below on every dump.
+            previous = samples[-7] if len(samples) >= 7 else previous
             if len(samples) < 3:
                 continue
             assert now[0] > previous[0] and now[1] > previous[1], (
@@ -113,6 +129,8 @@ def test_lab_dashboard_keeps_moving_for_two_minutes_and_q_shuts_the_vm_down(tmp_
                 f"empty beside {now[0]} switches: {panels_filled(shown)}:\n{shown}{evidence()}")
             previous = now
         assert re.search(r"lost 0\b", shown), shown
+        blocked = blocked_on_output(stalls.read_text()) if stalls.exists() else []
+        assert not blocked, "the UI thread blocked on the terminal:\n" + "\n".join(blocked)
         tmux("send-keys", "-t", session, "q")
         deadline = time.monotonic() + 120
         while not rc.exists() and time.monotonic() < deadline:
