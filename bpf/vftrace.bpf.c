@@ -17,9 +17,10 @@
  *
  * Windows live in VFT_MAX_OPEN array slots, taken by compare-and-swap at the begin, so
  * their memory is never freed under a reader on another CPU.  What another CPU adds to
- * a window (KVM exits and their time) goes into counters the end swaps for VFT_CLOSED:
- * an add either lands before the swap and is in the record, or sees VFT_CLOSED and goes
- * out as a join.  Maps that fill up, windows that cannot be recorded, and records the
+ * a window (KVM exits and their time) goes into counters, added by compare-and-swap
+ * only while they are open and of the generation the exit began in; the end swaps them
+ * for VFT_CLOSED.  An add either lands before the swap, in the window the exit began in,
+ * and is in the record, or goes out as a join.  Maps that fill up, windows that cannot be recorded, and records the
  * buffers could not take are counted (drops, lost), never lost silently.
  *
  * Compile-time parameters (-D, set by tracer/kernel/probes.py):
@@ -46,18 +47,35 @@
 #define VFIO_IOMMU_MAP_DMA 0x3b71
 #define VFIO_IOMMU_UNMAP_DMA 0x3b72
 
-#define VFT_CLOSED (1ull << 63)     /* in window.exits/exit_ns: the window has closed */
-/* window.exit_ns packs the exits that ended in time (above) and their ns (below), so
- * one atomic add keeps the two together: the record says how many ends are to come. */
-#define VFT_ENDED_SHIFT 40
+/*
+ * A window's two counters, window.exits and window.exit_ns, each one u64 that other
+ * CPUs change by compare-and-swap only:
+ *   bit 63       VFT_CLOSED: the window has closed, nothing more is added
+ *   bits 48..62  the window's generation (a slot's count of begins), so that an add
+ *                lands in the window the exit began in and never in a later one that
+ *                reopened the slot between the exit's check and its add
+ *   exits:       bits 0..47 the kvm_exits that began in the window
+ *   exit_ns:     bits 36..47 the exits that ended before the close, bits 0..35 their ns:
+ *                one word, so the record says exactly how many ends are still to come.
+ * An add that would overflow a field goes out as a join instead, as a late end does.
+ */
+#define VFT_CLOSED (1ull << 63)
+#define VFT_GEN_SHIFT 48
+#define VFT_GEN_MASK 0x7fffull
+#define VFT_COUNT_MASK ((1ull << VFT_GEN_SHIFT) - 1)
+#define VFT_ENDED_SHIFT 36
+#define VFT_ENDED_MAX 0xfffull
 #define VFT_EXIT_NS_MASK ((1ull << VFT_ENDED_SHIFT) - 1)
+#define VFT_ADD_TRIES 4         /* compare-and-swap attempts before the add goes elsewhere */
+#define VFT_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define VFT_STALE_NS 10000000000ull /* an open window older than this lost its end */
 
 struct window {
 	struct vft_switch rec;
 	u64 grant_start;
-	u64 exits;              /* kvm_exits so far, | VFT_CLOSED once closed */
-	u64 exit_ns;            /* ended exits << VFT_ENDED_SHIFT | their ns, | VFT_CLOSED */
+	u64 exits;              /* VFT_CLOSED | generation | kvm_exits so far */
+	u64 exit_ns;            /* VFT_CLOSED | generation | ended exits | their ns */
+	u64 gen;                /* this slot's begins: written by its owner only */
 	u64 owner;              /* tid of the task whose window this is, 0: a free slot */
 };
 
@@ -79,6 +97,7 @@ struct exit_start {
 	u32 pad;
 	u64 seq[VFT_MAX_OPEN];  /* ... and which windows those were */
 	u32 pf[VFT_MAX_OPEN];
+	u16 gen[VFT_MAX_OPEN];
 };
 
 BPF_ARRAY(windows, struct window, VFT_MAX_OPEN);      /* slot -> window */
@@ -250,10 +269,29 @@ static __always_inline void unpublish(u32 i)
 static __always_inline void close_counters(struct window *w, u64 *exits, u64 *exit_ns,
 					   u64 *ended)
 {
-	*exits = __sync_lock_test_and_set(&w->exits, VFT_CLOSED) & ~VFT_CLOSED;
-	u64 v = __sync_lock_test_and_set(&w->exit_ns, VFT_CLOSED) & ~VFT_CLOSED;
+	*exits = __sync_lock_test_and_set(&w->exits, VFT_CLOSED) & VFT_COUNT_MASK;
+	u64 v = __sync_lock_test_and_set(&w->exit_ns, VFT_CLOSED) & VFT_COUNT_MASK;
 	*exit_ns = v & VFT_EXIT_NS_MASK;
 	*ended = v >> VFT_ENDED_SHIFT;
+}
+
+/* Add @delta to the counter @word while it is open and of generation @gen, without
+ * carrying out of the bits in @field (nor out of the count bits); false if the window
+ * closed or was reopened, the add would overflow, or VFT_ADD_TRIES attempts met other
+ * adds: the caller then counts the exit elsewhere (outside windows, or as a join). */
+static __always_inline bool add_if_gen(u64 *word, u64 gen, u64 delta, u64 field)
+{
+#pragma clang loop unroll(disable)
+	for (int t = 0; t < VFT_ADD_TRIES; t++) {
+		u64 v = VFT_READ_ONCE(*word);
+		if ((v & VFT_CLOSED) || ((v >> VFT_GEN_SHIFT) & VFT_GEN_MASK) != gen ||
+		    (v & field) + (delta & field) > field ||
+		    (v & VFT_COUNT_MASK) + delta > VFT_COUNT_MASK)
+			return false;
+		if (__sync_val_compare_and_swap(word, v, v + delta) == v)
+			return true;
+	}
+	return false;
 }
 
 static __always_inline void close_window(u32 i, struct window *w)
@@ -336,13 +374,17 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 	w->rec.from_vf = from_vf;
 	w->rec.to_vf = to_vf;
 	w->rec.tid = tid;
-	/* Who it is first, then open the counters, then stamp, then publish the slot
-	 * (kvm_exit reads seq, pf and t_ns of the windows in open_mask; the atomics order
-	 * the stores on x86).  The map updates above are the tracer's cost, not the
-	 * switch's; the publish is inside the window, so that an exit counted in it
-	 * began after its stamp. */
-	__sync_lock_test_and_set(&w->exits, 0);
-	__sync_lock_test_and_set(&w->exit_ns, 0);
+	/* Who it is first (t_ns zeroed, seq, pf), then open the counters in a new
+	 * generation, then stamp, then publish the slot: kvm_exit reads the counter, then
+	 * t_ns, seq and pf, and adds only to the generation it read, so it never takes a
+	 * half-begun window for the one before (the barrier keeps the compiler's order; the
+	 * atomics keep the CPU's).  The map updates above are the tracer's cost, not the
+	 * switch's; the publish is inside the window, so that an exit counted in it began
+	 * after its stamp. */
+	w->gen = (w->gen + 1) & VFT_GEN_MASK;
+	asm volatile("" ::: "memory");
+	__sync_lock_test_and_set(&w->exits, w->gen << VFT_GEN_SHIFT);
+	__sync_lock_test_and_set(&w->exit_ns, w->gen << VFT_GEN_SHIFT);
 	w->rec.t_ns = bpf_ktime_get_ns();
 	u64 *mask = open_mask_word();
 	if (mask)
@@ -738,16 +780,25 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 			struct window *w = windows.lookup(&slot);
 			if (!w)
 				continue;
-			/* Opened after this exit began (its stamp is later): not its window. */
-			if (w->rec.t_ns > init.ts)
+			/* The counter first, then what the begin wrote before opening it (it
+			 * zeroes t_ns, writes seq and pf, opens the counter, then stamps): the
+			 * add below lands only if the counter is still this generation's. */
+			u64 v = VFT_READ_ONCE(w->exits);
+			if (v & VFT_CLOSED)
 				continue;
-			/* Closed since the mask was read: the exit began after that window. */
-			if (__sync_fetch_and_add(&w->exits, 1) & VFT_CLOSED)
+			u64 gen = (v >> VFT_GEN_SHIFT) & VFT_GEN_MASK;
+			u64 t = VFT_READ_ONCE(w->rec.t_ns);
+			/* Not stamped yet, or stamped after this exit began: not its window. */
+			if (!t || t > init.ts)
 				continue;
-			/* Read after the add: the window the add landed in (a begin sets seq
-			 * and pf before it opens the counter). */
-			e->seq[i & (VFT_MAX_OPEN - 1)] = w->rec.seq;
-			e->pf[i & (VFT_MAX_OPEN - 1)] = w->rec.pf;
+			u64 seq = VFT_READ_ONCE(w->rec.seq);
+			u32 pf = VFT_READ_ONCE(w->rec.pf);
+			if (!add_if_gen(&w->exits, gen, 1, VFT_COUNT_MASK))
+				continue;       /* closed since: the exit began after it */
+			u32 j = i & (VFT_MAX_OPEN - 1);
+			e->seq[j] = seq;
+			e->pf[j] = pf;
+			e->gen[j] = gen;
 			e->open_mask |= 1u << i;
 		}
 	}
@@ -787,11 +838,13 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 			u32 slot = i & (VFT_MAX_OPEN - 1);
 			seq = e->seq[slot];
 			pf = e->pf[slot];
+			u64 gen = e->gen[slot]; /* read before the lookup spills slot */
 			struct window *w = windows.lookup(&slot);
-			/* Still the window the exit began in, and still open: added in time. */
-			if (w && w->rec.seq == seq && w->rec.pf == pf && ns <= VFT_EXIT_NS_MASK &&
-			    !(__sync_fetch_and_add(&w->exit_ns, (1ull << VFT_ENDED_SHIFT) + ns) &
-			      VFT_CLOSED))
+			/* Still the window the exit began in (same generation), still open:
+			 * added in time, and counted among its ended exits. */
+			if (w && ns <= VFT_EXIT_NS_MASK &&
+			    add_if_gen(&w->exit_ns, gen, (1ull << VFT_ENDED_SHIFT) + ns,
+				       VFT_EXIT_NS_MASK))
 				continue;
 			/* It outlived that window: its time goes to it by (pf, seq). */
 			emit_join(args, VFT_JOIN_EXIT, pf, -1, seq, ns, e->ts);
