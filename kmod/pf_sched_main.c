@@ -507,14 +507,41 @@ static int pf_thread(void *data)
 }
 
 /*
+ * Sleep, holding nothing, until @vf is the active VF or @pf is removed.  Interruptible
+ * where the caller can restart (read/write return -ERESTARTSYS; a fault with
+ * FAULT_FLAG_INTERRUPTIBLE is retried once the signal is handled), killable elsewhere.
+ */
+static int pf_wait_active(struct pf_dev *pf, int vf, bool interruptible)
+{
+	if (interruptible)
+		return wait_event_interruptible(pf->wq, READ_ONCE(pf->active) == vf ||
+						READ_ONCE(pf->dead));
+	return wait_event_killable(pf->wq, READ_ONCE(pf->active) == vf ||
+				   READ_ONCE(pf->dead));
+}
+
+/* Count an access that blocked since @t0, and the switch that released it. */
+static void pf_count_blocked(struct pf_dev *pf, int vf, u64 t0, int ret)
+{
+	u64 waited = ktime_get_ns() - t0, seq;
+
+	spin_lock(&pf->lock);
+	pf->c.blocked_accesses++;
+	pf->c.blocked_wait_ns += waited;
+	seq = ret ? pf->c.seq : pf->c.grant_seq;
+	spin_unlock(&pf->lock);
+	trace_vf_access_wait(pf->index, vf, waited, seq);
+}
+
+/*
  * Wait until @vf is the active VF.  On success returns 0 with map_sem held for
  * read (the caller does its access and up_read()s).  Returns -ENODEV after remove
- * or the wait_event_killable() error when a fatal signal arrives.
+ * or the wait's error when a signal arrives.
  */
-static int pf_access_begin(struct pf_dev *pf, int vf)
+static int pf_access_begin(struct pf_dev *pf, int vf, bool interruptible)
 {
 	bool blocked = false;
-	u64 t0 = 0, waited, seq;
+	u64 t0 = 0;
 	int ret;
 
 	for (;;) {
@@ -532,22 +559,14 @@ static int pf_access_begin(struct pf_dev *pf, int vf)
 			blocked = true;
 			t0 = ktime_get_ns();
 		}
-		ret = wait_event_killable(pf->wq, READ_ONCE(pf->active) == vf ||
-					  READ_ONCE(pf->dead));
+		ret = pf_wait_active(pf, vf, interruptible);
 		if (ret) {
 			down_read(&pf->map_sem);
 			break;
 		}
 	}
-	if (blocked) {
-		waited = ktime_get_ns() - t0;
-		spin_lock(&pf->lock);
-		pf->c.blocked_accesses++;
-		pf->c.blocked_wait_ns += waited;
-		seq = ret ? pf->c.seq : pf->c.grant_seq;
-		spin_unlock(&pf->lock);
-		trace_vf_access_wait(pf->index, vf, waited, seq);
-	}
+	if (blocked)
+		pf_count_blocked(pf, vf, t0, ret);
 	if (ret)
 		up_read(&pf->map_sem);
 	return ret;
@@ -555,16 +574,46 @@ static int pf_access_begin(struct pf_dev *pf, int vf)
 
 /* ---- device file ------------------------------------------------------- */
 
+static void pf_release_fault_lock(struct vm_fault *vmf)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0)
+	release_fault_lock(vmf);        /* the per-VMA lock or mmap_lock */
+#else
+	mmap_read_unlock(vmf->vma->vm_mm);
+#endif
+}
+
 static vm_fault_t pf_vm_fault(struct vm_fault *vmf)
 {
 	struct pf_dev *pf = vmf->vma->vm_private_data;
 	unsigned long vf = vmf->pgoff / pf->bar_pages;
 	unsigned long page = vmf->pgoff % pf->bar_pages;
 	vm_fault_t ret;
+	u64 t0;
+	int err;
 
 	if (vf >= pf->nr_vfs)
 		return VM_FAULT_SIGBUS;
-	if (pf_access_begin(pf, vf))
+	/*
+	 * Never sleep holding mmap_lock (a whole rotation would stall every mmap, munmap
+	 * and fault of the guest's process): where the caller can retry, drop the lock,
+	 * wait, and have the fault retried, as filemap_fault() does for a locked folio.
+	 * Every retry may do so again (the VF can go off again before it runs).
+	 */
+	if ((vmf->flags & FAULT_FLAG_ALLOW_RETRY) && READ_ONCE(pf->active) != vf &&
+	    !READ_ONCE(pf->dead)) {
+		if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT)
+			return VM_FAULT_RETRY;
+		kref_get(&pf->kref);    /* the vma may go once the lock is dropped */
+		pf_release_fault_lock(vmf);
+		t0 = ktime_get_ns();
+		err = pf_wait_active(pf, vf, vmf->flags & FAULT_FLAG_INTERRUPTIBLE);
+		pf_count_blocked(pf, vf, t0, err ?: (READ_ONCE(pf->dead) ? -ENODEV : 0));
+		pf_put(pf);
+		return VM_FAULT_RETRY;  /* the retry finds the VF on, or SIGBUS if removed */
+	}
+	/* No retry possible (e.g. get_user_pages() without a lock to drop): wait here. */
+	if (pf_access_begin(pf, vf, false))
 		return VM_FAULT_SIGBUS;	/* removed, or killed while waiting */
 	ret = vmf_insert_pfn(vmf->vma, vmf->address,
 			     virt_to_phys(pf->bar[vf] + page * PAGE_SIZE) >> PAGE_SHIFT);
@@ -642,7 +691,7 @@ static ssize_t pf_read(struct file *file, char __user *buf, size_t count, loff_t
 
 	if (vf < 0)
 		return vf;
-	ret = pf_access_begin(pf, vf);
+	ret = pf_access_begin(pf, vf, true);
 	if (ret)
 		return ret;
 	memcpy(&val, pf->bar[vf] + (*ppos - (loff_t)vf * pf->bar_size), count);
@@ -665,7 +714,7 @@ static ssize_t pf_write(struct file *file, const char __user *buf, size_t count,
 		return vf;
 	if (copy_from_user(&val, buf, count))
 		return -EFAULT;
-	ret = pf_access_begin(pf, vf);
+	ret = pf_access_begin(pf, vf, true);
 	if (ret)
 		return ret;
 	memcpy(pf->bar[vf] + (*ppos - (loff_t)vf * pf->bar_size), &val, count);

@@ -506,6 +506,106 @@ def test_pread_blocks_while_vf_off(pfs):
         os.close(fd)
 
 
+FAULT_WAITER_CHILD = """
+import ctypes, mmap, os, threading, time
+fd = os.open({dev!r}, os.O_RDWR)
+m = mmap.mmap(fd, {size}, mmap.MAP_SHARED, offset={off})
+bar = ctypes.addressof(ctypes.c_char.from_buffer(m))
+out = ctypes.create_string_buffer(8)
+# ctypes.memmove releases the GIL: this thread blocks in the fault, the main one runs
+toucher = threading.Thread(target=ctypes.memmove, args=(out, bar + 8, 8), daemon=True)
+toucher.start()
+time.sleep(1.5)
+print("blocked" if toucher.is_alive() else "not blocked", flush=True)
+t0 = time.monotonic()
+anon = mmap.mmap(-1, 1 << 20)     # mmap and munmap take mmap_lock for writing
+anon.close()
+print(f"mapped in {{time.monotonic() - t0:.3f}} s", flush=True)
+toucher.join()
+print(out.raw.hex(), flush=True)
+"""
+
+PREAD_SIGNAL_CHILD = """
+import os, signal
+class Kicked(Exception):
+    pass
+def kick(signum, frame):
+    raise Kicked
+signal.signal(signal.SIGUSR1, kick)
+fd = os.open({dev!r}, os.O_RDWR)
+print("reading", flush=True)
+try:
+    os.pread(fd, 8, {off})
+    print("read", flush=True)
+except Kicked:
+    print("kicked", flush=True)
+"""
+
+
+def test_blocked_fault_holds_no_mmap_lock(pfs):
+    """A vCPU blocked in the fault handler has dropped mmap_lock (VM_FAULT_RETRY): its
+    process can still mmap and munmap, and the access completes once the VF is on."""
+    p = pfs[0]
+    set_param("slice_us", SLOW_SLICE_US)
+    child = None
+    try:
+        active, target = p.off_with_other_active()
+        s0 = p.stats()
+        child = child_script(FAULT_WAITER_CHILD.format(dev=str(p.dev), size=p.bar_size,
+                                                       off=target * p.bar_size))
+        assert read_line(child, 30) == "blocked"
+        # Held across the wait, mmap_lock would block this until the VF is on again.
+        assert read_line(child, 20).startswith("mapped in "), "mmap waited for the fault"
+        assert p.stats()["seq"] == s0["seq"], "switching was not gated off"
+        p.set_enabled(True)
+        out, err = finish(child, 60)
+        assert child.returncode == 0, err
+        s1 = p.stats()
+        assert delta(s0, s1, "blocked_accesses") >= 1
+        assert delta(s0, s1, "blocked_wait_ns") >= 1_000_000_000
+        assert len(out.strip()) == 16, out
+    finally:
+        if child is not None and child.poll() is None:
+            p.set_enabled(True)
+            child.kill()
+            child.wait()
+
+
+def test_signals_stop_a_blocked_pread(pfs):
+    """With switching gated off, a handled signal (a vCPU kick) interrupts a blocked
+    pread and SIGTERM ends its process: the waits are interruptible, not just killable."""
+    p = pfs[-1]
+    set_param("slice_us", SLOW_SLICE_US)
+    children = []
+    try:
+        active, target = p.off_with_other_active()
+        s0 = p.stats()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            child = child_script(PREAD_SIGNAL_CHILD.format(dev=str(p.dev),
+                                                           off=target * p.bar_size))
+            children.append(child)
+            assert read_line(child, 30) == "reading"
+            time.sleep(1.5)
+            assert child.poll() is None, "pread of an off VF did not block"
+            os.kill(child.pid, sig)
+            if sig == signal.SIGUSR1:
+                assert read_line(child, 10) == "kicked"
+                finish(child, 10)
+                assert child.returncode == 0
+            else:
+                child.wait(timeout=10)
+                assert child.returncode == -signal.SIGTERM
+        s1 = p.stats()
+        assert s1["seq"] == s0["seq"], "switching was not gated off"
+        # both interrupted waits are counted as blocked accesses
+        assert delta(s0, s1, "blocked_accesses") == 2
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
 def test_bad_mmap_and_pread_einval(pfs):
     p = pfs[0]
     fd = os.open(p.dev, os.O_RDWR)
