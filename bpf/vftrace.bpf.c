@@ -100,14 +100,32 @@ struct exit_start {
 	u16 gen[VFT_MAX_OPEN];
 };
 
+/* Map sizes: overridable (-D) only so that a test build can fill each map and see its
+ * drop counter fire (VFTRACE_BPF_SIZES, tracer/kernel/probes.py). */
+#ifndef VFT_TASK_SLOTS
+#define VFT_TASK_SLOTS 1024
+#endif
+#ifndef VFT_STARTS_MAX
+#define VFT_STARTS_MAX 16384
+#endif
+#ifndef VFT_EXIT_STARTS_MAX
+#define VFT_EXIT_STARTS_MAX 4096
+#endif
+#ifndef VFT_BG_MAX
+#define VFT_BG_MAX 4096
+#endif
+#ifndef VFT_EXITS_MAX
+#define VFT_EXITS_MAX 8192
+#endif
+
 BPF_ARRAY(windows, struct window, VFT_MAX_OPEN);      /* slot -> window */
-BPF_HASH(task_slot, u32, u32, 1024);                  /* switching task -> its slot */
+BPF_HASH(task_slot, u32, u32, VFT_TASK_SLOTS);        /* switching task -> its slot */
 BPF_ARRAY(open_mask, u64, 1);     /* slots with an open window (u64: BPF atomics are 64-bit) */
-BPF_HASH(starts, struct start_key, struct start_val, 16384);
+BPF_HASH(starts, struct start_key, struct start_val, VFT_STARTS_MAX);
 /* vCPU thread -> exit in progress; LRU, so threads torn down mid-exit age out. */
-BPF_TABLE("lru_hash", u32, struct exit_start, exit_starts, 4096);
-BPF_HASH(bg_calls, struct vft_bg_key, struct vft_bg_val, 4096);
-BPF_HASH(exits, struct vft_exit_key, struct vft_exit_val, 8192);
+BPF_TABLE("lru_hash", u32, struct exit_start, exit_starts, VFT_EXIT_STARTS_MAX);
+BPF_HASH(bg_calls, struct vft_bg_key, struct vft_bg_val, VFT_BG_MAX);
+BPF_HASH(exits, struct vft_exit_key, struct vft_exit_val, VFT_EXITS_MAX);
 BPF_PERCPU_ARRAY(lost, u64, VFT_NR_LOST);
 BPF_PERCPU_ARRAY(drops, u64, VFT_NR_DROPS);
 BPF_ARRAY(calib, u64, VFT_CALIB_SAMPLES);
@@ -324,7 +342,9 @@ static __always_inline int take_slot(u32 tid, u64 now)
 		if (!w)
 			continue;
 		u64 old = w->owner, t = w->rec.t_ns;
-		if (old && t && now - t > VFT_STALE_NS &&
+		/* t after now: stamped since this begin read its clock, so fresh (as an
+		 * unsigned difference it would look older than any limit) */
+		if (old && t && t < now && now - t > VFT_STALE_NS &&
 		    __sync_val_compare_and_swap(&w->owner, old, tid) == old) {
 			u32 gone = old;
 			close_window(i, w);

@@ -46,7 +46,9 @@
 #define VFT_JOIN_RELEASE 0      /* a blocked guest access it released (blocked_*) */
 #define VFT_JOIN_EXIT 1         /* an exit that began in it and ended after it (exit_ns) */
 
+#ifndef VFT_MAX_OPEN            /* a power of two <= 32; smaller only in a test build */
 #define VFT_MAX_OPEN 16         /* switch windows open at once, over all PFs and tasks */
+#endif
 #define VFT_CALIB_SAMPLES 4096
 
 /* One switch window, assembled in the kernel and emitted at the window's end. */

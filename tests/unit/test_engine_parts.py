@@ -73,6 +73,20 @@ def test_auto_prefers_fentry_for_vmlinux_and_kprobes_for_modules():
     assert "-DSYNC_FUNC=intel_iommu_tlb_sync" in flags and "-DSWITCH_SRC=1" in flags
 
 
+def test_a_test_build_shrinks_maps_by_define_and_says_so(monkeypatch):
+    assert probes.map_size_overrides({}) == {}
+    env = {probes.MAP_SIZES_ENV: "VFT_MAX_OPEN=2, VFT_EXITS_MAX=1"}
+    assert probes.map_size_overrides(env) == {"VFT_MAX_OPEN": 2, "VFT_EXITS_MAX": 1}
+    monkeypatch.setenv(probes.MAP_SIZES_ENV, "VFT_STARTS_MAX=1")
+    p = probes.plan(None, "auto", offer())
+    assert "-DVFT_STARTS_MAX=1" in p.cflags(bpf_dir(), 1)
+    assert any("test build" in w and "VFT_STARTS_MAX=1" in w for w in p.warnings())
+    for bad in ("VFT_NOPE=1", "VFT_EXITS_MAX=0", "VFT_EXITS_MAX", "VFT_MAX_OPEN=3",
+                "VFT_MAX_OPEN=64"):
+        with pytest.raises(probes.ProbeError, match=probes.MAP_SIZES_ENV):
+            probes.map_size_overrides({probes.MAP_SIZES_ENV: bad})
+
+
 def test_kprobe_mode_everywhere_and_fentry_request_falls_back_with_a_note():
     assert set(modes(probes.plan(None, "kprobe", offer())).values()) == {"kprobe"}
     p = probes.plan(None, "fentry", offer())

@@ -20,6 +20,11 @@ MODE_DEFINE = {ABSENT: 0, FENTRY: 1, KPROBE: 2}
 BPF_TRACE_FENTRY = 24                      # enum bpf_attach_type
 CALIB_CANDIDATES = ("security_task_getsid", "__task_pid_nr_ns")
 SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iotlb_sync")
+# A test build: maps shrunk until they fill, so that each drop counter can be made to
+# fire (tests/lab/test_kernel_drops.py).  NAME=N,... of the defines below.
+MAP_SIZES_ENV = "VFTRACE_BPF_SIZES"
+MAP_SIZE_DEFINES = ("VFT_MAX_OPEN", "VFT_TASK_SLOTS", "VFT_STARTS_MAX", "VFT_EXIT_STARTS_MAX",
+                    "VFT_BG_MAX", "VFT_EXITS_MAX")
 
 
 class ProbeError(VftraceError):
@@ -74,6 +79,7 @@ class Plan:
     ringbuf: bool = True
     emit_calls: bool = False
     ringbuf_pages: int = 256
+    map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
 
     def modes(self) -> dict[str, str]:
         out = {"switch": self.source_mode}
@@ -84,7 +90,12 @@ class Plan:
         return out
 
     def warnings(self) -> list[str]:
-        return [f"{c.hook.name}: {c.note}" for c in self.choices if c.note]
+        out = [f"{c.hook.name}: {c.note}" for c in self.choices if c.note]
+        if self.map_sizes:
+            sizes = ",".join(f"{k}={v}" for k, v in self.map_sizes.items())
+            out.append(f"test build: BPF maps shrunk ({MAP_SIZES_ENV}={sizes}): "
+                       "switches and calls will be dropped (counted in kernel_drops)")
+        return out
 
     def cflags(self, bpf_dir: Path, calib_tgid: int) -> list[str]:
         if self.source == "pf_sched":
@@ -104,6 +115,7 @@ class Plan:
             d["SWITCH_FUNC"] = self.source[5:]
         if self.calib_func:
             d["CALIB_FUNC"] = self.calib_func
+        d.update(self.map_sizes)
         d.setdefault("SYNC_FUNC", "intel_iommu_tlb_sync")
         d.setdefault("CALIB_FUNC", CALIB_CANDIDATES[0])
         # Kernel headers warn under BCC's clang (IBT attributes, percpu address spaces).
@@ -215,6 +227,22 @@ def parse_source(spec: str | None, offer: KernelOffer) -> tuple[str, str]:
     raise ProbeError(f"--switch {spec}: give pf_sched, func:SYMBOL or tp:SYS:BEGIN,SYS:END")
 
 
+def map_size_overrides(env: dict[str, str] | os._Environ = os.environ) -> dict[str, int]:
+    """A test build's map sizes from $VFTRACE_BPF_SIZES (``NAME=N,...``); {} normally."""
+    spec = env.get(MAP_SIZES_ENV, "").strip()
+    out: dict[str, int] = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        name, _, n = item.partition("=")
+        if name.strip() not in MAP_SIZE_DEFINES or not n.strip().isdigit() or int(n) < 1:
+            raise ProbeError(f"{MAP_SIZES_ENV}: {item!r} is not NAME=N (N >= 1, NAME one of "
+                             f"{', '.join(MAP_SIZE_DEFINES)})")
+        out[name.strip()] = int(n)
+    m = out.get("VFT_MAX_OPEN")
+    if m is not None and (m > 32 or m & (m - 1)):
+        raise ProbeError(f"{MAP_SIZES_ENV}: VFT_MAX_OPEN={m} is not a power of two up to 32")
+    return out
+
+
 def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool = True,
          emit_calls: bool = False) -> Plan:
     if requested not in ("auto", FENTRY, KPROBE):
@@ -222,7 +250,8 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     source, source_mode = parse_source(spec, offer)
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
-    p = Plan(source, source_mode, ringbuf=ringbuf, emit_calls=emit_calls)
+    p = Plan(source, source_mode, ringbuf=ringbuf, emit_calls=emit_calls,
+             map_sizes=map_size_overrides())
     p.choices = [choose_hook(h, requested, offer) for h in HOOKS]
     if not any(c.mode != ABSENT for c in p.choices if c.hook.name in ("iommu_map", "iommu_unmap")):
         raise ProbeError("neither iommu_map nor iommu_unmap can be hooked here (no fentry, no kprobes)")
