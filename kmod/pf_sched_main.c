@@ -123,7 +123,10 @@ struct pf_dev {
 	 * no PTE can be installed for a VF after it was revoked.
 	 */
 	struct rw_semaphore map_sem;
-	int active;			/* active VF, -1 during a switch / after remove */
+	int active;			/* active VF, -1 during a switch, after a failed
+					 * grant, and after remove */
+	unsigned int turn;		/* VF of the latest switch, granted or not
+					 * (thread only): the rotation goes on from it */
 	bool dead;			/* device removed */
 	wait_queue_head_t wq;		/* accesses waiting for their VF */
 
@@ -155,7 +158,7 @@ static int param_set_uint_range(const char *val, const struct kernel_param *kp,
 		       kp->name, (int)strcspn(val, "\n"), val, min, max);
 		return -EINVAL;
 	}
-	*(unsigned int *)kp->arg = v;
+	WRITE_ONCE(*(unsigned int *)kp->arg, v);	/* read with READ_ONCE */
 	return 0;
 }
 
@@ -418,8 +421,9 @@ static noinline void pf_switch(struct pf_dev *pf)
 {
 	bool batched = READ_ONCE(unmap_mode) == PF_UNMAP_BATCHED;
 	u64 seq = pf->next_seq;
-	int from = pf->active;
-	int to = (from + 1) % pf->nr_vfs;
+	int from = pf->active;          /* -1 if the last grant failed: nothing to revoke */
+	int to = (pf->turn + 1) % pf->nr_vfs;
+	bool granted;
 	u64 t0, t1, t2;
 
 	pf_irq_dma_arm(pf, seq);
@@ -430,17 +434,23 @@ static noinline void pf_switch(struct pf_dev *pf)
 	/* revoke */
 	down_write(&pf->map_sem);
 	WRITE_ONCE(pf->active, -1);
-	unmap_mapping_range(pf->inode->i_mapping, (loff_t)from * pf->bar_size,
-			    pf->bar_size, 1);
-	pf_iommu_revoke(pf, from, batched);
+	if (from >= 0) {
+		unmap_mapping_range(pf->inode->i_mapping, (loff_t)from * pf->bar_size,
+				    pf->bar_size, 1);
+		pf_iommu_revoke(pf, from, batched);
+	}
 	t1 = ktime_get_ns();
 
-	/* grant */
-	pf_iommu_grant(pf, to);
-	spin_lock(&pf->lock);
-	pf->c.grant_seq = seq;
-	spin_unlock(&pf->lock);
-	WRITE_ONCE(pf->active, to);
+	/* grant: a VF whose IOVA window could not be mapped is not made active; its
+	 * accesses go on blocking until a later switch grants it (map_errors counts it) */
+	granted = !pf_iommu_grant(pf, to);
+	pf->turn = to;
+	if (granted) {
+		spin_lock(&pf->lock);
+		pf->c.grant_seq = seq;
+		spin_unlock(&pf->lock);
+		WRITE_ONCE(pf->active, to);
+	}
 	up_write(&pf->map_sem);
 	wake_up_all(&pf->wq);
 	t2 = ktime_get_ns();
@@ -927,6 +937,7 @@ static int pf_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	down_write(&pf->map_sem);
 	ret = pf_iommu_grant(pf, 0);
 	pf->active = 0;
+	pf->turn = 0;
 	up_write(&pf->map_sem);
 	if (ret)
 		goto err_iommu;
