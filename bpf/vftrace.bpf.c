@@ -44,6 +44,10 @@
 #define SRC_FUNC 3
 #define SRC_TP 4
 
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
 #define VFIO_IOMMU_MAP_DMA 0x3b71
 #define VFIO_IOMMU_UNMAP_DMA 0x3b72
 
@@ -68,7 +72,12 @@
 #define VFT_EXIT_NS_MASK ((1ull << VFT_ENDED_SHIFT) - 1)
 #define VFT_ADD_TRIES 4         /* compare-and-swap attempts before the add goes elsewhere */
 #define VFT_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+/* In window.owner while its task begins or ends it: a stale-window reclaim, which takes
+ * an owner by compare-and-swap, then cannot take it from under that task. */
+#define VFT_OWNER_BUSY (1ull << 32)
+#ifndef VFT_STALE_NS               /* shorter only in a test build */
 #define VFT_STALE_NS 10000000000ull /* an open window older than this lost its end */
+#endif
 
 struct window {
 	struct vft_switch rec;
@@ -76,7 +85,8 @@ struct window {
 	u64 exits;              /* VFT_CLOSED | generation | kvm_exits so far */
 	u64 exit_ns;            /* VFT_CLOSED | generation | ended exits | their ns */
 	u64 gen;                /* this slot's begins: written by its owner only */
-	u64 owner;              /* tid of the task whose window this is, 0: a free slot */
+	u64 owner;              /* tid of the task whose window this is, 0: a free slot;
+				 * | VFT_OWNER_BUSY while it begins or ends */
 };
 
 struct start_key {
@@ -332,7 +342,7 @@ static __always_inline int take_slot(u32 tid, u64 now)
 	for (u32 i = 0; i < VFT_MAX_OPEN; i++) {
 		u32 k = i;
 		struct window *w = windows.lookup(&k);
-		if (w && __sync_val_compare_and_swap(&w->owner, 0, tid) == 0)
+		if (w && __sync_val_compare_and_swap(&w->owner, 0, tid | VFT_OWNER_BUSY) == 0)
 			return i;
 	}
 #pragma unroll
@@ -344,8 +354,8 @@ static __always_inline int take_slot(u32 tid, u64 now)
 		u64 old = w->owner, t = w->rec.t_ns;
 		/* t after now: stamped since this begin read its clock, so fresh (as an
 		 * unsigned difference it would look older than any limit) */
-		if (old && t && t < now && now - t > VFT_STALE_NS &&
-		    __sync_val_compare_and_swap(&w->owner, old, tid) == old) {
+		if (old && !(old & VFT_OWNER_BUSY) && t && t < now && now - t > VFT_STALE_NS &&
+		    __sync_val_compare_and_swap(&w->owner, old, tid | VFT_OWNER_BUSY) == old) {
 			u32 gone = old;
 			close_window(i, w);
 			task_slot.delete(&gone);
@@ -366,7 +376,8 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 	if (held) {             /* a source that nests, or a missed end: drop the open one */
 		u32 i = *held;
 		struct window *old = windows.lookup(&i);
-		if (old && old->owner == tid) {
+		if (old && __sync_val_compare_and_swap(&old->owner, tid, tid | VFT_OWNER_BUSY) ==
+			   tid) {
 			close_window(i, old);
 			release_slot(old);
 		}
@@ -409,6 +420,7 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 	u64 *mask = open_mask_word();
 	if (mask)
 		__sync_fetch_and_or(mask, 1ull << slot);
+	__sync_lock_test_and_set(&w->owner, tid);      /* begun: reclaimable if it goes stale */
 	return 0;
 }
 
@@ -425,7 +437,8 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 		i = *slot;
 		w = windows.lookup(&i);
 	}
-	if (!w || w->owner != tid) {
+	/* Ours to end, unless a stale-window reclaim took it first. */
+	if (!w || __sync_val_compare_and_swap(&w->owner, tid, tid | VFT_OWNER_BUSY) != tid) {
 		if (slot)
 			task_slot.delete(&tid);
 		/* Before arming every end is unmatched (begins are gated): not a loss. */
@@ -555,7 +568,13 @@ static __always_inline int call_enter(u64 sp, u32 kind, u64 size)
 			return 0;
 		}
 	}
-	if (starts.update(&k, &v)) {
+	/* A start already there is a call whose return never ran: count it, replace it. */
+	int err = starts.insert(&k, &v);
+	if (err == -EEXIST) {
+		count_drop(VFT_DROP_UNFINISHED);
+		err = starts.update(&k, &v);
+	}
+	if (err) {
 		count_drop(VFT_DROP_STARTS);
 		return 0;
 	}

@@ -40,7 +40,13 @@
 #define VFT_DROP_EXIT_STARTS 5  /* a KVM exit not timed: exit_starts map full */
 #define VFT_DROP_BG 6           /* a call's background total not kept: bg_calls full */
 #define VFT_DROP_EXITS 7        /* an exit's per-vCPU total not kept: exits map full */
-#define VFT_NR_DROPS 8
+/* VFT_DROP_UNFINISHED: a call whose return never ran (a kretprobe out of instances, an
+ * exit program the kernel skipped), seen at the task's next call of that kind. */
+#define VFT_DROP_UNFINISHED 8   /* a call's return never ran: its time lost */
+#define VFT_NR_DROPS 9
+/* kernel_drops also has skipped_runs: runs of these programs the kernel itself skipped
+ * (one would have nested in another on its CPU), its own recursion_misses per program
+ * (background.skipped_runs), read by tracer/kernel/proginfo.py. */
 
 /* What a vft_join record adds to the switch (pf, seq) after that switch's record. */
 #define VFT_JOIN_RELEASE 0      /* a blocked guest access it released (blocked_*) */

@@ -37,6 +37,25 @@ def test_decode_reads_what_the_kernel_wrote():
 def test_header_parser_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="cannot parse"):
         layout.Header("struct vft_x {\n\tunsigned long long a;\n};")
+    # a constant whose comment runs on was once skipped, and its drop counter with it
+    with pytest.raises(ValueError, match="VFT_DROP_X"):
+        layout.Header("#define VFT_DROP_X 8   /* a comment\n\t * that runs on */\n")
+
+
+def test_prog_info_layout_matches_the_uapi_header(tmp_path):
+    """recursion_misses is read at the offset the kernel's own header gives it."""
+    from tracer.kernel.proginfo import BpfProgInfo
+    header = "/usr/include/linux/bpf.h"
+    src = tmp_path / "off.c"
+    src.write_text(f'#include <stddef.h>\n#include "{header}"\n#include <stdio.h>\n'
+                   'int main(void) { printf("%zu %zu\\n", '
+                   'offsetof(struct bpf_prog_info, recursion_misses), '
+                   'sizeof(struct bpf_prog_info)); return 0; }\n')
+    subprocess.run(["cc", "-o", str(tmp_path / "off"), str(src)], check=True)
+    off, size = map(int, subprocess.run([str(tmp_path / "off")], capture_output=True,
+                                        text=True, check=True).stdout.split())
+    assert BpfProgInfo.recursion_misses.offset == off
+    assert ctypes.sizeof(BpfProgInfo) <= size
 
 
 # ---- planning hooks ---------------------------------------------------------------------

@@ -59,6 +59,8 @@ class Assembler:
         exits' ends are still to come as joins."""
         key = (values[PF], values[SEQ])
         now = self.clock()
+        if key in self.held:        # the same switch twice (a source reusing its seq):
+            self._pass_on(key)      # both are kept, the first with its joins so far
         early = self.early.pop(key, None)
         if early:
             self.joined[key] = early

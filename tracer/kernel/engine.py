@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
-from . import layout, probes
+from . import layout, probes, proginfo
 from .assemble import Assembler
 from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
@@ -22,6 +22,7 @@ CALIB_CALLS = 3000
 # decided here (blocked_* are absent from it and read as 0 until joins add to them).
 SWITCH_READ = COLUMNS[:-1]
 SWITCH_NS = COLUMNS.index("switch_ns")
+INT64_MAX = (1 << 63) - 1           # a capture's integers are int64 (tracer.capture.files)
 CALL_READ = ("kind", *CALL_COLUMNS[1:])
 CALL_SEQ = CALL_COLUMNS.index("seq")
 assert COLUMNS[-1] == "over_budget"
@@ -58,6 +59,9 @@ class Engine:
         self.warnings: list[str] = plan.warnings()
         self.user_lost = 0          # perf buffer losses reported to user space
         self.samples = 0
+        # Records with a value no capture can hold (above int64: a wrapped negative that a
+        # kernel-side guard missed): counted, never written (the reader would refuse it).
+        self.out_of_range = 0
 
     # -- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,7 +95,10 @@ class Engine:
             try:
                 self.bpf.attach_kprobe(event=fn, fn_name=f"kp_{name}")
                 if choice.hook.timed:
-                    self.bpf.attach_kretprobe(event=fn, fn_name=f"krp_{name}", maxactive=64)
+                    self.bpf.attach_kretprobe(
+                        event=fn, fn_name=f"krp_{name}",
+                        maxactive=self.plan.map_sizes.get("KRETPROBE_MAXACTIVE",
+                                                          probes.KRETPROBE_MAXACTIVE))
                 attached.append(fn)
             except Exception as e:          # BCC raises bare Exception on attach failure
                 self.warnings.append(f"{choice.hook.name}: kprobe on {fn} failed ({e}); skipped")
@@ -151,7 +158,9 @@ class Engine:
             names.append(("calls", self._on_call))
         for name, cb in names:
             if self.plan.ringbuf:
-                b[name].open_ring_buffer(lambda ctx, data, size, cb=cb: cb(data))
+                # An int back: BCC's wrapper otherwise raises and catches a TypeError
+                # converting None, once per record.
+                b[name].open_ring_buffer(lambda ctx, data, size, cb=cb: cb(data) or 0)
             else:
                 b[name].open_perf_buffer(lambda cpu, data, size, cb=cb: cb(data),
                                          page_cnt=self.plan.ringbuf_pages // 4 or 8,
@@ -187,11 +196,17 @@ class Engine:
     def _on_switch(self, data) -> None:
         *values, pending = self._read_switch(data)
         self.samples += 1
+        if max(values) > INT64_MAX:
+            self.out_of_range += 1
+            return
         self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0),
                                      pending)
 
     def _on_join(self, data) -> None:
         kind, pf, seq, ns = self._read_join(data)
+        if ns > INT64_MAX or seq > INT64_MAX:
+            self.out_of_range += 1
+            return
         if kind == self._join_exit:
             self.assembler.exit_end(pf, seq, ns)
         else:
@@ -200,6 +215,9 @@ class Engine:
     def _on_call(self, data) -> None:
         if self.on_call:
             kind, *values = self._read_call(data)
+            if max(values) > INT64_MAX:
+                self.out_of_range += 1
+                return
             values[CALL_SEQ - 1] = values[CALL_SEQ - 1] or None       # 0: outside switches
             self.on_call(CallRecord(self.kinds.get(kind) or str(kind), *values))
 
@@ -242,8 +260,28 @@ class Engine:
         if self.bpf is None:
             return {}
         table = self.bpf["drops"]
-        return {name.removeprefix("VFT_DROP_").lower(): sum(int(v) for v in table[ctypes.c_int(idx)])
-                for name, idx in layout.header().constants.items() if name.startswith("VFT_DROP_")}
+        out = {name.removeprefix("VFT_DROP_").lower(): sum(int(v) for v in table[ctypes.c_int(idx)])
+               for name, idx in layout.header().constants.items() if name.startswith("VFT_DROP_")}
+        skipped = self.skipped_runs()
+        if skipped is not None:
+            out["skipped_runs"] = sum(skipped.values())
+        return out
+
+    def skipped_runs(self) -> dict[str, int] | None:
+        """Runs of our programs the kernel skipped, per program that had any (the
+        kernel's own recursion_misses); None where this kernel does not count them."""
+        if self.bpf is None:
+            return {}
+        out: dict[str, int] = {}
+        known = False
+        for name, fn in self.bpf.funcs.items():
+            n = proginfo.recursion_misses(fn.fd)
+            if n is None:
+                continue
+            known = True
+            if n:
+                out[name.decode() if isinstance(name, bytes) else str(name)] = n
+        return out if known else None
 
     def partial_windows(self) -> int:
         return int(self.bpf["partial"][ctypes.c_int(0)].value) if self.bpf else 0
@@ -263,7 +301,8 @@ class Engine:
                           "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
         return {"calls_by_pid": calls, "irq_calls": self._irq_calls(), "kvm_exits": exits,
                 "negative_durations": self._negative_durations(),
-                "kernel_drops": self.kernel_drops()}
+                "kernel_drops": self.kernel_drops(), "skipped_runs": self.skipped_runs(),
+                "out_of_range_records": self.out_of_range}
 
     def _per_kind(self, name: str) -> dict[int, list]:
         """A per-CPU array indexed by call kind: kind -> the per-CPU values."""

@@ -26,6 +26,7 @@ STRUCT_CODES = {"__u64": "Q", "__s64": "q", "__u32": "I", "__s32": "i", "__u16":
 STRUCT_RE = re.compile(r"struct\s+(vft_\w+)\s*\{(.*?)\};", re.S)
 FIELD_RE = re.compile(r"^\s*(__[us]\d+)\s+(\w+)(?:\[(\w+)\])?\s*;")
 DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+(\d+)\s*(?:/\*.*\*/\s*)?$", re.M)
+NUMERIC_DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+\d+\b.*$", re.M)
 
 Reader = Callable[[object], tuple]
 """Raw sample (BCC's int address or a bytes-like object) -> the fields asked for."""
@@ -34,6 +35,12 @@ Reader = Callable[[object], tuple]
 class Header:
     def __init__(self, text: str):
         self.constants = {k: int(v) for k, v in DEFINE_RE.findall(text)}
+        # A numeric define the pattern misses (a comment running onto the next line) would
+        # silently lose a constant, and with it, say, a drop counter: refuse it.
+        for m in NUMERIC_DEFINE_RE.finditer(text):
+            if m.group(1) not in self.constants:
+                raise ValueError(f"vftrace.h: cannot parse {m.group(0).strip()!r} "
+                                 "(keep a define and its comment on one line)")
         self.structs: dict[str, type[ctypes.Structure]] = {}
         self.field_types: dict[str, dict[str, str]] = {}     # struct -> field -> "__u64"
         for name, body in STRUCT_RE.findall(text):

@@ -20,11 +20,13 @@ MODE_DEFINE = {ABSENT: 0, FENTRY: 1, KPROBE: 2}
 BPF_TRACE_FENTRY = 24                      # enum bpf_attach_type
 CALIB_CANDIDATES = ("security_task_getsid", "__task_pid_nr_ns")
 SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iotlb_sync")
-# A test build: maps shrunk until they fill, so that each drop counter can be made to
-# fire (tests/lab/test_kernel_drops.py).  NAME=N,... of the defines below.
+# A test build: maps shrunk until they fill, windows deemed stale at once, kretprobes
+# given too few instances, so that each drop counter can be made to fire (tests/lab/test_kernel_drops.py).  NAME=N,...
+# of the defines below (KRETPROBE_MAXACTIVE is the attach's, not the C's).
 MAP_SIZES_ENV = "VFTRACE_BPF_SIZES"
 MAP_SIZE_DEFINES = ("VFT_MAX_OPEN", "VFT_TASK_SLOTS", "VFT_STARTS_MAX", "VFT_EXIT_STARTS_MAX",
-                    "VFT_BG_MAX", "VFT_EXITS_MAX")
+                    "VFT_BG_MAX", "VFT_EXITS_MAX", "VFT_STALE_NS", "KRETPROBE_MAXACTIVE")
+KRETPROBE_MAXACTIVE = 64        # instances per kretprobe: calls in flight at once
 
 
 class ProbeError(VftraceError):

@@ -168,6 +168,10 @@ def notes(cap: Capture) -> list[Note]:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(negative.items()))
         out.append(Note(True, f"{sum(negative.values())} durations came out negative ({kinds}) "
                               "and were discarded: those switches or calls are missing"))
+    unwritable = background.get("out_of_range_records")
+    if isinstance(unwritable, int) and unwritable > 0:
+        out.append(Note(True, f"{unwritable} records held a value above int64 (a wrapped "
+                              "negative the kernel side did not catch) and were discarded"))
     for w in _of_type(m.get("warnings"), list):
         out.append(Note(False, f"recorder: {w}"))
     filters = {k: v for k, v in _of_type(m.get("filters"), dict).items() if v}
