@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = REPO / "tests" / "lab"
 INTEGRATION_DIR = REPO / "tests" / "integration"
 RESULTS = REPO / "build" / "lab-results"
-LAB_PFS = 3                       # two PFs for pf_sched, one free edu device for VFIO
+LAB_PFS = 10                      # test_many_pfs binds ten; the rest two, plus one for VFIO
 LAB_TIMEOUT_S = int(os.environ.get("VFTRACE_LAB_TIMEOUT", "2700"))
 
 

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -52,21 +53,29 @@ def _python() -> list[str]:
 
 
 def start_recorder(out: Path, extra: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """`vftrace record` until it says it is recording (armed); its stderr lines so far."""
+    """`vftrace record` until its probes are armed (it creates its --ready-file); its
+    stderr lines so far."""
+    ready = out.with_name(out.name + ".ready")
+    ready.unlink(missing_ok=True)
     proc = subprocess.Popen([*_python(), "-m", "tracer.cli", "record", "-o", str(out), "-q",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
+                             "--ready-file", str(ready), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = b""
     deadline = time.monotonic() + RECORDER_START_S
-    while True:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "recording" in line:
-            return proc, lines
-        if not line or time.monotonic() > deadline:
+    fd = proc.stderr.fileno()
+    # Readiness is the file, not a line; stderr is drained meanwhile (warnings come before
+    # arming), with os.read as communicate() later does, so nothing is read twice.
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            said = ("".join(lines) + proc.stderr.read()).strip().splitlines()
+            _, rest = proc.communicate()
+            tail = (said.decode(errors="replace") + rest).strip().splitlines()
             raise ExperimentError("the recorder did not start: "
-                                  + (said[-1] if said else "no output"))
+                                  + (tail[-1] if tail else "no output"))
+        if select.select([fd], [], [], 0.05)[0]:
+            said += os.read(fd, 65536)
+    ready.unlink(missing_ok=True)
+    return proc, said.decode(errors="replace").splitlines(keepends=True)
 
 
 def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[str, str]:
@@ -80,15 +89,20 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[str,
 
 
 def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: float,
-                       record_args: list[str] | None = None) -> tuple[dict, str, str]:
+                       record_args: list[str] | None = None,
+                       on_armed=lambda: None, before_stop=lambda: None
+                       ) -> tuple[dict, str, str]:
     """Record while guests run for ``duration`` s; (guests' final report, the recorder's
-    stdout summary, its stderr)."""
+    stdout summary, its stderr).  ``on_armed`` runs once the probes are armed, before
+    the guests start; ``before_stop`` once they have stopped, before the recorder does
+    (a test takes the ground truth's snapshots there)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = out.with_name(out.stem + ".guests.json")
     summary.unlink(missing_ok=True)
     recorder, err_lines = start_recorder(out, record_args or [])
     guests = None
     try:
+        on_armed()
         guests = subprocess.Popen(
             [*_python(), "-m", "tracer.lab.workloads.guests", "--mode", mode, "--vms", str(vms),
              "--vcpus", str(vcpus), "--json", "--interval", "1", "--summary", str(summary),
@@ -102,7 +116,10 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
         if guests is not None and guests.poll() is None:
             guests.kill()
             guests.wait()
-        r_out, r_err = stop_process(recorder, signal.SIGINT, 120)
+        try:
+            before_stop()
+        finally:
+            r_out, r_err = stop_process(recorder, signal.SIGINT, 120)
     if recorder.returncode != 0:
         raise ExperimentError(f"the recorder failed ({recorder.returncode}): "
                               + (r_err.strip().splitlines() or ["no output"])[-1])

@@ -63,7 +63,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perf-buffer", action="store_true",
                         help="use the perf buffer, not the ring buffer")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", help=argparse.SUPPRESS)   # touched once armed
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="create this file once every probe is armed (for scripts "
+                             "and tests that wait for arming; the workload starts then)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                         help="a workload to run while tracing: started once the probes are "
                              "armed, stopped before they are detached; its exit ends the run")
