@@ -253,7 +253,7 @@ class Engine:
             out["perf_overrun"] = self.user_lost    # perf buffer: the kind is not reported
         return out
 
-    def kernel_drops(self) -> dict[str, int]:
+    def kernel_drops(self, skipped: dict[str, int] | None | bool = True) -> dict[str, int]:
         """What the kernel side could not keep besides full buffers (VFT_DROP_*, see
         vftrace.h): windows it could not record, maps that were full.  Every one is
         listed, zeros too, so a capture says they were counted."""
@@ -262,7 +262,8 @@ class Engine:
         table = self.bpf["drops"]
         out = {name.removeprefix("VFT_DROP_").lower(): sum(int(v) for v in table[ctypes.c_int(idx)])
                for name, idx in layout.header().constants.items() if name.startswith("VFT_DROP_")}
-        skipped = self.skipped_runs()
+        if skipped is True:                     # not read by the caller already
+            skipped = self.skipped_runs()
         if skipped is not None:
             out["skipped_runs"] = sum(skipped.values())
         return out
@@ -299,9 +300,10 @@ class Engine:
         for k, v in self.bpf["exits"].items():
             exits.append({"pid": k.pid, "vcpu": k.vcpu, "reason": k.reason,
                           "in_window": bool(k.in_window), "count": v.count, "ns": v.ns})
+        skipped = self.skipped_runs()
         return {"calls_by_pid": calls, "irq_calls": self._irq_calls(), "kvm_exits": exits,
                 "negative_durations": self._negative_durations(),
-                "kernel_drops": self.kernel_drops(), "skipped_runs": self.skipped_runs(),
+                "kernel_drops": self.kernel_drops(skipped), "skipped_runs": skipped,
                 "out_of_range_records": self.out_of_range}
 
     def _per_kind(self, name: str) -> dict[int, list]:
