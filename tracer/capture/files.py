@@ -27,7 +27,8 @@ from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
 from tracer.errors import VftraceError
-from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import (CALL_COLUMNS, COLUMNS, INT64_MAX, INT64_MIN, CallRecord,
+                                 SwitchRecord)
 from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_filtered_out
 
 FLUSH_S = 0.5
@@ -478,7 +479,6 @@ def header_positions(header: list[str], columns: tuple[str, ...],
 # such fields (one regex over the row joined by commas) takes the fast path.
 _PLAIN_ROW = re.compile(r"(?:-?[0-9]{1,18},)*-?[0-9]{1,18}")
 _INT = re.compile(r"-?[0-9]+")
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 _CALL_KIND = re.compile(r"[A-Za-z0-9_]+")
 _SEQ_AT = CALL_COLUMNS.index("seq")
 # A call row's numbers, seq (outside a switch) possibly empty.

@@ -15,14 +15,13 @@ from . import layout, probes, proginfo
 from .assemble import Assembler
 from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
-from ..model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from ..model.schema import CALL_COLUMNS, COLUMNS, INT64_MAX, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
 # What the kernel's vft_switch gives, in SwitchRecord order: all but over_budget, which is
 # decided here (blocked_* are absent from it and read as 0 until joins add to them).
 SWITCH_READ = COLUMNS[:-1]
 SWITCH_NS = COLUMNS.index("switch_ns")
-INT64_MAX = (1 << 63) - 1           # a capture's integers are int64 (tracer.capture.files)
 CALL_READ = ("kind", *CALL_COLUMNS[1:])
 CALL_SEQ = CALL_COLUMNS.index("seq")
 assert COLUMNS[-1] == "over_budget"

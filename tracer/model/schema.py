@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# Every column value is an int64: what a capture holds, the writer writes, the reader reads.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
 COLUMNS: tuple[str, ...] = (
     "seq", "t_ns", "pf", "from_vf", "to_vf", "cpu",
     "switch_ns", "revoke_ns", "grant_ns",
