@@ -132,6 +132,12 @@ class VftraceApp(App):
         self._ticks = 0
         self._t_start = clock()
         self._stop_requested = threading.Event()
+        # Set while no SourceBatch waits in the UI's queue: the reader posts only then and
+        # merges meanwhile, so a UI slower than the source lags by one batch, not by a
+        # queue that grows without end and starves the ticks and the repaints behind it.
+        self._batch_taken = threading.Event()
+        self._batch_taken.set()
+        self.batches_posted = 0
         self._stop_reason = "quit"
         self._exit_when_stopped = False
         self.reader_done = threading.Event()
@@ -192,8 +198,9 @@ class VftraceApp(App):
                 pending.merge(batch)
                 now = time.monotonic()
                 if pending.finished or (now - last_post >= self.coalesce_s
-                                        and not pending.is_empty()):
-                    self.post_message(SourceBatch(pending))
+                                        and not pending.is_empty()
+                                        and self._batch_taken.is_set()):
+                    self._post_batch(pending)
                     pending, last_post = Batch(), now
                 if batch.finished:
                     break
@@ -202,7 +209,7 @@ class VftraceApp(App):
             pending.status, pending.finished = "source failed", True
         finally:
             if not pending.is_empty():
-                self.post_message(SourceBatch(pending))
+                self._post_batch(pending)
             try:
                 self.source.stop(self._stop_reason)
             except Exception as e:
@@ -211,9 +218,19 @@ class VftraceApp(App):
             if self._exit_when_stopped:
                 self.call_from_thread(self.exit)
 
+    def _post_batch(self, batch: Batch) -> None:
+        self._batch_taken.clear()
+        self.batches_posted += 1
+        self.post_message(SourceBatch(batch))
+
     @on(SourceBatch)
     def _fold(self, message: SourceBatch) -> None:
-        batch = message.batch
+        try:
+            self._fold_batch(message.batch)
+        finally:
+            self._batch_taken.set()
+
+    def _fold_batch(self, batch: Batch) -> None:
         if batch.header is not None:
             self.header_info = batch.header
             self.model.guests.vendor = batch.header.kvm_vendor

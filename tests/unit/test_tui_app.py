@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -382,3 +383,46 @@ async def test_redraws_wait_while_the_terminal_has_not_taken_the_last_frame():
         backlog[0] = 0
         await wait_for(pilot, lambda: table_rows(app, "switches"), "the redraw")
         assert len(table_rows(app, "switches")) > 0 and group_counts(app)["all"] == 40
+
+
+class FloodSource(FedSource):
+    """A source faster than the UI: every read returns within 2 ms with new switches."""
+
+    def __init__(self, reads: int, per_read: int = 5) -> None:
+        super().__init__()
+        self.left, self.per_read, self.sent = reads, per_read, 0
+
+    def read(self, timeout: float) -> Batch:
+        if not self.left:
+            return super().read(timeout)
+        self.left -= 1
+        time.sleep(0.002)
+        rows = [ROWS[(self.sent + i) % len(ROWS)] for i in range(self.per_read)]
+        self.sent += len(rows)
+        return Batch(switches=rows)
+
+
+@run_async
+async def test_a_ui_slower_than_its_source_lags_by_one_batch_and_keeps_ticking():
+    """The freeze `make lab` showed under two mmap guests on TCG: folding took longer than
+    the reader's coalescing period, so SourceBatch messages queued without end and the
+    ticks (and so the redraws) waited behind them.  The reader must post a batch only
+    once the UI has folded the last one, merging what comes meanwhile."""
+    source = FloodSource(reads=400)
+    app = VftraceApp(source, clock=FrozenClock(), coalesce_s=0.0)
+    slow_fold, folded, in_flight = app.model.fold, [0], []
+
+    def fold(batch, now):
+        in_flight.append(app.batches_posted - folded[0])
+        time.sleep(0.02)                    # a UI thread busy 20 ms a batch
+        slow_fold(batch, now)
+        folded[0] += 1
+
+    app.model.fold = fold
+    async with app.run_test(size=SIZE) as pilot:
+        ticks = app._ticks
+        await wait_for(pilot, lambda: source.left == 0, "the source to run dry")
+        assert app._ticks > ticks + 2, "the UI stopped ticking while the source flooded it"
+        await wait_for(pilot, lambda: app.model.seen == source.sent, "every switch folded")
+    assert max(in_flight) == 1, f"batches queued ahead of the UI: {max(in_flight)}"
+    assert folded[0] < 400 / 2, "batches were not merged while the UI was busy"
