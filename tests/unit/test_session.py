@@ -21,7 +21,8 @@ from tracer.cli import build_parser
 from tracer.kernel.probes import Plan
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.record import headless, session as session_mod
-from tracer.record.session import RecordError, Session, TraceOptions, Workload, group_members
+from tracer.record.procgroup import group_members
+from tracer.record.session import RecordError, Session, TraceOptions, Workload
 from tui.sources import Batch, LiveSource
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

@@ -26,6 +26,7 @@ from ..capture.files import read_capture
 from ..model import group_columns as gc
 from ..model.stats import Stats
 from ..model.units import fmt_ns
+from ..record.procgroup import stop_group
 from . import LabError
 
 PARAMS = Path("/sys/module/pf_sched/parameters")
@@ -111,11 +112,12 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
         try:        # the guests stop themselves after `duration` s of running
             g_out, g_err = guests.communicate(timeout=duration + 120)
         except subprocess.TimeoutExpired:
-            g_out, g_err = stop_process(guests, signal.SIGTERM, 30)
+            stop_group(guests, 30)              # their QEMUs too, not only the leader
+            g_out, g_err = guests.communicate()
+            g_err += f"\n(stopped after {duration + 120:g} s)"
     finally:
-        if guests is not None and guests.poll() is None:
-            guests.kill()
-            guests.wait()
+        if guests is not None:
+            stop_group(guests, 5)               # nothing of the group outlives the case
         try:
             before_stop()
         finally:

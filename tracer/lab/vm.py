@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .. import paths
+from ..record.procgroup import stop_group
 from . import LabError
 from .kernels import LabKernel, installed_kernels, resolve_kernel
 from .presets import Preset
@@ -223,21 +224,7 @@ def _child_env() -> dict[str, str]:
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM the VM's process group, then SIGKILL what is left after a grace period."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; members (QEMU) may linger for a moment.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
+    stop_group(proc, STOP_GRACE_S)
 
 
 class _Stop(Exception):

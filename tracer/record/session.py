@@ -15,7 +15,6 @@ detached: patching kernel text while a nested KVM guest runs has crashed the lab
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__
+from .procgroup import stop_group
 from ..capture import output
 from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from ..errors import VftraceError
@@ -360,59 +360,11 @@ class Workload:
             return None
         if self.proc.poll() is None:
             self.stopped_by_us = True
-        pgid = self.proc.pid
-        self._signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while self._group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self._group_alive(pgid):
-            self._signal_group(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while self._group_alive(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        return self.proc.wait()
-
-    def _group_alive(self, pgid: int) -> bool:
-        self.proc.poll()                      # reap our child so it is not a zombie member
-        return bool(group_members(pgid))
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except OSError as e:
-            if e.errno != errno.ESRCH:
-                raise
+        return stop_group(self.proc, self.grace_s)
 
     def as_meta(self) -> dict:
         return {"argv": self.argv, "exit_status": self.exit_status,
                 "stopped_by_vftrace": self.stopped_by_us}
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group.  A zombie grandchild that init
-    has not reaped yet still answers kill(0), so /proc is read instead."""
-    members = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:                           # no /proc: fall back to the signal probe
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except OSError:
-            return []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
 
 
 # --- the session ---------------------------------------------------------------------
