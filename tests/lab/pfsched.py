@@ -5,25 +5,12 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
 
 from tests.lab import labutil
 from tracer.pfsched import control
 
-PARAMS = Path("/sys/module/pf_sched/parameters")
-DEBUGFS = Path("/sys/kernel/debug/pf_sched")
-
-
-def stats(bdf: str) -> dict[str, int | str]:
-    out: dict[str, int | str] = {}
-    for line in (DEBUGFS / bdf / "stats").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
-    return out
-
-
-def set_param(name: str, value) -> None:
-    (PARAMS / name).write_text(str(value))
+stats = control.stats
+set_param = control.set_param
 
 
 def set_enabled(on: bool) -> None:

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from tests.lab import labutil, pfsched
+from tracer.pfsched import control
 
 PAGE = 4096
 MOD = "pf_sched"
-PARAMS = Path("/sys/module/pf_sched/parameters")
-DEBUGFS = Path("/sys/kernel/debug/pf_sched")
+DEBUGFS = control.DEBUGFS
 TRACING = Path("/sys/kernel/tracing")
 SLOW_SLICE_US = 50_000   # blocking tests: 50 ms windows so a woken waiter never misses one
 MAX_PFS = 2          # the lab keeps a third edu device free for other tests
@@ -51,11 +51,7 @@ class Pf:
         self.dev = Path(f"/dev/pf_sched{self.index}")
 
     def stats(self) -> dict:
-        out = {}
-        for line in (DEBUGFS / self.bdf / "stats").read_text().splitlines():
-            key, val = line.split()
-            out[key] = int(val) if re.fullmatch(r"-?\d+", val) else val
-        return out
+        return control.stats(self.bdf)
 
     def set_enabled(self, on: bool) -> None:
         (self.dbg / "enabled").write_text("1" if on else "0")
@@ -89,12 +85,7 @@ def kthread_comms() -> set[str]:
     return comms
 
 
-def set_param(name: str, value) -> None:
-    (PARAMS / name).write_text(str(value))
-
-
-def get_param(name: str) -> str:
-    return (PARAMS / name).read_text().strip()
+set_param, get_param = control.set_param, control.param
 
 
 def dmesg_lines() -> list[str]:

@@ -316,7 +316,7 @@ def test_a_switch_function_the_kernel_lacks_is_one_line(fake_root, tmp_path, cap
 ])
 def test_filters_naming_what_pf_sched_lacks_are_one_line(fake_root, monkeypatch, tmp_path,
                                                          capsys, argv, says):
-    monkeypatch.setattr(session_mod, "pf_sched_layout", lambda: {0: 4, 1: 2})
+    monkeypatch.setattr(control, "layout", lambda: {0: 4, 1: 2})
     rc, out, err = run(capsys, "record", "-o", str(tmp_path / "x.csv"), *argv)
     assert_one_line_error(rc, out, err, "record", says)
     assert not (tmp_path / "x.csv").exists()
@@ -326,18 +326,18 @@ def test_pf_sched_layout_from_debugfs_or_from_its_devices(tmp_path, monkeypatch)
     debugfs, misc, params = tmp_path / "debugfs", tmp_path / "misc", tmp_path / "params"
     for d in (debugfs, misc, params):
         d.mkdir()
-    monkeypatch.setattr(session_mod, "PF_SCHED_DEBUGFS", debugfs)
-    monkeypatch.setattr(session_mod, "PF_SCHED_DEVICES", misc)
-    monkeypatch.setattr(session_mod, "PF_SCHED_PARAMS", params)
-    assert session_mod.pf_sched_layout() is None                # not loaded: no check
+    monkeypatch.setattr(control, "DEBUGFS", debugfs)
+    monkeypatch.setattr(control, "MISC", misc)
+    monkeypatch.setattr(control, "MODULE_PARAMS", params)
+    assert control.layout() is None                             # not loaded: no check
     (params / "nr_vfs").write_text("3\n")
     (misc / "pf_sched0").mkdir()
     (misc / "pf_sched2").mkdir()
-    assert session_mod.pf_sched_layout() == {0: 3, 2: 3}
+    assert control.layout() == {0: 3, 2: 3}
     for bdf, pf, vfs in (("0000:00:04.0", 0, 4), ("0000:00:05.0", 1, 8)):
         (debugfs / bdf).mkdir()
         (debugfs / bdf / "stats").write_text(f"pf {pf}\nmode iommu\nnr_vfs {vfs}\n")
-    assert session_mod.pf_sched_layout() == {0: 4, 1: 8}
+    assert control.layout() == {0: 4, 1: 8}
 
 
 def fake_proc(root: Path) -> Path:

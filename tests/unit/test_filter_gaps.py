@@ -13,6 +13,7 @@ from tracer.cli import build_parser
 from tracer.kernel.probes import Plan
 from tracer.model.filter import FilterGate, SwitchFilter, merge_meta
 from tracer.model.stats import Stats
+from tracer.pfsched import control
 from tracer.record import headless, session as session_mod
 from tracer.record.session import Session, TraceOptions
 from tracer.report.load import load_capture
@@ -58,7 +59,7 @@ def seq_kernel(monkeypatch, events):
     monkeypatch.setattr(session_mod, "require_root", lambda: None)
     monkeypatch.setattr(session_mod, "make_plan", lambda opts: Plan("pf_sched", "raw_tp"))
     monkeypatch.setattr(session_mod, "require_bcc", lambda: None)
-    monkeypatch.setattr(session_mod, "pf_sched_layout", lambda: None)
+    monkeypatch.setattr(control, "layout", lambda: None)
     import tracer.kernel.engine
     monkeypatch.setattr(tracer.kernel.engine, "Engine", SeqEngine)
 

@@ -26,10 +26,10 @@ from ..capture.files import read_capture
 from ..model import group_columns as gc
 from ..model.stats import Stats
 from ..model.units import fmt_ns
+from ..pfsched import control
 from ..record.procgroup import stop_group
 from . import LabError
 
-PARAMS = Path("/sys/module/pf_sched/parameters")
 RECORDER_START_S = 300          # BCC compiles slowly under TCG
 CASES = (("mmap", "strict"), ("mmap", "batched"), ("trap", "strict"), ("trap", "batched"))
 
@@ -136,7 +136,7 @@ def record_with_guests(out: Path, *, mode: str, vms: int, vcpus: int, duration: 
 
 
 def set_unmap_mode(mode: str) -> None:
-    (PARAMS / "unmap_mode").write_text(mode)
+    control.set_param("unmap_mode", mode)
 
 
 def run_case(out_dir: Path, mode: str, unmap_mode: str, *, vms: int, vcpus: int,

@@ -22,6 +22,7 @@ MODULE_PARAMS = Path("/sys/module/pf_sched/parameters")
 # pf_sched's own limits (kmod/pf_sched_main.c), checked here so a typo is not an insmod error.
 PARAM_RANGES = {"slice_us": (0, 10_000_000), "nr_vfs": (1, 64), "bar_pages": (1, 256)}
 RUNTIME_PARAMS = ("slice_us", "unmap_mode")      # writable while loaded (0644); others 0444
+MISC = Path("/sys/class/misc")                    # /dev/pf_sched<N>, one per PF
 
 
 class GuestError(VftraceError):
@@ -66,6 +67,50 @@ def bind(bdf: str, driver: str) -> None:
 
 def loaded() -> bool:
     return Path("/sys/module/pf_sched").is_dir()
+
+
+# -- reading and setting the loaded module: the one copy every caller uses ---------------
+
+def read_stats(path: Path) -> dict[str, int | str]:
+    """One PF's debugfs ``stats`` file: ``key value`` lines, integers as int."""
+    out: dict[str, int | str] = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def stats(bdf: str) -> dict[str, int | str]:
+    """The counters pf_sched keeps for the PF at ``bdf`` (needs root and debugfs)."""
+    return read_stats(DEBUGFS / bdf / "stats")
+
+
+def param(name: str) -> str:
+    return (MODULE_PARAMS / name).read_text().strip()
+
+
+def set_param(name: str, value) -> None:
+    (MODULE_PARAMS / name).write_text(str(value))
+
+
+def layout() -> dict[int, int] | None:
+    """PF index -> VF count of the loaded pf_sched (None: not loaded, or not readable)."""
+    found: dict[int, int] = {}
+    for path in DEBUGFS.glob("*/stats"):            # per PF, needs root
+        try:
+            kv = read_stats(path)
+            found[int(kv["pf"])] = int(kv["nr_vfs"])
+        except (OSError, KeyError, ValueError):
+            continue
+    if found:
+        return found
+    try:                                  # no debugfs: the devices and the module parameter
+        nr_vfs = int(param("nr_vfs"))
+    except (OSError, ValueError):
+        return None
+    for dev in MISC.glob("pf_sched[0-9]*"):
+        found[int(dev.name[len("pf_sched"):])] = nr_vfs
+    return found or None
 
 
 def check_params(params: dict[str, object]) -> None:
@@ -171,11 +216,11 @@ def status() -> str:
         return "pf_sched is not loaded"
     lines = []
     for d in sorted(DEBUGFS.glob("*/stats")):
-        kv = dict(line.split(" ", 1) for line in d.read_text().splitlines() if " " in line)
+        kv = read_stats(d)
         lines.append(f"{d.parent.name}: /dev/pf_sched{kv.get('pf')} mode={kv.get('mode')} "
                      f"unmap={kv.get('unmap_mode')} vfs={kv.get('nr_vfs')} "
                      f"active={kv.get('active_vf')} switches={kv.get('switches')}")
-    slice_us = Path("/sys/module/pf_sched/parameters/slice_us").read_text().strip()
+    slice_us = param("slice_us")
     return f"pf_sched: slice {slice_us} us, {len(lines)} PF(s)\n" + "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ from ..model import exit_reasons
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
 from ..model.schema import CallRecord, SwitchRecord
 from .instances import Registration
+from ..pfsched import control
 from ..pfsched.watch import PfWatch
 
 WORKLOAD_GRACE_S = 10.0
@@ -252,32 +253,6 @@ def require_bcc() -> None:
             from None
 
 
-PF_SCHED_DEBUGFS = Path("/sys/kernel/debug/pf_sched")
-PF_SCHED_DEVICES = Path("/sys/class/misc")
-PF_SCHED_PARAMS = Path("/sys/module/pf_sched/parameters")
-
-
-def pf_sched_layout() -> dict[int, int] | None:
-    """PF index -> VF count of the loaded pf_sched (None: not loaded, or not readable)."""
-    layout: dict[int, int] = {}
-    for stats in PF_SCHED_DEBUGFS.glob("*/stats"):        # per PF, needs root
-        try:
-            kv = dict(line.split(" ", 1) for line in stats.read_text().splitlines()
-                      if " " in line)
-            layout[int(kv["pf"])] = int(kv["nr_vfs"])
-        except (OSError, KeyError, ValueError):
-            continue
-    if layout:
-        return layout
-    try:                                  # no debugfs: the devices and the module parameter
-        nr_vfs = int((PF_SCHED_PARAMS / "nr_vfs").read_text())
-    except (OSError, ValueError):
-        return None
-    for dev in PF_SCHED_DEVICES.glob("pf_sched[0-9]*"):
-        layout[int(dev.name[len("pf_sched"):])] = nr_vfs
-    return layout or None
-
-
 def check_filters(opts: TraceOptions, layout: dict[int, int] | None) -> None:
     """--pf/--vf naming a PF or VF pf_sched does not have would record nothing, silently."""
     if not layout:
@@ -300,7 +275,7 @@ def plan_for(opts: TraceOptions) -> probes.Plan | None:
         require_root()
     plan = make_plan(opts)
     if plan.source == "pf_sched":
-        check_filters(opts, pf_sched_layout())
+        check_filters(opts, control.layout())
     if opts.ebpf:
         from ..kernel.engine import program_text
         print(program_text(plan, os.getpid()))

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import VftraceError
+from ...pfsched import control
 from .kvm import KVM_EXIT_MMIO, RUN_UNION, KvmError, Vm
 
-PARAMS = Path("/sys/module/pf_sched/parameters")
 BAR_GPA = 0x80000            # real mode: DS = 0x8000 reaches the BAR at offset 0
 COUNTER_GPA = 0x500          # one u64 iteration counter per vCPU
 CODE_GPA = 0x1000
@@ -66,11 +66,11 @@ class GuestError(VftraceError):
     """A one-line reason the guests cannot run."""
 
 
-def pf_sched_geometry(params: Path = PARAMS) -> tuple[int, int]:
+def pf_sched_geometry() -> tuple[int, int]:
     """(VFs per PF, BAR bytes per VF) of the loaded pf_sched."""
     try:
-        nr_vfs = int((params / "nr_vfs").read_text())
-        bar = int((params / "bar_pages").read_text()) * mmap.PAGESIZE
+        nr_vfs = int(control.param("nr_vfs"))
+        bar = int(control.param("bar_pages")) * mmap.PAGESIZE
     except OSError:
         raise GuestError("pf_sched is not loaded (vftrace pf-sched up)") from None
     return nr_vfs, bar
