@@ -132,8 +132,10 @@ BPF_ARRAY(windows, struct window, VFT_MAX_OPEN);      /* slot -> window */
 BPF_HASH(task_slot, u32, u32, VFT_TASK_SLOTS);        /* switching task -> its slot */
 BPF_ARRAY(open_mask, u64, 1);     /* slots with an open window (u64: BPF atomics are 64-bit) */
 BPF_HASH(starts, struct start_key, struct start_val, VFT_STARTS_MAX);
-/* vCPU thread -> exit in progress; LRU, so threads torn down mid-exit age out. */
-BPF_TABLE("lru_hash", u32, struct exit_start, exit_starts, VFT_EXIT_STARTS_MAX);
+/* vCPU thread -> exit in progress.  A plain hash, not LRU: a full map refuses the new
+ * exit (counted, VFT_DROP_EXIT_STARTS) where an LRU would evict another vCPU's silently.
+ * A thread that dies mid-exit is removed at sched_process_exit. */
+BPF_HASH(exit_starts, u32, struct exit_start, VFT_EXIT_STARTS_MAX);
 BPF_HASH(bg_calls, struct vft_bg_key, struct vft_bg_val, VFT_BG_MAX);
 BPF_HASH(exits, struct vft_exit_key, struct vft_exit_val, VFT_EXITS_MAX);
 BPF_PERCPU_ARRAY(lost, u64, VFT_NR_LOST);
@@ -895,6 +897,16 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	if (v)
 		__sync_fetch_and_add(&v->ns, ns);
 	emit_call(args, VFT_KVM_EXIT, e->ts, ns, e->reason, seq, pf, e->vcpu);
+	exit_starts.delete(&tid);
+	return 0;
+}
+
+/* A vCPU thread whose VM is torn down mid-exit never enters again: its start goes with
+ * it, or it would hold one of the map's entries for good. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u32 tid = current_tid();
+
 	exit_starts.delete(&tid);
 	return 0;
 }

@@ -28,7 +28,9 @@ PFS = 3
 BUILDS = {
     "one-window": ("VFT_MAX_OPEN=1,VFT_STARTS_MAX=1,VFT_EXITS_MAX=1,VFT_BG_MAX=1",
                    {"no_slot", "starts", "exits", "bg"}),
-    "one-task": ("VFT_TASK_SLOTS=1", {"task_slot"}),
+    # One vCPU mid-exit at a time: the other guest's exits then are refused and counted
+    # (the map was LRU once, and evicted the first vCPU's exit without a count).
+    "one-task": ("VFT_TASK_SLOTS=1,VFT_EXIT_STARTS_MAX=1", {"task_slot", "exit_starts"}),
     # a window older than 1 us is taken for one whose end was lost, and reclaimed
     "stale-at-once": ("VFT_MAX_OPEN=1,VFT_STALE_NS=1000", {"stale"}),
 }
