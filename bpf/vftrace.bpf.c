@@ -30,9 +30,15 @@
  *   SYNC_FUNC      the IOMMU driver's iotlb_sync (fentry only; kprobes attach by name)
  *   HAVE_KVM_TP, HAVE_ACCESS_TP, USE_RINGBUF, EMIT_CALLS, RINGBUF_PAGES
  *   CALIB_FUNC, CALIB_MODE, CALIB_TGID: the floor's near-empty function, and who calls it
+ *   VFT_TASK_STACK_OFFSET  offsetof(struct task_struct, stack) from the kernel's BTF
+ *                  (tracer/kernel/btf.py); without it, <linux/sched.h> gives it
  */
 #include <uapi/linux/ptrace.h>
+#ifdef VFT_TASK_STACK_OFFSET    /* offsetof(struct task_struct, stack), from BTF */
+#include <asm/page_types.h>     /* THREAD_SIZE: sched.h was ~40% of the compile */
+#else
 #include <linux/sched.h>        /* struct task_struct, THREAD_SIZE */
+#endif
 #include "vftrace.h"
 
 #define MODE_ABSENT 0
@@ -239,8 +245,15 @@ static __always_inline u32 current_tid(void)
  */
 static __always_inline int on_task_stack(u64 sp)
 {
+#ifdef VFT_TASK_STACK_OFFSET
+	u64 base = 0;
+
+	bpf_probe_read_kernel(&base, sizeof(base),
+			      (void *)(bpf_get_current_task() + VFT_TASK_STACK_OFFSET));
+#else
 	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
 	u64 base = (u64)t->stack;
+#endif
 
 	return sp >= base && sp < base + THREAD_SIZE;
 }

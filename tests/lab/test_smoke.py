@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import labutil
+from tracer.kernel import btf
 from tracer.lab.workloads import kvm, vfio
 
 pytestmark = pytest.mark.lab
@@ -39,6 +40,19 @@ def test_bcc_attaches_kprobe_and_kvm_exit_tracepoint(probes):
     # (At +0x4 past the ENDBR on IBT kernels such as 6.12.)
     registered = Path("/sys/kernel/debug/kprobes/list").read_text()
     assert re.search(r"\biommu_map\+0x[0-9a-f]+\b", registered), registered
+
+
+def test_the_task_stack_offset_read_from_btf_is_the_kernel_headers_offsetof():
+    """The recorder reads task_struct.stack at the offset the kernel's BTF gives
+    (tracer/kernel/btf.py) instead of compiling <linux/sched.h> at every start: the
+    kernel's own headers must put it at the same place."""
+    bcc = pytest.importorskip("bcc", reason="python3-bpfcc missing in the lab")
+    off = btf.task_stack_offset()
+    assert off is not None, "no /sys/kernel/btf/vmlinux in the lab kernel"
+    text = ("#include <linux/sched.h>\n"
+            f"_Static_assert(offsetof(struct task_struct, stack) == {off}, \"BTF's offset\");\n"
+            "int nothing(void *ctx) { return 0; }\n")
+    bcc.BPF(text=text).cleanup()         # a failed assertion is a compile error
 
 
 def test_vfio_dma_map_reaches_iommu_map_and_unmap(probes):

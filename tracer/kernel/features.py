@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from . import btf
+
 # Levels: what a missing feature costs.
 REQUIRED = "required"        # nothing can be traced without it
 PROBES = "probes"            # one of fentry / kprobes is required
@@ -95,6 +97,11 @@ class Kernel:
             if self.path(p + "/events").is_dir():
                 return self.path(p)
         return None
+
+    @cached_property
+    def task_stack_offset(self) -> int | None:
+        """offsetof(struct task_struct, stack), from the kernel's BTF (see btf.py)."""
+        return btf.task_stack_offset(self.path(str(btf.VMLINUX)))
 
     def has_tracepoint(self, name: str) -> bool:
         sys_, _, event = name.partition(":")
@@ -183,8 +190,11 @@ def check_all(k: Kernel | None = None, bcc_probe=_bcc_importable) -> list[Check]
               "apt-get install python3-bpfcc (Debian's BCC; PyPI's 'bcc' is a different package) "
               "and use a Python that sees the system site packages", REQUIRED))
 
-    btf = k.path("/sys/kernel/btf/vmlinux").is_file()
-    add(Check("btf", btf, "/sys/kernel/btf/vmlinux" if btf else "no /sys/kernel/btf/vmlinux",
+    has_btf = k.path("/sys/kernel/btf/vmlinux").is_file()
+    where = (f"task_struct.stack at {k.task_stack_offset}: <linux/sched.h> not compiled"
+             if k.task_stack_offset is not None else "task_struct.stack not found in it")
+    add(Check("btf", has_btf, f"/sys/kernel/btf/vmlinux ({where})" if has_btf
+              else "no /sys/kernel/btf/vmlinux: no fentry, and a slower compile",
               "a kernel with CONFIG_DEBUG_INFO_BTF=y (Debian's kernels have it)", OPTIONAL))
 
     hdr = k.headers_dir
@@ -209,9 +219,9 @@ def check_all(k: Kernel | None = None, bcc_probe=_bcc_importable) -> list[Check]
 
     tramp = "bpf_trampoline_link_prog" in k.ksyms
     direct = k.config_says("CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS")
-    fentry = (btf and tramp and platform.machine() == "x86_64" and direct is not False)
+    fentry = (has_btf and tramp and platform.machine() == "x86_64" and direct is not False)
     why = ("BTF + BPF trampolines" if fentry else
-           "no BTF" if not btf else
+           "no BTF" if not has_btf else
            "no bpf_trampoline_link_prog in kallsyms" if not tramp else
            "no CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS")
     add(Check("fentry", fentry, why,

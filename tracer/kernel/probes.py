@@ -82,6 +82,7 @@ class Plan:
     emit_calls: bool = False
     ringbuf_pages: int = 256
     map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
+    task_stack_offset: int | None = None
 
     def modes(self) -> dict[str, str]:
         out = {"switch": self.source_mode}
@@ -117,6 +118,8 @@ class Plan:
             d["SWITCH_FUNC"] = self.source[5:]
         if self.calib_func:
             d["CALIB_FUNC"] = self.calib_func
+        if self.task_stack_offset is not None:
+            d["VFT_TASK_STACK_OFFSET"] = self.task_stack_offset
         d.update(self.map_sizes)
         d.setdefault("SYNC_FUNC", "intel_iommu_tlb_sync")
         d.setdefault("CALIB_FUNC", CALIB_CANDIDATES[0])
@@ -165,6 +168,7 @@ class KernelOffer:
     tracepoints: frozenset[str] = frozenset()
     raw_tp_in_modules: bool = True
     ringbuf: bool = True
+    task_stack_offset: int | None = None          # from BTF; None: the program includes sched.h
 
     @classmethod
     def probe(cls) -> "KernelOffer":
@@ -177,7 +181,8 @@ class KernelOffer:
                         if d.is_dir())
         return cls(functions=traceable_functions(str(k.tracefs)), fentry=checks["fentry"],
                    kprobes=checks["kprobes"], tracepoints=tps,
-                   raw_tp_in_modules="bpf_trace_modules" in k.ksyms, ringbuf=checks["ringbuf"])
+                   raw_tp_in_modules="bpf_trace_modules" in k.ksyms, ringbuf=checks["ringbuf"],
+                   task_stack_offset=k.task_stack_offset)
 
 
 def choose_hook(hook: Hook, requested: str, offer: KernelOffer) -> Choice:
@@ -253,7 +258,7 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
     p = Plan(source, source_mode, ringbuf=ringbuf, emit_calls=emit_calls,
-             map_sizes=map_size_overrides())
+             map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset)
     p.choices = [choose_hook(h, requested, offer) for h in HOOKS]
     if not any(c.mode != ABSENT for c in p.choices if c.hook.name in ("iommu_map", "iommu_unmap")):
         raise ProbeError("neither iommu_map nor iommu_unmap can be hooked here (no fentry, no kprobes)")
