@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.need import need
 from tracer.kernel import btf
 
 
@@ -53,8 +54,8 @@ def test_bad_data_is_refused_and_a_missing_file_is_no_offset(tmp_path):
     assert btf.task_stack_offset(tmp_path / "bad") is None
 
 
-@pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel has no /sys/kernel/btf/vmlinux")
 def test_this_kernels_task_struct():
+    need(btf.VMLINUX.exists(), "this kernel has no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)")
     data = btf.VMLINUX.read_bytes()
     stack = btf.member_offset(data, "task_struct", "stack")
     # x86-64: thread_info, __state and friends come first; a pointer is 8-aligned
