@@ -2,9 +2,9 @@
 
 The BPF program needs one field of ``struct task_struct`` (``stack``, to tell interrupt
 context from task context).  Including ``<linux/sched.h>`` for it made BCC's clang parse
-a large part of the kernel's headers at every start-up: about 40% of the compile (2.6 s
-against 1.5 s here; under the lab's TCG ~10 of ~25 s).  The offset read here is passed as
-a define instead; a kernel without BTF still gets the header.
+a large part of the kernel's headers at every start-up: ~40% of the compile (2.1-2.2 s
+against 1.1-1.4 s on the dev host; in the lab a tier's test time fell ~18%).  The offset
+read here is passed as a define instead; a kernel without BTF still gets the header.
 
 The format is Documentation/bpf/btf.rst: a header, then the type section (``struct
 btf_type`` and a per-kind trailer), then the string section."""
