@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  vftrace record -o cap.csv -d 10\n"
                "  vftrace record -o cap.csv --pf 0 --budget-ns 1000 --probe-mode kprobe\n"
                "  vftrace record -o cap.csv --calls calls.csv --pid 4242\n"
+               "  vftrace record -o cap.csv --depth window  # the switch's bookends only\n"
                "  vftrace record -o cap.csv --switch tp:mydrv:switch_start,mydrv:switch_done\n"
                "  vftrace record -o cap.csv -- python -m tracer.lab.workloads.kvm  # stops with it",
         formatter_class=argparse.RawDescriptionHelpFormatter)

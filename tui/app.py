@@ -26,6 +26,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 from textual.worker import get_current_worker
 
+from tracer.model.group_columns import NOT_MEASURED
 from tracer.model.schema import NO_VF
 from tracer.model.units import fmt_ns, fmt_rate
 
@@ -322,7 +323,8 @@ class VftraceApp(App):
         line1 = Text.assemble(("vftrace ", "bold"), (info.origin, "bold cyan"))
         if model.status:
             line1.append(f"  {model.status}")
-        line1.append(f"  source {info.switch_source or '?'}  kernel {info.kernel or '?'}")
+        line1.append(f"  depth {info.depth}  source {info.switch_source or '?'}"
+                     f"  kernel {info.kernel or '?'}")
         lost = sum(model.lost.values())
         line2 = Text(f"elapsed {_clock_text(now - self._t_start)}  switches {records}  "
                      f"{fmt_rate(model.stats.rate(now))} (wall)  ")
@@ -357,13 +359,18 @@ class VftraceApp(App):
         panel = self.w("switches")
         budget = self.model.budget_ns
         rows, over = [], []
+        skip = self.header_info.unmeasured
+
+        def cell(row, name, fmt=str):
+            return NOT_MEASURED if name in skip else fmt(row[COL[name]])
+
         for row in self.model.newest(panel.capacity(SWITCH_ROWS_MAX)).tolist():
             src = row[COL["from_vf"]]
             rows.append((str(row[COL["seq"]]), str(row[COL["pf"]]),
                          f"{'-' if src == NO_VF else src}>{row[COL['to_vf']]}",
-                         fmt_ns(row[COL["switch_ns"]]), fmt_ns(row[COL["revoke_ns"]]),
-                         fmt_ns(row[COL["grant_ns"]]), str(row[COL["kvm_exits"]]),
-                         str(row[COL["blocked_accesses"]])))
+                         fmt_ns(row[COL["switch_ns"]]), cell(row, "revoke_ns", fmt_ns),
+                         cell(row, "grant_ns", fmt_ns), cell(row, "kvm_exits"),
+                         cell(row, "blocked_accesses")))
             over.append(row[COL["switch_ns"]] > budget)
         panel.show(rows, over)
 
@@ -371,7 +378,7 @@ class VftraceApp(App):
         table = self.w("groups")
         rows, labels = [], []
         for g in self.model.group_rows(snap):
-            rows.append([Text(c.cell(g), _group_style(c.name, g, snap.budget_ns),
+            rows.append([Text(c.cell(g, self.header_info.unmeasured), _group_style(c.name, g, snap.budget_ns),
                               justify=None if c.name == "group" else "right")
                          for c in GROUP_COLUMNS])
             labels.append(g.key.label)
@@ -391,6 +398,9 @@ class VftraceApp(App):
                 summary.append("  (totals; per-second rates need --calls)", "dim")
         elif self.header_info.probe_modes.get("kvm_exit") == "absent":
             summary.append("KVM exits: not traced (no kvm:kvm_exit tracepoint)", "dim")
+        elif self.header_info.probe_modes.get("kvm_exit") == "off":
+            summary.append(f"KVM exits: not traced at depth {self.header_info.depth} "
+                           "(--depth guests traces them)", "dim")
         else:
             summary.append("KVM exits: none seen", "dim")
         summary.append("\nVFIO DMA: ")
@@ -402,6 +412,8 @@ class VftraceApp(App):
                    else f"mean {fmt_ns(r.mean)} ") + f"max {fmt_ns(r.max)}" for r in vfio))
         elif self.header_info.probe_modes.get("vfio_dma") == "absent":
             summary.append("not traced (vfio_dma hook absent)", "dim")
+        elif self.header_info.probe_modes.get("vfio_dma") == "off":
+            summary.append(f"not traced at depth {self.header_info.depth}", "dim")
         else:
             summary.append("no map/unmap calls seen", "dim")
         self.w("guest-summary").update(summary)

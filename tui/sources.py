@@ -21,7 +21,8 @@ from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields
                             header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
-from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import (CALL_COLUMNS, COLUMNS, DEFAULT_DEPTH, CallRecord, SwitchRecord,
+                                 depth_of, unmeasured)
 
 MAX_PROBLEMS = 50                 # problem lines kept per batch (the count is kept apart)
 REPLAY_CHUNK = 2048               # records per batch at --speed max
@@ -43,6 +44,8 @@ class HeaderInfo:
     filters: dict = field(default_factory=dict)
     has_calls: bool = False          # per-call rows will come (guest rates from them)
     meta: dict = field(default_factory=dict)
+    depth: str = DEFAULT_DEPTH
+    unmeasured: frozenset[str] = frozenset()   # columns shown as not measured
 
     @classmethod
     def from_meta(cls, meta: dict, origin: str, has_calls: bool = False) -> HeaderInfo:
@@ -54,7 +57,8 @@ class HeaderInfo:
                    floor_ns=dict(meta.get("floor_ns") or {}),
                    budget_ns=budget if isinstance(budget, int) and budget > 0 else None,
                    kvm_vendor=meta.get("kvm_vendor"), filters=dict(meta.get("filters") or {}),
-                   has_calls=has_calls, meta=meta)
+                   has_calls=has_calls, meta=meta, depth=depth_of(meta),
+                   unmeasured=unmeasured(meta))
 
 
 @dataclass

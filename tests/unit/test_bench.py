@@ -26,8 +26,11 @@ def case(name, mean, **kw):
 
 
 def lab(fentry=110.0, funclat=150.0, bpftrace=140.0, med_abs=50.0, floor=60, missing=(0, 0, 3),
-        lost=0):
-    cases = [case("none", 100.0, window_means_ns=[90.0, 110.0, 100.0]), case("vftrace fentry", fentry), case("vftrace kprobe", 130.0)]
+        lost=0, window=104.0, iommu=120.0):
+    cases = [case("none", 100.0, window_means_ns=[90.0, 110.0, 100.0]),
+             case("vftrace fentry", fentry), case("vftrace kprobe", 130.0)]
+    cases += [case(f"vftrace {d}", v) for d, v in (("window", window), ("iommu", iommu))
+              if v is not None]
     if funclat is not None:
         cases.append(case("funclatency", funclat))
     cases += [case("bpftrace", bpftrace)]
@@ -86,6 +89,23 @@ def test_inflation_met_and_missed_by_how_much():
     assert failed.met is None and "boom" in failed.note
 
 
+def test_depth_verdicts_against_the_goal_and_the_rivals():
+    window, iommu, guests = report.depth_verdicts("k", lab()["inflation"])
+    assert window.met is True and "x1.04" in window.figure
+    assert iommu.met is True and "against bpftrace x1.40" in iommu.figure
+    assert guests.met is True and "against funclatency x1.50" in guests.figure
+    window, iommu, guests = report.depth_verdicts(
+        "k", lab(window=106.0, iommu=145.0, fentry=151.0)["inflation"])
+    assert window.met is False and "missed by x0.01" in window.note
+    assert iommu.met is False and "missed by x0.05" in iommu.note
+    assert guests.met is False
+    old = report.depth_verdicts("k", lab(window=None, iommu=None)["inflation"])
+    assert [v.met for v in old] == [None, None, True]
+    assert "vftrace window" in old[0].note and "vftrace iommu" in old[1].note
+    nofunc = report.depth_verdicts("k", lab(funclat=None)["inflation"])
+    assert nofunc[1].met is None and nofunc[2].met is None and "funclatency" in nofunc[2].note
+
+
 def test_accuracy_verdict():
     assert report.accuracy_verdict("k", lab()["inflation"]).met is True
     v = report.accuracy_verdict("k", lab(med_abs=180.0)["inflation"])
@@ -117,7 +137,7 @@ def test_render_has_machine_goals_and_every_section():
     assert "Test CPU 3000" in text and "6.12.9" in text and "TCG" in text
     assert "2026-01-01" in text and "do not edit by hand" in text
     goal_lines = [l for l in text.splitlines() if l.startswith("| ") and "6.12.9:" in l]
-    assert len(goal_lines) == 3
+    assert len(goal_lines) == 6            # inflation, three depths, accuracy, lossless
     assert "| vftrace kprobe" in text and "| 20 " in text and "drift check" in text      # inflation and lossless rows
     assert "MISSED" in text and "| decode+stats+csv" in text
     assert "CPU 31% of one core" in text

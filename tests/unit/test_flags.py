@@ -15,6 +15,7 @@ from tracer.lab.workloads import guests
 SHORT_FLAGS = {
     "-h": "--help", "-V": "--version",
     "-b": "--budget-ns", "-c": "--calls", "-C": "--capture", "-d": "--duration",
+    "-D": "--depth",
     "-F": "--follow", "-i": "--interval", "-j": "--json", "-k": "--kernel", "-l": "--label",
     "-m": "--probe-mode", "-M": "--mode", "-n": "--pfs", "-o": "--output", "-p": "--pid",
     "-P": "--pf-sched", "-q": "--quiet", "-r": "--record", "-s": "--switch",

@@ -27,7 +27,8 @@ from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
 from tracer.errors import VftraceError
-from tracer.model.schema import (CALL_COLUMNS, COLUMNS, INT64_MAX, INT64_MIN, CallRecord,
+from tracer.model.schema import (CALL_COLUMNS, COLUMNS, INT64_MAX, INT64_MIN, MAY_BE_UNMEASURED,
+                                 CallRecord, unmeasured,
                                  SwitchRecord)
 from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_filtered_out
 
@@ -230,17 +231,24 @@ _SWITCH_ROW_FORMAT = ",".join(["%d"] * len(COLUMNS)) + "\n"
 _switch_row = attrgetter(*COLUMNS)
 
 
+def switch_row_format(unmeasured: Iterable[str] = ()) -> str:
+    """The row format: ``%d`` a column, an empty field (``%.0s``) for each column the
+    recorder did not measure, so that 0 always means a measured zero."""
+    skip = set(unmeasured)
+    return ",".join("%.0s" if c in skip else "%d" for c in COLUMNS) + "\n"
+
+
 def format_switch_rows(rows: list[tuple]) -> str:
     fmt = _SWITCH_ROW_FORMAT
     return "".join([fmt % row for row in rows])
 
 
-def _switch_line(rec: SwitchRecord) -> str | tuple:
+def _switch_line(rec: SwitchRecord, fmt: str = _SWITCH_ROW_FORMAT) -> str | tuple:
     """A record's CSV line; its row tuple when a value is not an integer, so that the
     flush fails on it with the reason, as for any row (see _join_switch_lines)."""
     row = _switch_row(rec)
     try:
-        return _SWITCH_ROW_FORMAT % row
+        return fmt % row
     except (TypeError, ValueError):
         return row
 
@@ -272,6 +280,7 @@ class CaptureWriter(_CsvSink):
             "filters": {}, **meta, "columns": list(COLUMNS), "complete": False,
         }
         super().__init__(path, COLUMNS)
+        self._row_format = switch_row_format(unmeasured(self.meta))
         # Rows are queued already formatted (_switch_line): a str is not tracked by the
         # garbage collector, a tuple is (2048 queued ones set off three collections).
         self._format = _join_switch_lines
@@ -287,14 +296,15 @@ class CaptureWriter(_CsvSink):
         rows = self._rows
         row = _switch_row(rec)
         try:
-            rows.append(_SWITCH_ROW_FORMAT % row)
+            rows.append(self._row_format % row)
         except (TypeError, ValueError):
             rows.append(row)
         if len(rows) >= FLUSH_ROWS:
             self.flush()
 
     def write_many(self, recs: Iterable[SwitchRecord]) -> None:
-        self._add_rows(map(_switch_line, recs))
+        fmt = self._row_format
+        self._add_rows(_switch_line(rec, fmt) for rec in recs)
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
@@ -505,9 +515,19 @@ def _first_bad(columns: tuple[str, ...], fields: list[str]) -> tuple[str, str]:
     return columns[0], fields[0]                # not reached for a row that failed
 
 
+# Where an empty field is a column the recorder did not measure (read as 0; the meta's
+# ``unmeasured`` says which): only there.  Identity and the switch time are never empty.
+_MAY_BE_EMPTY = tuple(i for i, c in enumerate(COLUMNS) if c in MAY_BE_UNMEASURED)
+
+
 def switch_from_fields(fields: list[str]) -> SwitchRecord:
     """A SwitchRecord from its fields in ``COLUMNS`` order; ValueError names the first
     field that is not a plain int64."""
+    if "" in fields:
+        fields = list(fields)
+        for i in _MAY_BE_EMPTY:
+            if fields[i] == "":
+                fields[i] = "0"
     try:
         if _PLAIN_ROW.fullmatch(",".join(fields)):
             return SwitchRecord(*map(int, fields))

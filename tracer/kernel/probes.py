@@ -13,10 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import VftraceError
+from ..model.schema import DEFAULT_DEPTH, DEPTHS, HOOK_COLUMNS
 from .features import Kernel
 
 FENTRY, KPROBE, ABSENT = "fentry", "kprobe", "absent"
-MODE_DEFINE = {ABSENT: 0, FENTRY: 1, KPROBE: 2}
+OFF = "off"                                # not hooked at this --depth (absent: not here)
+MODE_DEFINE = {ABSENT: 0, OFF: 0, FENTRY: 1, KPROBE: 2}
 BPF_TRACE_FENTRY = 24                      # enum bpf_attach_type
 CALIB_CANDIDATES = ("security_task_getsid", "__task_pid_nr_ns")
 SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iotlb_sync")
@@ -43,16 +45,19 @@ class Hook:
     timed: bool = True          # needs a return probe
     pick_one: bool = False
     why_absent: str = ""
+    depth: str = "guests"       # the shallowest --depth that hooks it
 
 
 HOOKS = (
-    Hook("iommu_map", "MAP_MODE", ("iommu_map",), "map"),
-    Hook("iommu_unmap", "UNMAP_MODE", ("iommu_unmap", "iommu_unmap_fast"), "unmap"),
-    Hook("iotlb_sync", "SYNC_MODE", SYNC_CANDIDATES, "sync", pick_one=True,
+    Hook("iommu_map", "MAP_MODE", ("iommu_map",), "map", depth="iommu"),
+    Hook("iommu_unmap", "UNMAP_MODE", ("iommu_unmap", "iommu_unmap_fast"), "unmap",
+         depth="iommu"),
+    Hook("iotlb_sync", "SYNC_MODE", SYNC_CANDIDATES, "sync", pick_one=True, depth="mmu",
          why_absent="no known IOMMU driver iotlb_sync (intel/amd/arm-smmu) in this kernel"),
-    Hook("mmu_zap", "ZAP_MODE", ("unmap_mapping_range",), "zap"),
+    Hook("mmu_zap", "ZAP_MODE", ("unmap_mapping_range",), "zap", depth="mmu"),
     Hook("mmu_notifier", "NOTIFIER_MODE", ("kvm_mmu_notifier_invalidate_range_start",),
-         "notifier", fentry_ok=False, why_absent="kvm is not loaded (modprobe kvm_intel or kvm_amd)"),
+         "notifier", fentry_ok=False, depth="mmu",
+         why_absent="kvm is not loaded (modprobe kvm_intel or kvm_amd)"),
     Hook("vcpu_kick", "KICK_MODE", ("kvm_vcpu_kick", "kvm_make_all_cpus_request"), "kick",
          fentry_ok=False, timed=False, why_absent="kvm is not loaded (modprobe kvm_intel or kvm_amd)"),
     Hook("vfio_dma", "VFIO_MODE", ("vfio_iommu_type1_ioctl",), "vfio_ioctl", fentry_ok=False,
@@ -83,14 +88,22 @@ class Plan:
     ringbuf_pages: int = 256
     map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
     task_stack_offset: int | None = None
+    depth: str = DEFAULT_DEPTH
 
     def modes(self) -> dict[str, str]:
         out = {"switch": self.source_mode}
         out.update({c.hook.name: c.mode for c in self.choices})
-        out["kvm_exit"] = "tracepoint" if self.have_kvm_tp else ABSENT
-        out["vf_access_wait"] = ("raw_tp" if self.source_mode == "raw_tp" else "tracepoint") \
-            if self.have_access_tp else ABSENT
+        guests = DEPTHS.index(self.depth) >= DEPTHS.index("guests")
+        out["kvm_exit"] = "tracepoint" if self.have_kvm_tp else ABSENT if guests else OFF
+        out["vf_access_wait"] = (("raw_tp" if self.source_mode == "raw_tp" else "tracepoint")
+                                 if self.have_access_tp else ABSENT if guests else OFF)
         return out
+
+    def unmeasured(self) -> list[str]:
+        """The capture columns no hook of this plan measures (written empty)."""
+        modes = self.modes()
+        return sorted({col for hook, cols in HOOK_COLUMNS.items()
+                       if modes.get(hook, ABSENT) in (ABSENT, OFF) for col in cols})
 
     def warnings(self) -> list[str]:
         out = [f"{c.hook.name}: {c.note}" for c in self.choices if c.note]
@@ -251,16 +264,22 @@ def map_size_overrides(env: dict[str, str] | os._Environ = os.environ) -> dict[s
 
 
 def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool = True,
-         emit_calls: bool = False) -> Plan:
+         emit_calls: bool = False, depth: str = DEFAULT_DEPTH) -> Plan:
     if requested not in ("auto", FENTRY, KPROBE):
         raise ProbeError(f"--probe-mode {requested}: give auto, fentry or kprobe")
+    if depth not in DEPTHS:
+        raise ProbeError(f"--depth {depth}: give {', '.join(DEPTHS)}")
     source, source_mode = parse_source(spec, offer)
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
     p = Plan(source, source_mode, ringbuf=ringbuf, emit_calls=emit_calls,
-             map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset)
-    p.choices = [choose_hook(h, requested, offer) for h in HOOKS]
-    if not any(c.mode != ABSENT for c in p.choices if c.hook.name in ("iommu_map", "iommu_unmap")):
+             map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset,
+             depth=depth)
+    level = DEPTHS.index(depth)
+    p.choices = [choose_hook(h, requested, offer) if DEPTHS.index(h.depth) <= level
+                 else Choice(h, OFF) for h in HOOKS]
+    if level >= DEPTHS.index("iommu") and not any(
+            c.mode != ABSENT for c in p.choices if c.hook.name in ("iommu_map", "iommu_unmap")):
         raise ProbeError("neither iommu_map nor iommu_unmap can be hooked here (no fentry, no kprobes)")
     p.calib_func = next((f for f in CALIB_CANDIDATES if f in offer.functions), None)
     if p.calib_func:
@@ -270,6 +289,8 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
         if offer.kprobes:
             modes.append(KPROBE)
         p.calib_modes = tuple(modes)
-    p.have_kvm_tp = {"kvm:kvm_exit", "kvm:kvm_entry"} <= offer.tracepoints
-    p.have_access_tp = source == "pf_sched" and "pf_sched:vf_access_wait" in offer.tracepoints
+    guests = level >= DEPTHS.index("guests")
+    p.have_kvm_tp = guests and {"kvm:kvm_exit", "kvm:kvm_entry"} <= offer.tracepoints
+    p.have_access_tp = guests and source == "pf_sched" and \
+        "pf_sched:vf_access_wait" in offer.tracepoints
     return p

@@ -33,14 +33,22 @@ class Column:
     value: Callable[[GroupStats], object]       # the quantity, from a group's statistics
     fmt: Callable[[object], str]                # how it reads
     meaning: str = ""                           # for a legend ("" : the header says it)
+    needs: tuple[str, ...] = ()                 # capture columns it is computed from
 
-    def cell(self, g: GroupStats) -> str:
+    def cell(self, g: GroupStats, unmeasured: frozenset[str] = frozenset()) -> str:
+        """Its text; NOT_MEASURED where a column it needs was not measured (a shallower
+        --depth), never a 0 that reads as a measurement."""
+        if unmeasured and not unmeasured.isdisjoint(self.needs):
+            return NOT_MEASURED
         return self.fmt(self.value(g))
 
     def sort_key(self, g: GroupStats) -> float:
         """Larger first in a sorted table; a missing value (no switches) sorts last."""
         v = self.value(g)
         return v if isinstance(v, (int, float)) else 0
+
+
+NOT_MEASURED = "-"
 
 
 def _switch_time(header: str, attr: str) -> Column:
@@ -58,20 +66,21 @@ GROUP_COLUMNS: tuple[Column, ...] = (
     Column("over_budget", ">BUDGET", lambda g: g.over_budget_share,
            lambda v: percent(v, 2), "share of switches over the budget"),
     Column("revoke", "REVOKE", lambda g: g.revoke.mean, fmt_ns,
-           "mean time per switch in each phase"),
+           "mean time per switch in each phase", ("revoke_ns",)),
     Column("grant", "GRANT", lambda g: g.grant.mean, fmt_ns,
-           "mean time per switch in each phase"),
+           "mean time per switch in each phase", ("grant_ns",)),
     Column("revoke_share", "REV%",
            lambda g: g.revoke.mean / g.switch.mean if g.switch.mean else 0.0,
-           lambda v: percent(v, 1), "revoke's share of the switch time"),
+           lambda v: percent(v, 1), "revoke's share of the switch time", ("revoke_ns",)),
     Column("exits", "EXITS/SW", lambda g: g.exits_per_switch, per_switch,
-           "KVM exits per switch"),
+           "KVM exits per switch", ("kvm_exits",)),
     Column("exit_time", "EXIT_T/SW", lambda g: g.means.get("exit_ns", 0.0), fmt_ns,
-           "mean time per switch in KVM exits"),
+           "mean time per switch in KVM exits", ("exit_ns",)),
     Column("blocked", "BLOCKED/SW", lambda g: g.blocked_per_switch, per_switch,
-           "guest accesses blocked on the switched-off VF, per switch"),
+           "guest accesses blocked on the switched-off VF, per switch", ("blocked_accesses",)),
     Column("blocked_time", "BLOCK_T/SW", lambda g: g.blocked_ns_per_switch, fmt_ns,
-           "mean time per switch in guest accesses blocked on the switched-off VF"),
+           "mean time per switch in guest accesses blocked on the switched-off VF",
+           ("blocked_ns",)),
 )
 BY_NAME = {c.name: c for c in GROUP_COLUMNS}
 
@@ -92,8 +101,9 @@ def header(columns: Iterable[Column]) -> tuple[str, ...]:
     return tuple(c.header for c in columns)
 
 
-def cells(columns: Iterable[Column], g: GroupStats) -> tuple[str, ...]:
-    return tuple(c.cell(g) for c in columns)
+def cells(columns: Iterable[Column], g: GroupStats,
+          unmeasured: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    return tuple(c.cell(g, unmeasured) for c in columns)
 
 
 def legend(columns: Iterable[Column]) -> str:

@@ -23,6 +23,44 @@ COLUMNS: tuple[str, ...] = (
     "source_ns", "over_budget",
 )
 
+# How much of a switch vftrace instruments (``--depth``), shallowest first: each depth
+# hooks what the one before does and more, so costs less the less it hooks.
+#   window  only the switch's bookends (pf_sched's tracepoints, or --switch)
+#   iommu   + iommu_map/iommu_unmap: the functions BCC's funclatency would time
+#   mmu     + the IOTLB flush and the zap of guests' mappings (MMU notifier)
+#   guests  + KVM exits, vCPU kicks, blocked guest accesses, VFIO DMA (the default)
+DEPTHS: tuple[str, ...] = ("window", "iommu", "mmu", "guests")
+DEFAULT_DEPTH = "guests"
+
+# The columns only a hook measures, by what measures them.  A capture that lacks the
+# hook (a shallower --depth, or a kernel without it) leaves them empty, not 0: the
+# meta's ``unmeasured`` lists them.  revoke/grant split at the first iommu_map.
+HOOK_COLUMNS: dict[str, tuple[str, ...]] = {
+    "iommu_map": ("map_calls", "map_ns", "map_max_ns", "map_bytes", "revoke_ns", "grant_ns"),
+    "iommu_unmap": ("unmap_calls", "unmap_ns", "unmap_max_ns", "unmap_bytes"),
+    "iotlb_sync": ("sync_calls", "sync_ns"),
+    "mmu_zap": ("mmu_ns",),
+    "mmu_notifier": ("mmu_notifier_ns",),
+    "kvm_exit": ("kvm_exits", "exit_ns"),
+    "vcpu_kick": ("vcpu_kicks",),
+    "vf_access_wait": ("blocked_accesses", "blocked_ns"),
+}
+MAY_BE_UNMEASURED = frozenset(c for cols in HOOK_COLUMNS.values() for c in cols)
+
+
+def unmeasured(meta: dict | None) -> frozenset[str]:
+    """The columns a capture's recorder could not measure (older captures: none)."""
+    names = (meta or {}).get("unmeasured") or ()
+    return frozenset(n for n in names if n in MAY_BE_UNMEASURED) if isinstance(
+        names, (list, tuple)) else frozenset()
+
+
+def depth_of(meta: dict | None) -> str:
+    """A capture's --depth (older captures hooked everything: guests)."""
+    d = (meta or {}).get("depth")
+    return d if d in DEPTHS else DEFAULT_DEPTH
+
+
 NO_VF = -1
 """``from_vf`` of a switch that had no outgoing VF (the first grant after idle)."""
 

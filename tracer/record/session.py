@@ -34,7 +34,7 @@ from ..errors import VftraceError
 from ..kernel import probes
 from ..model import exit_reasons
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
-from ..model.schema import CallRecord, SwitchRecord
+from ..model.schema import DEFAULT_DEPTH, DEPTHS, CallRecord, SwitchRecord
 from .instances import Registration
 from ..pfsched import control
 from ..pfsched.watch import PfWatch
@@ -60,6 +60,12 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                         help="switch budget (default 100)")
     parser.add_argument("-m", "--probe-mode", choices=("auto", "fentry", "kprobe"),
                         default="auto", help="auto: fentry where possible, kprobes elsewhere")
+    parser.add_argument("-D", "--depth", choices=DEPTHS, default=DEFAULT_DEPTH,
+                        help="how much of a switch to hook: window (its bookends only), "
+                             "iommu (+ iommu_map/unmap), mmu (+ IOTLB flush, guest "
+                             "mapping zap), guests (+ KVM exits, kicks, blocked accesses; "
+                             "the default).  Shallower costs the switch less; the columns "
+                             "it does not hook are left empty")
     parser.add_argument("-c", "--calls", help="also write one row per timed call to this CSV")
     parser.add_argument("--perf-buffer", action="store_true",
                         help="use the perf buffer, not the ring buffer")
@@ -181,6 +187,7 @@ class TraceOptions:
     pids: set[int] | None = None
     budget_ns: int = 100
     probe_mode: str = "auto"
+    depth: str = DEFAULT_DEPTH
     calls: Path | None = None
     perf_buffer: bool = False
     duration: float | None = None
@@ -209,7 +216,7 @@ class TraceOptions:
             check_capture_output(getattr(args, attr, None), flag,
                                  {"--calls": calls, "--ready-file": ready_file})
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
-                   probe_mode=args.probe_mode, calls=calls,
+                   probe_mode=args.probe_mode, depth=args.depth, calls=calls,
                    perf_buffer=args.perf_buffer,
                    duration=duration, ebpf=args.ebpf,
                    ready_file=ready_file,
@@ -240,7 +247,7 @@ def make_plan(opts: TraceOptions, offer: probes.KernelOffer | None = None) -> pr
         offer = offer or probes.KernelOffer.probe()
         return probes.plan(opts.switch, opts.probe_mode, offer,
                            ringbuf=not opts.perf_buffer and offer.ringbuf,
-                           emit_calls=opts.calls is not None)
+                           emit_calls=opts.calls is not None, depth=opts.depth)
     except probes.ProbeError as e:
         raise RecordError(str(e)) from None
 
@@ -442,6 +449,7 @@ class Session:
         plan, engine, opts = self.plan, self.engine, self.opts
         meta = {"tool": self.tool, "version": __version__, "kernel": platform.release(),
                 "host": platform.node(), "switch_source": plan.source,
+                "depth": plan.depth, "unmeasured": plan.unmeasured(),
                 "probe_modes": plan.modes(), "floor_ns": engine.floor.as_meta(),
                 "budget_ns": opts.budget_ns, "filters": opts.filters(),
                 "buffer": "ringbuf" if plan.ringbuf else "perf", "warnings": engine.warnings,

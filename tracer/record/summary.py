@@ -3,6 +3,7 @@ and ``perf kvm stat``: one line per group, latencies in human units."""
 from __future__ import annotations
 
 from tracer.model import group_columns as gc
+from tracer.model.schema import depth_of, unmeasured
 from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
 
@@ -25,6 +26,8 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
              f"lost records: {lost}"]
     if meta and meta.get("switch_source"):
         lines[0] += f"   source: {meta['switch_source']}"
+    if meta:
+        lines[0] += f"   depth: {depth_of(meta)}"
     if snap.ignored:
         lines.append(f"filtered out: {snap.ignored} records ({_filters(snap.filters)})")
     if lost or snap.seq_gaps_total:
@@ -40,7 +43,12 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
         lines.append("no switches recorded")
         return "\n".join(lines) + "\n"
     lines.append("")
-    lines.extend(gc.align([HEADER, *(gc.cells(COLUMNS, g) for g in gc.table_groups(snap))]))
+    skip = unmeasured(meta)
+    lines.extend(gc.align([HEADER, *(gc.cells(COLUMNS, g, skip)
+                                     for g in gc.table_groups(snap))]))
+    if skip:
+        lines.append(f"{gc.NOT_MEASURED}: not measured at depth {depth_of(meta)} "
+                     "(--depth guests measures every column)")
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ def render_html(captures: list[Capture], svg: str) -> str:
     if len(captures) > 1 and (groups := tables.comparison_groups(captures)):
         parts.append("<section>\n<h2>Comparison</h2>")
         parts.append(tables.html_table(("CAPTURE", *tables.HEADER),
-                                       [(label, *tables.cells(g)) for label, g in groups],
+                                       [(c.label, *tables.cells(g, c)) for c, g in groups],
                                        names=2))
         parts.append("</section>")
     for cap in captures:
@@ -65,7 +65,8 @@ def render_html(captures: list[Capture], svg: str) -> str:
                 f"<li>{esc(n.text)}</li>" for n in plain) + "</ul>")
         groups = tables.capture_groups(cap)
         if groups:
-            parts.append(tables.html_table(tables.HEADER, [tables.cells(g) for g in groups]))
+            parts.append(tables.html_table(tables.HEADER,
+                                           [tables.cells(g, cap) for g in groups]))
         else:
             parts.append("<p>No switches in this capture.</p>")
         if exits := tables.exit_rows(cap):

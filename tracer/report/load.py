@@ -19,7 +19,7 @@ import numpy as np
 from tracer.capture import files as capture_files
 from tracer.capture.files import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
-from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord, depth_of, unmeasured
 from tracer.model.stats import Snapshot, Stats
 
 DEFAULT_BUDGET_NS = 100          # vftrace record's default, for a capture without meta
@@ -56,6 +56,15 @@ class Capture:
             return int(self.meta["lost_total"])
         per_cpu = self.meta.get("lost_records_per_cpu")
         return sum(per_cpu.values()) if isinstance(per_cpu, dict) else None
+
+    @property
+    def depth(self) -> str:
+        return depth_of(self.meta)
+
+    @property
+    def unmeasured(self) -> frozenset[str]:
+        """Columns its recorder did not measure (a shallower --depth): shown as such."""
+        return unmeasured(self.meta)
 
     @property
     def truncated(self) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from tracer.model import exit_reasons
-from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord
+from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord, depth_of, unmeasured
 
 # Synthetic ids sit above Linux's largest pid (pid_max <= 2**22), so they never collide
 # with the real processes and threads of the VMs.
@@ -93,6 +93,10 @@ class TraceBuilder:
     def __init__(self, meta: dict) -> None:
         self.meta = meta
         self.vendor = meta.get("kvm_vendor")
+        # Columns not measured (a shallower --depth) are left out of the args, and a
+        # switch is not split into revoke and grant without the split's hook.
+        self.key_args = tuple(c for c in SWITCH_KEY_ARGS if c not in unmeasured(meta))
+        self.split = "revoke_ns" not in unmeasured(meta)
         self.pf_tracks: dict[int, Track] = {}
         self.switch_keys: set[tuple[int, int]] = set()                   # (pf, seq)
         self.vcpu_tracks: dict[tuple[int, int], Track] = {}             # (pid, tid)
@@ -109,11 +113,14 @@ class TraceBuilder:
         self.switches += 1
         end = r.t_ns + max(r.switch_ns, 0)
         src = "none" if r.from_vf < 0 else f"vf{r.from_vf}"
-        args = {name: getattr(r, name) for name in SWITCH_KEY_ARGS}
+        args = {name: getattr(r, name) for name in self.key_args}
         args.update((name, v) for name in SWITCH_MORE_ARGS if (v := getattr(r, name)))
         track = self._pf_track(r.pf)
         track.slices.append(Slice(r.t_ns, end, f"{src}->vf{r.to_vf}", "switch", args, 0,
                                   top_level=True))
+        self.switch_keys.add((r.pf, r.seq))
+        if not self.split:
+            return
         # revoke: window start to the first iommu_map entry; grant: the rest.
         split = r.t_ns + min(max(r.revoke_ns, 0), max(r.switch_ns, 0))
         if split > r.t_ns:
@@ -124,7 +131,6 @@ class TraceBuilder:
             track.slices.append(Slice(split, end, f"grant vf{r.to_vf}", "grant",
                                       {"seq": r.seq, "grant_ns": r.grant_ns}, 1,
                                       needs_parent=True))
-        self.switch_keys.add((r.pf, r.seq))
 
     def add_call(self, c: CallRecord) -> None:
         end = c.t_ns + max(c.ns, 0)
@@ -235,6 +241,7 @@ class TraceBuilder:
     def trace_metadata(self, capture: Path, problems: list[str], origin: int) -> dict:
         meta = {k: v for k, v in self.meta.items() if k != "columns"}
         meta.update(capture=str(capture), problems=problems, clock_origin_ns=origin,
+                    depth=depth_of(self.meta), unmeasured=sorted(unmeasured(self.meta)),
                     clock="CLOCK_MONOTONIC ns = clock_origin_ns + ts * 1000", slices={
                         "switches": self.switches, "kvm_exits": self.exits,
                         "calls": self.calls})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tracer.model import exit_reasons
 from tracer.model import group_columns as gc
@@ -31,13 +31,13 @@ class Row:
     max: int | None
     over_budget: int
     over_budget_share: float
-    revoke_mean: float
-    grant_mean: float
-    revoke_share: float   # of the switch time, in revoke (the rest is grant)
-    exits_per_switch: float
-    exit_ns_per_switch: float
-    blocked_per_switch: float
-    blocked_ns_per_switch: float
+    revoke_mean: float | None
+    grant_mean: float | None
+    revoke_share: float | None   # of the switch time, in revoke (the rest is grant)
+    exits_per_switch: float | None
+    exit_ns_per_switch: float | None
+    blocked_per_switch: float | None
+    blocked_ns_per_switch: float | None
 
 
 def row_of(capture: str, g: GroupStats) -> Row:
@@ -59,17 +59,26 @@ def capture_groups(cap: Capture) -> list[GroupStats]:
 
 
 def capture_rows(cap: Capture) -> list[Row]:
-    return [row_of(cap.label, g) for g in capture_groups(cap)]
+    rows = [row_of(cap.label, g) for g in capture_groups(cap)]
+    gone = {f for f, needs in ROW_NEEDS.items() if not cap.unmeasured.isdisjoint(needs)}
+    return [replace(r, **dict.fromkeys(gone)) for r in rows] if gone else rows
 
 
-def comparison_groups(captures: list[Capture]) -> list[tuple[str, GroupStats]]:
+# Row fields computed from a column a capture may not have measured (None there).
+ROW_NEEDS = {"revoke_mean": ("revoke_ns",), "grant_mean": ("grant_ns",),
+             "revoke_share": ("revoke_ns",), "exits_per_switch": ("kvm_exits",),
+             "exit_ns_per_switch": ("exit_ns",), "blocked_per_switch": ("blocked_accesses",),
+             "blocked_ns_per_switch": ("blocked_ns",)}
+
+
+def comparison_groups(captures: list[Capture]) -> list[tuple[Capture, GroupStats]]:
     """(capture, group): overall and per-PF groups of every capture, for side-by-side
     reading."""
     out = []
     for cap in captures:
         if cap.snapshot.records:
-            out.append((cap.label, cap.snapshot.overall))
-            out.extend((cap.label, g) for g in cap.snapshot.per_pf)
+            out.append((cap, cap.snapshot.overall))
+            out.extend((cap, g) for g in cap.snapshot.per_pf)
     return out
 
 
@@ -79,8 +88,8 @@ HEADER = gc.header(COLUMNS)
 LEGEND = gc.legend(COLUMNS)
 
 
-def cells(g: GroupStats) -> tuple[str, ...]:
-    return gc.cells(COLUMNS, g)
+def cells(g: GroupStats, cap: Capture) -> tuple[str, ...]:
+    return gc.cells(COLUMNS, g, cap.unmeasured)
 
 
 # --- what the capture's meta says: losses, problems, context ------------------------------
@@ -186,6 +195,7 @@ def context_line(cap: Capture) -> str:
     m = cap.meta
     bits = [f"{key} {m[key]}" for key in ("kernel", "host", "switch_source", "buffer")
             if m.get(key)]
+    bits.append(f"depth {cap.depth}")
     if m.get("start_time"):
         bits.append(f"start {m['start_time']}")
     bits.append(f"span {cap.duration_s:.1f} s")
@@ -256,7 +266,7 @@ def render_text(captures: list[Capture]) -> str:
         groups = capture_groups(cap)
         if groups:
             out.append("")
-            out.extend(gc.align([HEADER, *map(cells, groups)]))
+            out.extend(gc.align([HEADER, *(cells(g, cap) for g in groups)]))
         else:
             out.append("no switches in this capture")
         if exits := exit_rows(cap):
@@ -265,9 +275,11 @@ def render_text(captures: list[Capture]) -> str:
         out.append("")
     if len(captures) > 1 and (groups := comparison_groups(captures)):
         out.append("== comparison ==")
-        table = [("CAPTURE", *HEADER)] + [(label, *cells(g)) for label, g in groups]
+        table = [("CAPTURE", *HEADER)] + [(c.label, *cells(g, c)) for c, g in groups]
         out.extend(gc.align(table, names=2))
         out.append("")
+    if any(cap.unmeasured for cap in captures):
+        out.append(f"{gc.NOT_MEASURED}: not measured at that capture's depth")
     out.append(textwrap.fill(LEGEND, 100))
     return "\n".join(out) + "\n"
 
@@ -277,6 +289,7 @@ def report_json(captures: list[Capture]) -> dict:
     return {"captures": [{
         "label": cap.label, "path": str(cap.path), "budget_ns": cap.budget_ns,
         "records": cap.records, "lost_total": cap.lost_total,
+        "depth": cap.depth, "unmeasured": sorted(cap.unmeasured),
         "seq_gaps": {str(k): v for k, v in cap.snapshot.seq_gaps.items()},
         "partial_windows": cap.meta.get("partial_windows"),
         "late_releases": cap.meta.get("late_releases"),
