@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tracer.model.schema import DEPTHS
+
 TRACEFS = Path("/sys/kernel/tracing")
 SYNTH = "vft_check_exit"
 ENTRY_KEY = re.compile(r"\{\s*(\w+):\s*(\d+)\s*\}\s*hitcount:\s*(\d+)(.*)$")
@@ -83,3 +85,102 @@ class ExitLatency:
         except OSError:
             pass
         _write(TRACEFS / "trace_clock", self.old_clock)
+
+
+# --- what the kernel has attached: its own lists, not vftrace's ---------------------------
+
+KPROBE_LIST = Path("/sys/kernel/debug/kprobes/list")
+ENABLED_FUNCTIONS = TRACEFS / "enabled_functions"
+BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID = 11, 13
+PROG_TYPES = {2: "kprobe", 5: "tracepoint", 17: "raw_tracepoint", 26: "tracing"}
+
+
+def hooked_functions() -> dict[str, set[str]]:
+    """Every kernel function something is hooked to, by how: ``kprobe``/``kretprobe``
+    (the kprobes debugfs list, perf-PMU kprobes included) and ``ftrace`` (functions with
+    an ftrace hook: fentry/fexit trampolines and ftrace-based kprobes alike)."""
+    out: dict[str, set[str]] = {"kprobe": set(), "kretprobe": set(), "ftrace": set()}
+    for line in KPROBE_LIST.read_text().splitlines():
+        parts = line.split()         # ADDRESS  k|r  SYMBOL+OFFSET  [FLAGS...]
+        if len(parts) >= 3 and parts[1] in ("k", "r"):
+            out["kprobe" if parts[1] == "k" else "kretprobe"].add(parts[2].split("+")[0])
+    for line in ENABLED_FUNCTIONS.read_text().splitlines():
+        if line and not line[0].isspace():
+            out["ftrace"].add(line.split()[0])
+    return out
+
+
+def bpf_programs() -> dict[int, str]:
+    """Every BPF program loaded in the kernel: id -> type (BPF_PROG_GET_NEXT_ID)."""
+    import ctypes
+    import os
+
+    from tracer.kernel import proginfo
+
+    nr = proginfo.SYS_BPF[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    out, prog_id = {}, 0
+    while True:
+        attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)     # start_id, next_id, open_flags
+        if libc.syscall(nr, BPF_PROG_GET_NEXT_ID, attr, ctypes.sizeof(attr)) != 0:
+            return out                                       # ENOENT: the last one
+        prog_id = attr[1]
+        fd_attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)   # prog_id, next_id, open_flags
+        fd = libc.syscall(nr, BPF_PROG_GET_FD_BY_ID, fd_attr, ctypes.sizeof(fd_attr))
+        if fd < 0:
+            continue                                         # unloaded meanwhile
+        try:
+            info = proginfo.BpfProgInfo()
+            info_attr = proginfo._InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))
+            if libc.syscall(nr, proginfo.BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(info_attr),
+                            ctypes.sizeof(info_attr)) == 0:
+                out[prog_id] = PROG_TYPES.get(info.type, str(info.type))
+        finally:
+            os.close(fd)
+
+
+# What each --depth adds, written out here rather than taken from vftrace's planner.
+# (functions timed with fentry/fexit, with a kprobe+kretprobe, counted with a kprobe)
+ADDS = {
+    "window": ((), (), ()),
+    "iommu": (("iommu_map", "iommu_unmap", "iommu_unmap_fast"), (), ()),
+    "mmu": (("intel_iommu_tlb_sync", "unmap_mapping_range"),
+            ("kvm_mmu_notifier_invalidate_range_start",), ()),
+    "guests": ((), ("vfio_iommu_type1_ioctl",), ("kvm_vcpu_kick", "kvm_make_all_cpus_request")),
+}
+# Tracepoint programs: pf_sched's begin/end; at guests also vf_access_wait, kvm_exit,
+# kvm_entry and sched_process_exit (a vCPU thread that dies mid-exit).
+TRACEPOINT_PROGRAMS = {"window": 2, "iommu": 2, "mmu": 2, "guests": 6}
+
+
+def expected_hooks(depth: str, present: set[str]) -> dict[str, set[str]]:
+    fentry, timed, counted = set(), set(), set()
+    for d in DEPTHS[:DEPTHS.index(depth) + 1]:
+        f, t, c = ADDS[d]
+        fentry |= set(f)
+        timed |= set(t)
+        counted |= set(c)
+    fentry, timed, counted = fentry & present, timed & present, counted & present
+    return {"kprobe": timed | counted, "kretprobe": timed,
+            "ftrace": fentry | timed | counted}         # kprobes at an entry use ftrace
+
+
+class Attached:
+    """What was hooked and loaded since it was made, against what a depth should add."""
+
+    def __init__(self) -> None:
+        self.hooked = hooked_functions()
+        self.programs = bpf_programs()
+
+    def check(self, depth: str) -> str:
+        """Asserts the kernel's lists gained exactly ``depth``'s hooks; what they gained."""
+        with open(TRACEFS / "available_filter_functions") as f:
+            present = {line.split()[0] for line in f}
+        assert {"kvm_vcpu_kick", "iommu_map"} <= present, "the lab loads kvm, has an IOMMU"
+        gained = {kind: names - self.hooked[kind] for kind, names in hooked_functions().items()}
+        new = [t for i, t in bpf_programs().items() if i not in self.programs]
+        assert gained == expected_hooks(depth, present), (depth, gained)
+        tracepoints = sum(t in ("tracepoint", "raw_tracepoint") for t in new)
+        assert tracepoints == TRACEPOINT_PROGRAMS[depth], (depth, new)
+        return (f"hooked {sorted(gained['ftrace'])}, kprobes {sorted(gained['kprobe'])}, "
+                f"{tracepoints} tracepoint programs")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.lab import labutil, pfsched
+from tests.lab import kernel_counts, labutil, pfsched
 from tracer.capture.files import iter_calls, meta_path, read_capture
 from tracer.lab.experiment import start_recorder, stop_process
 from tracer.lab.workloads import vfio
@@ -58,7 +58,11 @@ def window(bdfs, body=lambda: time.sleep(4)):
 
 def test_rows_match_pf_sched_switch_for_switch(pfs):
     pfsched.set_enabled(False)
+    attached = kernel_counts.Attached()
     rec = Recorder("exact")
+    # The default depth, guests, attaches exactly its hooks (tests/lab/test_depth.py has
+    # the others): checked here, on this test's recorder, rather than on one more.
+    hooked = attached.check("guests")
     before, after = window(pfs)
     meta, rows, problems = rec.stop()
     pfsched.set_enabled(True)
@@ -83,6 +87,8 @@ def test_rows_match_pf_sched_switch_for_switch(pfs):
         assert all(r.to_vf == (r.from_vf + 1) % a["nr_vfs"] for r in mine)
     assert f"VF switches: {len(rows)}" in rec.summary and "P99.9" in rec.summary
     assert meta["background"]["negative_durations"] == {}
+    assert meta["depth"] == "guests" and meta["unmeasured"] == []
+    print(f"depth guests: {hooked}")
 
 
 def test_background_vfio_dma_is_counted_and_not_attributed(pfs):

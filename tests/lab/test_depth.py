@@ -1,0 +1,50 @@
+"""``--depth``: each depth attaches exactly its hooks, as the kernel's own lists show them
+(the kprobes debugfs list, ftrace's enabled_functions, the loaded BPF programs), records
+every switch pf_sched made, and leaves the columns it does not hook empty."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.lab import kernel_counts, labutil, pfsched
+from tracer.capture.files import read_capture
+from tracer.model.schema import DEPTHS
+
+from .test_record import Recorder, window
+
+pytestmark = pytest.mark.lab
+SLICE_US = 3000
+
+
+@pytest.fixture(scope="module")
+def pfs():
+    with pfsched.loaded(2, slice_us=SLICE_US) as bdfs:
+        yield bdfs
+
+
+# --depth guests, the default, is checked by test_record's first test, on its recorder.
+@pytest.mark.parametrize("depth", DEPTHS[:-1])
+def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, depth):
+    pfsched.set_enabled(False)
+    attached = kernel_counts.Attached()
+    rec = Recorder(f"depth-{depth}", "--depth", depth)
+    hooked = attached.check(depth)
+    before, after = window(pfs, lambda: time.sleep(2))
+    meta, rows, problems = rec.stop()
+    pfsched.set_enabled(True)
+    # The recording: every switch, its depth said, what it did not hook left empty.
+    assert not problems and meta["complete"] and meta["lost_total"] == 0, meta
+    assert meta["depth"] == depth
+    labutil.assert_no_kernel_drops(meta)
+    assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+    header, *lines = rec.csv.read_text().splitlines()
+    empty = {name for name, field in zip(header.split(","), lines[0].split(",")) if not field}
+    assert empty == set(meta["unmeasured"])
+    if depth == "window":
+        assert {"map_calls", "revoke_ns", "kvm_exits", "blocked_ns"} <= empty
+    else:
+        assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in rows)
+        assert all(r.revoke_ns + r.grant_ns == r.switch_ns for r in rows)
+    print(f"depth {depth}: {len(rows)} switches; {hooked}; median switch_ns "
+          f"{sorted(r.switch_ns for r in rows)[len(rows) // 2]}")
