@@ -121,14 +121,22 @@ def startup_figures(tool: Tool) -> dict:
 
 # --- 1. inflation -----------------------------------------------------------------------
 
+# The shallower depths (--depth guests is the "vftrace fentry" case).
+DEPTH_CASES = (("window", "the switch's bookends only"),
+               ("iommu", "+ iommu_map/iommu_unmap, the functions funclatency times"),
+               ("mmu", "+ IOTLB flush, unmap_mapping_range, KVM's MMU notifier"))
+
 def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
     """Each case ``rounds`` times in mirrored order (A B C .. C B A) with untraced windows
     between the rounds, so slow drift of the emulated machine falls on every case alike."""
     cases = [("none", "nothing", None)]
     for mode in ("fentry", "kprobe"):
-        cases.append((f"vftrace {mode}", f"vftrace's program, hooks in {mode} mode "
-                      "(iommu_map/unmap, iotlb_sync, unmap_mapping_range; tracepoints)",
+        cases.append((f"vftrace {mode}", f"vftrace's program at --depth guests (all of it), "
+                      f"hooks in {mode} mode",
                       lambda m=mode: vftrace(out_dir / f"inflation-{m}.csv", "--probe-mode", m)))
+    for depth, what in DEPTH_CASES:
+        cases.append((f"vftrace {depth}", f"vftrace --depth {depth} (fentry): {what}",
+                      lambda d=depth: vftrace(out_dir / f"inflation-{d}.csv", "--depth", d)))
     if Path(FUNCLATENCY).exists():
         cases.append(("funclatency", "BCC funclatency -r '^iommu_(un)?map$': kprobe+kretprobe "
                       "on iommu_map and iommu_unmap",

@@ -96,6 +96,40 @@ def inflation_verdict(kernel: str, section: dict) -> Verdict:
                    f"({(mine / best_rival - 1) * 100:.0f}% above the best rival)")
 
 
+WINDOW_GOAL = 1.05              # --depth window: at most 5% on the untraced switch
+
+
+def depth_verdicts(kernel: str, section: dict) -> list[Verdict]:
+    """#14's goals per --depth: window at most x1.05; iommu (the functions funclatency and
+    bpftrace time) below both; guests (all of vftrace) no worse than funclatency."""
+    rows = inflation_rows(section) if section and "error" not in section else []
+    ratio = {name: ratio_of(rows, name) for name in
+             ("vftrace window", "vftrace iommu", "vftrace fentry", *RIVALS)}
+    out = []
+
+    def verdict(goal: str, case: str, limit: float | None, limit_name: str) -> Verdict:
+        mine = ratio[case]
+        if mine is None or limit is None:
+            missing = [n for n in (case, limit_name) if n and ratio.get(n) is None]
+            return Verdict(goal, f"x{mine:.2f}" if mine else "-", None,
+                           "no figure for " + (", ".join(missing) or case))
+        figure = f"x{mine:.2f} against {limit_name or 'the goal'} x{limit:.2f}"
+        if mine <= limit:
+            return Verdict(goal, figure, True)
+        return Verdict(goal, figure, False, f"missed by x{mine - limit:.2f}")
+
+    out.append(verdict(f"{kernel}: --depth window inflates switch time by at most "
+                       f"x{WINDOW_GOAL:.2f}", "vftrace window", WINDOW_GOAL, ""))
+    rivals = [ratio[r] for r in RIVALS]
+    best = min(rivals) if all(r is not None for r in rivals) else None
+    best_name = min(RIVALS, key=lambda r: ratio[r]) if best is not None else "funclatency"
+    out.append(verdict(f"{kernel}: --depth iommu inflates less than funclatency and "
+                       "bpftrace on the same functions", "vftrace iommu", best, best_name))
+    out.append(verdict(f"{kernel}: --depth guests (all of vftrace) no worse than "
+                       "funclatency", "vftrace fentry", ratio["funclatency"], "funclatency"))
+    return out
+
+
 def accuracy_verdict(kernel: str, section: dict) -> Verdict:
     goal = f"{kernel}: median |switch_ns - source_ns| within the fentry floor"
     fentry = ((section or {}).get("vftrace") or {}).get("fentry") or {}
@@ -154,6 +188,7 @@ def verdicts(figures: dict) -> list[Verdict]:
     out = []
     for kernel, lab in (figures.get("kernels") or {}).items():
         out.append(inflation_verdict(kernel, lab.get("inflation")))
+        out.extend(depth_verdicts(kernel, lab.get("inflation")))
         out.append(accuracy_verdict(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
     out.append(pipeline_verdict(figures.get("pipeline")))
