@@ -93,6 +93,12 @@ def engine(budget_ns: int = 100) -> tuple[Engine, list, list]:
     eng = Engine(Plan("pf_sched", "raw_tp"), budget_ns=budget_ns, on_switch=switches.append,
                  on_call=calls.append, hold_ns=0)
     eng.assembler.max_hold_ns = 0       # nor wait for exit ends (exits_pending is random)
+    read = eng._on_switch
+
+    def read_then_tick(data) -> None:   # as poll() does: read the buffers, then tick
+        read(data)
+        eng.assembler.tick()
+    eng._on_switch = read_then_tick
     return eng, switches, calls
 
 

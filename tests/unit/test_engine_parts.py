@@ -244,6 +244,26 @@ def test_a_switch_waits_for_the_exit_ends_the_kernel_said_are_to_come():
     assert (a.late_exits, a.late_exit_ns) == (1, 5)
 
 
+def test_a_reader_starved_past_max_hold_reads_the_waiting_ends_before_giving_up():
+    """CI run I (6.12): the recorder was starved for over max_hold_ns after reading a
+    switch that awaited an exit's end; on waking it read newer switches first, and the
+    first of them gave the held switch up, so the end, already in the joins buffer,
+    counted late.  Only tick(), after every buffer is read, may give up on a switch."""
+    out, clock = [], Clock()
+    a = Assembler(out.append, hold_ns=100, clock=clock, max_hold_ns=1000)
+    a.switch_values(tuple(getattr(rec(0, 1), c) for c in COLUMNS), 1)
+    clock.t = 5000                      # starved; then the switches buffer is read first
+    a.switch(rec(0, 2))
+    a.switch(rec(0, 3))
+    assert out == []
+    a.exit_end(0, 1, 35)                # then the joins buffer
+    a.tick()
+    assert [(r.seq, r.exit_ns) for r in out] == [(1, 35)] and a.late_exits == 0
+    clock.t = 5100                      # the newer ones after their own hold
+    a.tick()
+    assert [r.seq for r in out] == [1, 2, 3]
+
+
 # ---- record's command line --------------------------------------------------------------
 
 

@@ -12,6 +12,11 @@ its record is held until they are in, however loaded the machine, up to ``max_ho
 (an exit can last as long as its vCPU blocks; one whose VM is torn down never ends).
 Joins that come later than that are counted (``late_releases``, ``late_exits`` and
 ``late_exit_ns``), never dropped silently.
+
+A switch is given up on (``max_hold_ns``) only in ``tick()``, which the engine calls once
+a poll has read every buffer: a reader that was starved for longer than that (a loaded
+lab VM) first reads the ends already waiting in the joins buffer.  While records are
+being read, only switches with all their ends are passed on, to keep memory bounded.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ class Assembler:
         if self.next_due is None:
             self.next_due = now + self.hold_ns
         if now >= self.next_due:
-            self._pass_on_due(now)
+            self._pass_on_due(now, give_up=False)
 
     def release(self, pf: int, seq: int, wait_ns: int) -> None:
         """A guest access switch (pf, seq) released after blocking ``wait_ns``."""
@@ -109,14 +114,15 @@ class Assembler:
         return seq <= self.last_emitted.get(pf, 0)
 
     def tick(self) -> None:
+        """Pass on what is due; call it only when every buffer has been read."""
         if self.next_due is not None:
             now = self.clock()
             if now >= self.next_due:
-                self._pass_on_due(now)
+                self._pass_on_due(now, give_up=True)
 
-    def _pass_on_due(self, now: int) -> None:
+    def _pass_on_due(self, now: int, give_up: bool) -> None:
         """Pass on, oldest first (the capture stays in order), what has been held
-        ``hold_ns`` and has its exit ends, or has waited ``max_hold_ns``."""
+        ``hold_ns`` and has its exit ends, or (``give_up``) has waited ``max_hold_ns``."""
         held = self.held
         while held:
             key = next(iter(held))
@@ -125,7 +131,7 @@ class Assembler:
             if age < self.hold_ns:
                 self.next_due = arrived + self.hold_ns
                 return
-            if pending and age < self.max_hold_ns:
+            if pending and (age < self.max_hold_ns or not give_up):
                 extra = self.joined.get(key)
                 if extra is None or extra[EXITS] < pending:
                     self.next_due = now                 # look again at the next call
