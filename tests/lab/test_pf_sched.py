@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -383,6 +384,7 @@ def test_gates_stop_switching(pfs):
 def test_counters_match_tracepoints(pfs):
     set_param("enabled", 0)              # returns once no switch is in flight
     before = {p.index: p.stats() for p in pfs}
+    hist_before = {p.index: control.total_hist(p.bdf) for p in pfs}
     with trace_instance(["pf_sched/vf_switch_begin", "pf_sched/vf_switch_end"]) as inst:
         set_param("enabled", 1)
         time.sleep(1.0)
@@ -409,6 +411,12 @@ def test_counters_match_tracepoints(pfs):
         assert a["total_ns_max"] >= max(f["total_ns"] for f in ends)
         assert a["total_ns_min"] <= min(f["total_ns"] for f in ends)
         assert a["active_vf"] == ends[-1]["to"]
+        # total_hist: each switch in the bucket of the total_ns its tracepoint gave.
+        hist = control.hist_delta(control.total_hist(p.bdf), hist_before[p.index])
+        assert hist == Counter(control.hist_bucket_low(f["total_ns"]) for f in ends)
+        exact = sorted(f["total_ns"] for f in ends)
+        p50 = control.hist_quantile(hist, 0.5)
+        assert abs(p50 - exact[len(exact) // 2]) <= exact[len(exact) // 2] / 16
 
 
 def test_mmap_blocks_while_vf_off(pfs):

@@ -85,6 +85,63 @@ def stats(bdf: str) -> dict[str, int | str]:
     return read_stats(DEBUGFS / bdf / "stats")
 
 
+HIST_SUB = 16          # pf_sched's total_hist: buckets per power of two (PF_HIST_SUB)
+
+
+def parse_hist(text: str) -> dict[int, int]:
+    """A ``total_hist`` file: {bucket's smallest ns: switches}; a bucket from LOW >= 16
+    spans LOW / 16 ns (below 16 each ns has its own)."""
+    out: dict[int, int] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            if line.split()[1:2] == ["sub_buckets"] and int(line.split()[2]) != HIST_SUB:
+                raise ValueError(f"total_hist has {line.split()[2]} sub-buckets, "
+                                 f"this reader {HIST_SUB}")
+            continue
+        low, count = line.split()
+        out[int(low)] = int(count)
+    return out
+
+
+def total_hist(bdf: str) -> dict[int, int]:
+    """pf_sched's histogram of its own switch timings (t2 - t0, total_ns) for one PF."""
+    return parse_hist((DEBUGFS / bdf / "total_hist").read_text())
+
+
+def hist_delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    """The switches between two reads of a histogram."""
+    return {low: n - before.get(low, 0) for low, n in after.items() if n - before.get(low, 0)}
+
+
+def hist_bucket_low(ns: int) -> int:
+    """The smallest value of the total_hist bucket that ``ns`` falls in (the module's
+    pf_hist_bucket then pf_hist_low, for values up to 2^39 ns)."""
+    if ns < HIST_SUB:
+        return ns
+    shift = ns.bit_length() - HIST_SUB.bit_length()     # keep the top 5 bits
+    return (ns >> shift) << shift
+
+
+def hist_width(low: int) -> int:
+    return 1 if low < HIST_SUB else low // HIST_SUB
+
+
+def hist_quantile(hist: dict[int, int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram, interpolated inside its bucket: within one
+    bucket's width (under 1/16 of its value) of the exact one."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for low in sorted(hist):
+        n = hist[low]
+        if seen + n >= rank:
+            return low + hist_width(low) * (rank - seen) / n
+        seen += n
+    low = max(hist)
+    return float(low + hist_width(low))
+
+
 def param(name: str) -> str:
     return (MODULE_PARAMS / name).read_text().strip()
 
