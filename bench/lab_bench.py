@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
+from tracer.pfsched import control  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
 from tracer.record.calibrate import accuracy  # noqa: E402
 
@@ -66,11 +67,21 @@ def self_timed(before: dict, after: dict, seconds: float) -> dict:
             "seconds": seconds, "rate_per_s": switches / seconds if seconds else None}
 
 
+def merged_hist(bdfs: list[str]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for b in bdfs:
+        for low, n in control.total_hist(b).items():
+            out[low] = out.get(low, 0) + n
+    return out
+
+
 def measure(bdfs: list[str], seconds: float) -> dict:
-    before, t0 = snapshot(bdfs), time.monotonic()
+    before, t0, hist0 = snapshot(bdfs), time.monotonic(), merged_hist(bdfs)
     time.sleep(seconds)
-    after, t1 = snapshot(bdfs), time.monotonic()
+    after, t1, hist1 = snapshot(bdfs), time.monotonic(), merged_hist(bdfs)
     out = self_timed(before, after, t1 - t0)
+    # pf_sched's own histogram of the window's switches: its percentiles (JSON: str keys)
+    out["hist"] = {str(k): v for k, v in control.hist_delta(hist1, hist0).items()}
     out["seq"] = {str(after[b]["pf"]): [before[b]["seq"], after[b]["seq"]] for b in bdfs}
     return out
 
@@ -190,9 +201,15 @@ def combine(windows: list[dict], attaches: dict[str, str]) -> list[dict]:
         switches = sum(w["switches"] for w in mine)
         total = sum(w["mean_ns"] * w["switches"] for w in mine)
         ready = [w["ready_s"] for w in mine if w.get("ready_s") is not None]
+        hist: dict[int, int] = {}
+        for w in mine:
+            for low, n in (w.get("hist") or {}).items():
+                hist[int(low)] = hist.get(int(low), 0) + n
         row = {"case": name, "attaches": what, "windows": len(mine), "switches": switches,
                "mean_ns": total / switches if switches else None,
                "window_means_ns": [w["mean_ns"] for w in mine],
+               "p50_ns": control.hist_quantile(hist, 0.5),
+               "p90_ns": control.hist_quantile(hist, 0.9),
                "ready_s": sum(ready) / len(ready) if ready else None}
         if errors:
             row["error"] = errors[0]

@@ -186,3 +186,13 @@ def test_table_escapes_pipes_inside_cells():
     lines = report.table(["goal", "x"], [["median |a - b|", "1"]])
     assert lines[2] == "| median \\|a - b\\| | 1 |"
     assert all(l.count("|") - l.count("\\|") == 3 for l in lines)
+
+
+def test_a_cases_percentiles_pool_its_windows_histograms():
+    windows = [{"case": "none", "mean_ns": 100.0, "switches": 2, "hist": {"96": 1, "112": 1}},
+               {"case": "none", "mean_ns": 110.0, "switches": 2, "hist": {"112": 2}},
+               {"case": "vftrace window", "mean_ns": 120.0, "switches": 1}]
+    rows = {r["case"]: r for r in lab_bench.combine(windows, {"none": "", "vftrace window": ""})}
+    # 4 switches: one in [96, 102), three in [112, 119): the median is in the second
+    assert 112 <= rows["none"]["p50_ns"] < 119 and rows["none"]["p90_ns"] < 119
+    assert rows["vftrace window"]["p50_ns"] is None          # an older run: no histogram
