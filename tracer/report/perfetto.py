@@ -95,8 +95,9 @@ class TraceBuilder:
         self.vendor = meta.get("kvm_vendor")
         # Columns not measured (a shallower --depth) are left out of the args, and a
         # switch is not split into revoke and grant without the split's hook.
-        self.key_args = tuple(c for c in SWITCH_KEY_ARGS if c not in unmeasured(meta))
-        self.split = "revoke_ns" not in unmeasured(meta)
+        skip = unmeasured(meta)
+        self.key_args = tuple(c for c in SWITCH_KEY_ARGS if c not in skip)
+        self.split = "revoke_ns" not in skip
         self.pf_tracks: dict[int, Track] = {}
         self.switch_keys: set[tuple[int, int]] = set()                   # (pf, seq)
         self.vcpu_tracks: dict[tuple[int, int], Track] = {}             # (pid, tid)

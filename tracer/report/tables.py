@@ -64,11 +64,12 @@ def capture_rows(cap: Capture) -> list[Row]:
     return [replace(r, **dict.fromkeys(gone)) for r in rows] if gone else rows
 
 
-# Row fields computed from a column a capture may not have measured (None there).
-ROW_NEEDS = {"revoke_mean": ("revoke_ns",), "grant_mean": ("grant_ns",),
-             "revoke_share": ("revoke_ns",), "exits_per_switch": ("kvm_exits",),
-             "exit_ns_per_switch": ("exit_ns",), "blocked_per_switch": ("blocked_accesses",),
-             "blocked_ns_per_switch": ("blocked_ns",)}
+# Row fields that are a group column's quantity, so they need what it needs (None where
+# the capture did not measure that).
+ROW_NEEDS = {field: gc.BY_NAME[column].needs for field, column in (
+    ("revoke_mean", "revoke"), ("grant_mean", "grant"), ("revoke_share", "revoke_share"),
+    ("exits_per_switch", "exits"), ("exit_ns_per_switch", "exit_time"),
+    ("blocked_per_switch", "blocked"), ("blocked_ns_per_switch", "blocked_time"))}
 
 
 def comparison_groups(captures: list[Capture]) -> list[tuple[Capture, GroupStats]]:
