@@ -130,6 +130,7 @@ struct pf_counters {
 	u64 switches;
 	struct pf_stat revoke, grant, total;
 	u64 map_calls, map_bytes, unmap_calls, unmap_bytes, map_errors;
+	u64 zap_calls;			/* unmap_mapping_range() of a revoked VF */
 	u64 blocked_accesses, blocked_wait_ns;
 };
 
@@ -385,26 +386,28 @@ static int pf_iommu_grant(struct pf_dev *pf, unsigned int vf)
 	return ret;
 }
 
-/* Revoke the IOVA window: one unmap call for the whole BAR. */
+/* Revoke the IOVA window: one unmap call for the whole BAR.  The caller has just zapped
+ * the VF's user mappings (one unmap_mapping_range()), counted here under the same lock. */
 static void pf_iommu_revoke(struct pf_dev *pf, unsigned int vf, bool batched)
 {
 	struct iommu_iotlb_gather gather;
-	size_t n;
+	size_t n = 0;
 
-	if (!pf->domain)
-		return;
-	if (batched) {
+	if (pf->domain && batched) {
 		iommu_iotlb_gather_init(&gather);
 		n = iommu_unmap_fast(pf->domain, pf_iova(vf), pf->bar_size, &gather);
 		iommu_iotlb_sync(pf->domain, &gather);
-	} else {
+	} else if (pf->domain) {
 		n = iommu_unmap(pf->domain, pf_iova(vf), pf->bar_size);
 	}
 	spin_lock(&pf->lock);
-	pf->c.unmap_calls++;
-	pf->c.unmap_bytes += n;
+	pf->c.zap_calls++;
+	if (pf->domain) {
+		pf->c.unmap_calls++;
+		pf->c.unmap_bytes += n;
+	}
 	spin_unlock(&pf->lock);
-	if (n != pf->bar_size)
+	if (pf->domain && n != pf->bar_size)
 		dev_err_ratelimited(&pf->pdev->dev, "unmap VF %u: %zu of %zu bytes\n",
 				    vf, n, pf->bar_size);
 }
@@ -838,6 +841,7 @@ static int pf_stats_show(struct seq_file *m, void *unused)
 	seq_printf(m, "map_errors %llu\n", snap.map_errors);
 	seq_printf(m, "unmap_calls %llu\n", snap.unmap_calls);
 	seq_printf(m, "unmap_bytes %llu\n", snap.unmap_bytes);
+	seq_printf(m, "zap_calls %llu\n", snap.zap_calls);
 	seq_printf(m, "blocked_accesses %llu\n", snap.blocked_accesses);
 	seq_printf(m, "blocked_wait_ns %llu\n", snap.blocked_wait_ns);
 	seq_printf(m, "grant_seq %llu\n", snap.grant_seq);
