@@ -16,6 +16,7 @@ from tracer.model.schema import DEPTHS
 TRACEFS = Path("/sys/kernel/tracing")
 SYNTH = "vft_check_exit"
 ENTRY_KEY = re.compile(r"\{\s*(\w+):\s*(\d+)\s*\}\s*hitcount:\s*(\d+)(.*)$")
+LOG2_KEY = re.compile(r"\{\s*lat:\s*~\s*2\^(\d+)\s*\}\s*hitcount:\s*(\d+)")
 
 
 def _write(path: Path, text: str, append: bool = False) -> None:
@@ -44,6 +45,7 @@ class ExitLatency:
     ENTRY_TRIGGER = (f"hist:keys=common_pid:lat=common_timestamp-$ts0:"
                      f"onmatch(kvm.kvm_exit).trace({SYNTH},common_pid,$lat)")
     SYNTH_TRIGGER = "hist:keys=tid:vals=hitcount,lat"
+    LOG2_TRIGGER = "hist:keys=lat.log2:vals=hitcount"      # exits per latency octave
 
     def __init__(self) -> None:
         self.exit_dir = TRACEFS / "events/kvm/kvm_exit"
@@ -57,6 +59,7 @@ class ExitLatency:
         _write(TRACEFS / "trace_clock", "mono")
         _write(TRACEFS / "synthetic_events", f"{SYNTH} int tid; u64 lat")
         _write(self.synth_dir / "trigger", self.SYNTH_TRIGGER)
+        _write(self.synth_dir / "trigger", self.LOG2_TRIGGER, append=True)
         _write(self.exit_dir / "trigger", self.EXIT_TRIGGER)
         _write(self.entry_dir / "trigger", self.ENTRY_TRIGGER)
         return self
@@ -70,11 +73,22 @@ class ExitLatency:
         return {tid: (v["hitcount"], v.get("lat", 0))
                 for tid, v in _read_hist(self.synth_dir / "hist").items()}
 
+    def latency_log2(self) -> dict[int, int]:
+        """Exits ended, per latency bucket: {b: count} for ns in (2^(b-1), 2^b] (the
+        hist's ``.log2``: ilog2(roundup_pow_of_two(ns)))."""
+        out: dict[int, int] = {}
+        for line in (self.synth_dir / "hist").read_text().splitlines():
+            m = LOG2_KEY.match(line.strip())
+            if m:
+                out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(m.group(2))
+        return out
+
     def __exit__(self, *exc) -> None:
         # Removed in reverse order: the entry hist refers to the exit one and the
         # synthetic event; the synthetic event goes last.
         for path, trigger in ((self.entry_dir, self.ENTRY_TRIGGER),
                               (self.exit_dir, self.EXIT_TRIGGER),
+                              (self.synth_dir, self.LOG2_TRIGGER),
                               (self.synth_dir, self.SYNTH_TRIGGER)):
             try:
                 _write(path / "trigger", "!" + trigger)

@@ -7,6 +7,8 @@ file's kvm_exit rows give each exit's start, duration and switch.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tests.lab import kernel_counts, labutil, pfsched
@@ -27,7 +29,7 @@ def test_exits_and_their_time_match_the_kernels_count_and_stay_with_their_switch
             guests, _, err = record_with_guests(
                 csv, mode=mode, vms=2, vcpus=1, duration=SECONDS,
                 record_args=["--calls", str(calls_csv)])
-            began, ended = kernel.exits(), kernel.latency()
+            began, ended, octaves = kernel.exits(), kernel.latency(), kernel.latency_log2()
     meta, rows, problems = read_capture(csv)
     assert not problems, problems
     assert meta["lost_total"] == 0, err
@@ -41,18 +43,26 @@ def test_exits_and_their_time_match_the_kernels_count_and_stay_with_their_switch
     assert sum(e["count"] for e in exits) == k_began
 
     # 2. Their time: the kernel's own latency sum against vftrace's, over the exits that
-    #    ended.  Each end differs only by where on the tracepoint each clock was read.
+    #    ended.  The two read their clocks in different programs on the same tracepoints,
+    #    and a pause of the lab's vCPU between those reads (the host descheduling a TCG
+    #    thread, up to ms; CI runs two VMs on two cores) is in one measure and not the
+    #    other.  Exit by exit they differ by up to ~0.9 ms against ftrace's own events,
+    #    in both directions; totals mostly agree within 1.5%, and -8% and -10% were seen
+    #    with long mmap exits on a loaded host: hence 15%.  How many exits fall in the
+    #    kernel's octave (its log2 histogram) is printed, not held: 81-99% seen.
     k_ended = sum(n for n, _ in ended.values())
     k_ns = sum(ns for _, ns in ended.values())
     calls = [c for c in iter_calls(calls_csv) if c.kind == "kvm_exit"]
-    assert len(calls) == k_ended
+    assert len(calls) == k_ended == sum(octaves.values())
     v_ns = sum(e["ns"] for e in exits)
     assert v_ns == sum(c.ns for c in calls)
+    mine = Counter((c.ns - 1).bit_length() if c.ns > 0 else 0 for c in calls)
+    same = sum(min(n, octaves.get(b, 0)) for b, n in mine.items())
     print(f"{mode}: exits began {k_began}, ended {k_ended}; kernel {k_ns} ns, "
-          f"vftrace {v_ns} ns ({(v_ns - k_ns) / k_ns:+.3%}); "
-          f"late-joined {meta['late_exits']}; rows {len(rows)}; "
+          f"vftrace {v_ns} ns ({(v_ns - k_ns) / k_ns:+.3%}); in the kernel's octave "
+          f"{same / k_ended:.2%}; late-joined {meta['late_exits']}; rows {len(rows)}; "
           f"runs the kernel skipped {skipped}")
-    assert abs(v_ns - k_ns) <= 0.02 * k_ns, (v_ns, k_ns)
+    assert abs(v_ns - k_ns) <= 0.15 * k_ns, (v_ns, k_ns)
 
     # 3. Per switch: an exit counts and is timed in the switch it began in, and no
     #    other; exits that outlived their window still reach it (joined after it).
