@@ -819,11 +819,17 @@ static int pf_stats_show(struct seq_file *m, void *unused)
 	struct pf_counters snap;
 	int active;
 
-	/* copy under the lock, print outside it: a consistent snapshot */
+	/*
+	 * Copy under the lock, print outside it: a consistent snapshot.  switch_lock
+	 * keeps it between switches: taken mid-switch, it would show the revoke's
+	 * unmap counted and the grant's map not yet (map_calls == unmap_calls).
+	 */
+	mutex_lock(&pf->switch_lock);
 	spin_lock(&pf->lock);
 	snap = pf->c;
 	active = READ_ONCE(pf->active);
 	spin_unlock(&pf->lock);
+	mutex_unlock(&pf->switch_lock);
 
 	seq_printf(m, "pf %d\n", pf->index);
 	seq_printf(m, "mode %s\n", pf->domain ? "iommu" : "noiommu");

@@ -114,14 +114,18 @@ _EVENT = re.compile(r"\s(\w+): (pf=\S+.*)$")
 
 
 @contextlib.contextmanager
-def trace_instance(events: list[str], name: str = "pf_sched_test"):
-    """An ftrace instance with ``events`` (``system/event``) enabled."""
+def trace_instance(events: list[str], name: str = "pf_sched_test", event_filter: str = ""):
+    """An ftrace instance with ``events`` (``system/event``) enabled.  ``event_filter``
+    is set on each event before it is enabled: set after, the buffer can already hold
+    events it would have dropped (another task's DMA unmap, say)."""
     inst = TRACING / "instances" / f"{name}_{os.getpid()}"
     inst.mkdir()
     enabled = []
     try:
         (inst / "buffer_size_kb").write_text("8192")
         for ev in events:
+            if event_filter:
+                (inst / "events" / ev / "filter").write_text(event_filter)
             (inst / "events" / ev / "enable").write_text("1")
             enabled.append(ev)
         yield inst
@@ -655,10 +659,8 @@ def test_unmap_modes(pfs, mode):
     with kprobes({"unmap": "iommu_unmap", "unmap_fast": "iommu_unmap_fast",
                   "map": "iommu_map"}):
         probes = ["pftest/unmap", "pftest/unmap_fast", "pftest/map"]
-        with trace_instance(probes, name="pf_sched_kp") as inst:
-            for ev in probes:
-                comms = " || ".join(f'comm == "pf_sched/{p.index}"' for p in pfs)
-                (inst / "events" / ev / "filter").write_text(comms)
+        comms = " || ".join(f'comm == "pf_sched/{p.index}"' for p in pfs)
+        with trace_instance(probes, name="pf_sched_kp", event_filter=comms) as inst:
             set_param("enabled", 1)
             time.sleep(0.6)
             set_param("enabled", 0)
