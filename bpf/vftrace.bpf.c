@@ -30,6 +30,8 @@
  *   SYNC_FUNC      the IOMMU driver's iotlb_sync (fentry only; kprobes attach by name)
  *   HAVE_KVM_TP, HAVE_ACCESS_TP, USE_RINGBUF, EMIT_CALLS, RINGBUF_PAGES
  *   CALIB_FUNC, CALIB_MODE, CALIB_TGID: the floor's near-empty function, and who calls it
+ *   COST_FUNC, COST_FENTRY: the cost calibration's near-empty function, and whether an
+ *                  fentry pair of the production handlers is compiled for it
  *   VFT_TASK_STACK_OFFSET  offsetof(struct task_struct, stack) from the kernel's BTF
  *                  (tracer/kernel/btf.py); without it, <linux/sched.h> gives it
  */
@@ -164,6 +166,10 @@ BPF_ARRAY(irq_test_off, u32, 1);  /* set by user space when that self-check fail
  * window or call seen half-way (its begin missed, its window's probe not yet in) would
  * be misattributed. */
 BPF_ARRAY(armed, u32, 1);
+/* Set by user space while it calibrates the probes' costs (before arming): then our own
+ * task (CALIB_TGID), and only it, opens cost windows and has its calls counted. */
+BPF_ARRAY(calibrating, u32, 1);
+BPF_ARRAY(cost_window, struct vft_switch, 1);         /* the last cost window's record */
 
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
@@ -229,6 +235,19 @@ static __always_inline int is_armed(void)
 static __always_inline u32 current_tid(void)
 {
 	return (u32)bpf_get_current_pid_tgid();
+}
+
+/* Armed, or calibrating and this is our own task: checked only when not armed, so a
+ * recording's programs pay one lookup for it, as before. */
+static __always_inline int is_open(void)
+{
+	u32 zero = 0;
+	u32 *c;
+
+	if (is_armed())
+		return 1;
+	c = calibrating.lookup(&zero);
+	return c && *c && (bpf_get_current_pid_tgid() >> 32) == CALIB_TGID;
 }
 
 /*
@@ -385,7 +404,7 @@ static __always_inline int window_begin(u32 pf, u64 seq, s32 from_vf, s32 to_vf)
 {
 	u32 tid = current_tid();
 
-	if (!is_armed())
+	if (!is_armed() && !(pf == VFT_COST_PF && is_open()))
 		return 0;
 	u32 *held = task_slot.lookup(&tid);
 	if (held) {             /* a source that nests, or a missed end: drop the open one */
@@ -488,7 +507,10 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	w->rec.source_revoke_ns = source_revoke_ns;
 	w->rec.source_grant_ns = source_grant_ns;
 	w->rec.cpu = bpf_get_smp_processor_id();
-	emit_switch(ctx, &w->rec);
+	if (w->rec.pf == VFT_COST_PF)
+		cost_window.update(&zero, &w->rec);
+	else
+		emit_switch(ctx, &w->rec);
 	release_slot(w);
 	return 0;
 }
@@ -575,7 +597,7 @@ static __always_inline int call_enter(u64 sp, u32 kind, u64 size)
 		if (!on_task_stack(sp) && (bpf_get_current_pid_tgid() >> 32) == CALIB_TGID && n)
 			__sync_fetch_and_add(n, 1);
 	} else {
-		if (!is_armed())
+		if (!is_open())
 			return 0;
 		/* Not the interrupted task's call: never its start (keyed by tid), never timed. */
 		if (in_interrupt_ctx(sp)) {
@@ -643,7 +665,8 @@ static __always_inline void emit_call(void *ctx, u32 kind, u64 start, u64 ns, u6
 #endif
 }
 
-static __always_inline int call_exit(void *ctx, u64 sp, u32 kind)
+/* @mode: MODE_FENTRY or MODE_KPROBE, the probe pair this return ends (a hit counted) */
+static __always_inline int call_exit(void *ctx, u64 sp, u32 kind, u32 mode)
 {
 	u64 now = bpf_ktime_get_ns();
 	u32 tid = current_tid();
@@ -681,6 +704,10 @@ static __always_inline int call_exit(void *ctx, u64 sp, u32 kind)
 		emit_call(ctx, kind, start, ns, size, 0, 0, 0);
 		return 0;
 	}
+	if (mode == MODE_FENTRY)
+		w->rec.fentry_hits++;
+	else
+		w->rec.kprobe_hits++;
 	switch (kind) {
 	case VFT_IOMMU_MAP:
 		if (!w->grant_start)
@@ -707,6 +734,7 @@ static __always_inline int call_exit(void *ctx, u64 sp, u32 kind)
 		w->rec.mmu_ns += ns;
 		break;
 	case VFT_MMU_NOTIFIER:
+		w->rec.mmu_notifier_calls++;
 		w->rec.mmu_notifier_ns += ns;
 		break;
 	}
@@ -724,8 +752,10 @@ static __always_inline int count_kick(u64 sp)
 		return 0;
 	}
 	struct window *w = task_window(tid);
-	if (w)
+	if (w) {
 		w->rec.vcpu_kicks++;
+		w->rec.entry_hits++;
+	}
 	return 0;
 }
 
@@ -736,7 +766,7 @@ static __always_inline int count_kick(u64 sp)
  */
 #define FENTRY_PAIR(fn, kind, size_expr, args...)                               \
 	KFUNC_PROBE(fn, args) { return call_enter((u64)ctx, kind, size_expr); }  \
-	KRETFUNC_PROBE(fn) { return call_exit(ctx, (u64)ctx, kind); }
+	KRETFUNC_PROBE(fn) { return call_exit(ctx, (u64)ctx, kind, MODE_FENTRY); }
 #define FENTRY_PAIR_X(fn, kind, size_expr, args...) FENTRY_PAIR(fn, kind, size_expr, args)
 
 #if MAP_MODE == MODE_FENTRY
@@ -758,25 +788,55 @@ FENTRY_PAIR(unmap_mapping_range, VFT_MMU_ZAP, holelen, void *mapping, s64 holebe
 #if CALIB_MODE == MODE_FENTRY
 FENTRY_PAIR_X(CALIB_FUNC, VFT_CALIB_FENTRY, 0, void *p)
 #endif
+#if COST_FENTRY
+/* The production fentry pair's code on the cost calibration's function (an fentry
+ * program is bound to its function at load); attached only while calibrating. */
+FENTRY_PAIR_X(COST_FUNC, VFT_IOMMU_UNMAP, 0, void *p)
+#endif
 
 /* kprobes: the probed code's stack pointer, for on_task_stack() */
 #define SP(ctx) PT_REGS_SP(ctx)
 int kp_map(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_IOMMU_MAP, PT_REGS_PARM4(ctx)); }
-int krp_map(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOMMU_MAP); }
+int krp_map(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOMMU_MAP, MODE_KPROBE); }
 int kp_unmap(struct pt_regs *ctx)
 {
 	return call_enter(SP(ctx), VFT_IOMMU_UNMAP, PT_REGS_PARM3(ctx));
 }
-int krp_unmap(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOMMU_UNMAP); }
+int krp_unmap(struct pt_regs *ctx)
+{
+	return call_exit(ctx, SP(ctx), VFT_IOMMU_UNMAP, MODE_KPROBE);
+}
 int kp_sync(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_IOTLB_SYNC, 0); }
-int krp_sync(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_IOTLB_SYNC); }
+int krp_sync(struct pt_regs *ctx)
+{
+	return call_exit(ctx, SP(ctx), VFT_IOTLB_SYNC, MODE_KPROBE);
+}
 int kp_zap(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_MMU_ZAP, PT_REGS_PARM3(ctx)); }
-int krp_zap(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_MMU_ZAP); }
+int krp_zap(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_MMU_ZAP, MODE_KPROBE); }
 int kp_notifier(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_MMU_NOTIFIER, 0); }
-int krp_notifier(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_MMU_NOTIFIER); }
+int krp_notifier(struct pt_regs *ctx)
+{
+	return call_exit(ctx, SP(ctx), VFT_MMU_NOTIFIER, MODE_KPROBE);
+}
 int kp_calib(struct pt_regs *ctx) { return call_enter(SP(ctx), VFT_CALIB_KPROBE, 0); }
-int krp_calib(struct pt_regs *ctx) { return call_exit(ctx, SP(ctx), VFT_CALIB_KPROBE); }
+int krp_calib(struct pt_regs *ctx)
+{
+	return call_exit(ctx, SP(ctx), VFT_CALIB_KPROBE, MODE_KPROBE);
+}
 int kp_kick(struct pt_regs *ctx) { return count_kick(SP(ctx)); }
+
+/* Cost windows' bookends: security_task_prctl(option, ...), attached while calibrating.
+ * Other options, and other tasks' prctl calls, pass through. */
+int kp_cost_bookend(struct pt_regs *ctx)
+{
+	u64 option = PT_REGS_PARM1(ctx);
+
+	if (option == VFT_COST_BEGIN)
+		return window_begin(VFT_COST_PF, 1, -1, -1);
+	if (option == VFT_COST_END && is_open())
+		return window_end(ctx, 0, 0, 0);
+	return 0;
+}
 
 /* vfio_iommu_type1_ioctl(iommu_data, cmd, arg): DMA map/unmap from user space. */
 int kp_vfio_ioctl(struct pt_regs *ctx)
@@ -798,8 +858,8 @@ int kp_vfio_ioctl(struct pt_regs *ctx)
 
 int krp_vfio_ioctl(struct pt_regs *ctx)
 {
-	call_exit(ctx, SP(ctx), VFT_VFIO_MAP_DMA);      /* only the one entered has a start */
-	return call_exit(ctx, SP(ctx), VFT_VFIO_UNMAP_DMA);
+	call_exit(ctx, SP(ctx), VFT_VFIO_MAP_DMA, MODE_KPROBE);      /* only the one entered has a start */
+	return call_exit(ctx, SP(ctx), VFT_VFIO_UNMAP_DMA, MODE_KPROBE);
 }
 
 /* ---- KVM exits --------------------------------------------------------------------- */

@@ -57,6 +57,17 @@
 #endif
 #define VFT_CALIB_SAMPLES 4096
 
+/*
+ * Cost calibration (tracer/kernel/costs.py): before arming, our own task opens windows
+ * with prctl(VFT_COST_BEGIN) and closes them with prctl(VFT_COST_END), and in between
+ * calls a near-empty kernel function (COST_FUNC) to which the production programs of one
+ * hook type are attached.  Those windows have pf VFT_COST_PF; their record goes to the
+ * cost_window map, never to the switches buffer.
+ */
+#define VFT_COST_PF 4294967294
+#define VFT_COST_BEGIN 1447449601       /* prctl options no kernel has: 0x56465401 */
+#define VFT_COST_END 1447449602
+
 /* One switch window, assembled in the kernel and emitted at the window's end. */
 struct vft_switch {
 	__u64 seq;
@@ -89,6 +100,11 @@ struct vft_switch {
 	__u32 kvm_exits;
 	__u32 vcpu_kicks;
 	__u32 exits_pending;    /* of kvm_exits, not ended at the close: VFT_JOIN_EXITs to come */
+	__u32 mmu_notifier_calls;
+	/* below: our own probe runs on the window's task while it was open, by type */
+	__u32 fentry_hits;      /* fentry+fexit pairs (tracer/model/correction.py) */
+	__u32 kprobe_hits;      /* kprobe+kretprobe pairs */
+	__u32 entry_hits;       /* single entry kprobes (vCPU kicks) */
 };
 
 /* One timed call (written only with --calls). */

@@ -26,6 +26,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 from textual.worker import get_current_worker
 
+from tracer.model import group_columns as gc
 from tracer.model.group_columns import NOT_MEASURED
 from tracer.model.schema import NO_VF
 from tracer.model.units import fmt_ns, fmt_rate
@@ -114,7 +115,7 @@ class VftraceApp(App):
                                     vfs=set(vfs) if vfs is not None else None,
                                     max_records=max_records,
                                     vendor=self.header_info.kvm_vendor)
-        self.model.account(self.header_info.meta)   # a capture recorded with --pf/--vf
+        self.model.use_meta(self.header_info.meta)  # probe costs; --pf/--vf left out
         self.export_dir = Path(export_dir) if export_dir is not None else Path.cwd()
         self.handle_signals = handle_signals
         self.refresh_hz, self.coalesce_s = refresh_hz, coalesce_s
@@ -299,6 +300,8 @@ class VftraceApp(App):
         snap = self.model.snapshot(now) if tables or plot else None
         self._shown_counts = ((snap.records, snap.seq_gaps_total) if snap is not None
                               else self.model.counts())
+        if snap is not None and snap.records:
+            self._own_line = gc.own_cost_line(snap.overall, self.header_info.meta)
         self._update_header()
         self._update_switches()
         if tables:
@@ -344,7 +347,9 @@ class VftraceApp(App):
         if model.pfs is not None or model.vfs is not None:
             line2.append(f"  filter {_filter_text(model.pfs, model.vfs)}", "bold magenta")
         line2.append(f"  floor {_floor_text(info.floor_ns)}")
-        lines = [line1, line2]
+        line3 = Text(getattr(self, "_own_line", "vftrace's own cost: no switches yet"))
+        line3.append(f"  (per probe run: {gc.probe_costs_text(info.meta)})", "dim")
+        lines = [line1, line2, line3]
         notes = list(info.warnings) + model.problems[-3:]
         if notes:
             lines.append(Text("! " + "; ".join(notes), "yellow"))

@@ -16,6 +16,7 @@ import numpy as np
 
 from tracer.capture.files import CaptureWriter
 from tracer.model import group_columns as gc
+from tracer.model.correction import Correction
 from tracer.model.filter import FilterGate, merge_meta
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
 
@@ -56,6 +57,7 @@ class DashboardModel:
         self.pfs, self.vfs = pfs, vfs
         self.store = RecordStore(max_records)
         self.guests = GuestModel(vendor)
+        self.correction: Correction | None = None     # the source's (use_meta)
         self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
         self.sort_index = 0
         self.lost: dict[int, int] = {}
@@ -104,6 +106,13 @@ class DashboardModel:
         if batch.finished:
             self._apply_upstream(whole=True)
 
+    def use_meta(self, source_meta: dict | None) -> None:
+        """The source's meta: what the capture was recorded with.  Its probe costs give
+        the corrected switch times (tracer/model/correction.py)."""
+        self.correction = Correction.from_meta(source_meta)
+        self.stats.set_correction(self.correction)
+        self.account(source_meta)
+
     def account(self, source_meta: dict | None) -> None:
         """The capture being shown was recorded with --pf/--vf: what its recorder left out
         (meta ``filtered_out``) counts as left out, not as seq gaps.  The first and last
@@ -141,7 +150,7 @@ class DashboardModel:
     def set_filters(self, pfs: set[int] | None, vfs: set[int] | None, now: float) -> None:
         """``f``: a new Stats with these filters, rebuilt from every kept record."""
         self.pfs, self.vfs = pfs, vfs
-        self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs)
+        self.stats = Stats(self.budget_ns, pfs=pfs, vfs=vfs, correction=self.correction)
         self._clear_views()
         self._apply_upstream(whole=self.finished)
         rows = self.store.rows()

@@ -21,13 +21,12 @@ from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields
                             header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
-from tracer.model.schema import (CALL_COLUMNS, COLUMNS, DEFAULT_DEPTH, CallRecord, SwitchRecord,
-                                 depth_of, unmeasured)
+from tracer.model.schema import (CALL_COLUMNS, CALL_COLUMNS_ADDED, COLUMNS, COLUMNS_ADDED,
+                                 DEFAULT_DEPTH, CallRecord, SwitchRecord, depth_of, unmeasured)
 
 MAX_PROBLEMS = 50                 # problem lines kept per batch (the count is kept apart)
 REPLAY_CHUNK = 2048               # records per batch at --speed max
 FOLLOW_READ_BYTES = 4 << 20       # per poll, so a huge backlog still streams in steps
-CALL_OPTIONAL = frozenset({"tid", "vcpu", "pf"})   # absent from 0.1.0's call files
 
 
 @dataclass
@@ -127,7 +126,7 @@ def check_capture(path: Path) -> None:
         header = next(csv.reader([first.removeprefix("\ufeff")]), [])
     except csv.Error:
         header = []
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in COLUMNS_ADDED]
     if not first or missing:
         hint = " (that is the metadata; give the .csv beside it)" \
             if path.name.endswith(".json") else ""
@@ -439,7 +438,7 @@ class FollowSource:
             raise VftraceError(f"{self.path}: not a regular file; give a capture CSV")
         self.poll_s, self.sleep = poll_s, sleep
         self.description = f"follow {self.path.name}"
-        self._switches = Tailer(self.path, COLUMNS, parse_switch)
+        self._switches = Tailer(self.path, COLUMNS, parse_switch, COLUMNS_ADDED)
         self._calls: Tailer | None = None
         self._meta_stamp: tuple | None = None
         self.meta: dict = {}
@@ -475,7 +474,7 @@ class FollowSource:
             self.meta, self._meta_problem = {}, f"{e}; header details unknown"
         cp = calls_path(self.path, self.meta)
         if cp is not None and (self._calls is None or self._calls.path != cp):
-            self._calls = Tailer(cp, CALL_COLUMNS, parse_call, CALL_OPTIONAL)
+            self._calls = Tailer(cp, CALL_COLUMNS, parse_call, CALL_COLUMNS_ADDED)
         return True
 
     def read(self, timeout: float) -> Batch:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tracer.model.correction import CORRECTED_COLUMNS
 from tracer.capture.files import (CallWriter, CaptureError, CaptureWriter, iter_calls,
                             iter_capture, meta_path, read_capture, read_meta)
 from tracer.model.schema import CALL_COLUMNS, COLUMNS, CallRecord, SwitchRecord
@@ -47,7 +48,7 @@ def test_round_trip_with_meta(tmp_path):
     for key in ("tool", "version", "kernel", "host", "start_time", "stop_time",
                 "switch_source", "probe_modes", "floor_ns", "budget_ns", "filters"):
         assert key in meta, key
-    assert meta["columns"] == list(COLUMNS)
+    assert meta["columns"] == [*COLUMNS, *CORRECTED_COLUMNS]
     assert meta["probe_modes"] == {"iommu_map": "fentry"} and meta["budget_ns"] == 100_000
     assert meta["start_time"].endswith("Z") and "T" in meta["start_time"]
 
@@ -57,7 +58,8 @@ def test_meta_written_at_start_incomplete(tmp_path):
     w = CaptureWriter(path, META)
     try:
         started = json.loads(meta_path(path).read_text())
-        assert started["complete"] is False and started["columns"] == list(COLUMNS)
+        assert started["complete"] is False and started["columns"] == [*COLUMNS,
+                                                                        *CORRECTED_COLUMNS]
         _, _, problems = read_capture(path)
         assert any("not complete" in p for p in problems)
     finally:
@@ -71,11 +73,37 @@ def test_csv_module_parses_plain_integers(tmp_path):
     write(path, [rec(i) for i in range(5)])
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert tuple(rows[0]) == COLUMNS
+    assert tuple(rows[0]) == (*COLUMNS, *CORRECTED_COLUMNS)
     assert len(rows) == 6
-    assert all(field.lstrip("-").isdigit() for row in rows[1:] for field in row)
-    assert [int(x) for x in rows[1]] == list(rec(0).as_row())
+    n = len(COLUMNS)
+    assert all(field.lstrip("-").isdigit() for row in rows[1:] for field in row[:n])
+    assert all(field == "" for row in rows[1:] for field in row[n:])   # no probe costs
+    assert [int(x) for x in rows[1][:n]] == list(rec(0).as_row())
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_corrected_columns_follow_the_record_columns_when_costs_are_known(tmp_path):
+    from tracer.model.correction import Correction
+    meta = {"switch_source": "pf_sched", "probe_modes": {"iommu_map": "fentry"},
+            "floor_ns": {"fentry": {"median_ns": 50, "p10_ns": 40, "p90_ns": 60}},
+            "probe_costs": {"types": ["fentry"],
+                            "fentry": {"median_ns": 900, "p10_ns": 800, "p90_ns": 1200}}}
+    recs = [rec(i) for i in range(50)]
+    for i, r in enumerate(recs):
+        r.fentry_hits, r.source_ns = i % 4, 10_000 + i
+    path = tmp_path / "c.csv"
+    with CaptureWriter(path, meta) as w:
+        w.write_many(recs[:25])
+        for r in recs[25:]:
+            w.write(r)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    n = len(COLUMNS)
+    c = Correction.from_meta(meta)
+    assert [tuple(int(x) for x in row[n:]) for row in rows[1:]] == [c.values(r) for r in recs]
+    assert [int(row[n]) for row in rows[1:5]] == [10_000, 10_001 - 900, 10_002 - 1800,
+                                                   10_003 - 2700]
+    assert list(iter_capture(path)) == recs         # readers take the record columns
 
 
 def test_follower_sees_whole_rows_within_flush_interval(tmp_path):

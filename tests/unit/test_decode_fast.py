@@ -16,13 +16,14 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from tracer.capture import files as capture
 from tracer.capture.files import CaptureError, CaptureWriter, iter_capture
 from tracer.kernel import layout
 from tracer.kernel.engine import CALL_READ, SWITCH_READ, Engine
+from tracer.model.correction import CORRECTED_COLUMNS
 from tracer.model.schema import INT64_MAX
 from tracer.kernel.probes import Plan
 from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord
@@ -140,6 +141,7 @@ def test_switch_extremes_read_as_the_kernel_wrote_them():
                                                  st.integers(0, 2**32 - 1)))
 @example(values={**extremes(CALL, 1), "seq": 0}, kind=8)
 def test_call_decoding_matches_ctypes(values, kind):
+    assume(values.get("pf") != layout.header().constants["VFT_COST_PF"])
     sample = Sample(CALL, {**values, "kind": kind})
     eng, _, calls = engine()
     writable = max(values[k] for k in CALL_READ[1:] if k in values) <= INT64_MAX
@@ -148,6 +150,15 @@ def test_call_decoding_matches_ctypes(values, kind):
         if writable:
             assert calls.pop() == call_via_ctypes(data)
     assert not calls and eng.out_of_range == (0 if writable else 2)
+
+
+def test_a_cost_calibration_call_is_not_a_record():
+    eng, _, calls = engine()
+    cost_pf = layout.header().constants["VFT_COST_PF"]
+    for pf in (cost_pf, 3):
+        sample = Sample(CALL, {"kind": 2, "seq": 1, "pf": pf})
+        eng._on_call(sample.address)
+    assert [c.pf for c in calls] == [3]
 
 
 def test_call_outside_switches_has_no_seq():
@@ -283,8 +294,9 @@ def test_write_and_write_many_give_what_the_csv_module_writes(tmp_path):
     many.close()
     with open(tmp_path / "expect.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(COLUMNS)
-        w.writerows(r.as_row() for r in recs)
+        # no probe costs in the meta: the corrected columns are there, empty
+        w.writerow([*COLUMNS, *CORRECTED_COLUMNS])
+        w.writerows([*r.as_row(), *[""] * len(CORRECTED_COLUMNS)] for r in recs)
     expect = (tmp_path / "expect.csv").read_bytes()
     assert (tmp_path / "one.csv").read_bytes() == expect
     assert (tmp_path / "many.csv").read_bytes() == expect

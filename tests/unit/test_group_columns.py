@@ -94,7 +94,9 @@ def test_the_report_shows_the_spec_cells():
 
 def test_the_legend_explains_every_column_it_has_to():
     legend = tables.LEGEND
-    assert legend.startswith("P50..MAX: switch time; >BUDGET: share of switches over the budget")
+    assert legend.startswith("P50..MAX: switch time; P50_CORR: switch time less vftrace's own "
+                             "cost (± its uncertainty); OWN%: share of the switch time that was "
+                             "vftrace's own; >BUDGET: share of switches over the budget")
     for c in tables.COLUMNS:
         assert not c.meaning or c.header in legend or c.header in ("P90", "P99", "P99.9")
     assert "BLOCK_T/SW: mean time per switch in guest accesses blocked" in legend

@@ -45,6 +45,7 @@ class FakeEngine:
     def __init__(self, plan, *, budget_ns, on_switch, on_call=None):
         self.plan, self.on_switch, self.on_call = plan, on_switch, on_call
         self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
+        self.probe_costs = {}
         self.warnings = ["a hook failed"]
         self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
                                          late_exit_ns=50, orphan_exits=0, flush=lambda: None)

@@ -27,8 +27,10 @@ from typing import BinaryIO, Iterable, Iterator
 
 from tracer import __version__
 from tracer.errors import VftraceError
-from tracer.model.schema import (CALL_COLUMNS, COLUMNS, INT64_MAX, INT64_MIN, MAY_BE_UNMEASURED,
-                                 CallRecord, SwitchRecord, unmeasured)
+from tracer.model.schema import (CALL_COLUMNS, CALL_COLUMNS_ADDED, COLUMNS, COLUMNS_ADDED,
+                                 INT64_MAX, INT64_MIN, MAY_BE_UNMEASURED, CallRecord,
+                                 SwitchRecord, unmeasured)
+from tracer.model.correction import CORRECTED_COLUMNS, Correction
 from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_filtered_out
 
 FLUSH_S = 0.5
@@ -226,11 +228,16 @@ def _csv_text(rows: Iterable[tuple]) -> str:
 # Every switch column is an int, and an int never needs CSV quoting, so a row is its
 # values joined by commas: byte-for-byte what csv.writer writes (a test checks it), at
 # half its cost, which is what keeps the recorder above 200k records/s with the stats.
-def switch_row_format(unmeasured: Iterable[str] = ()) -> str:
+def switch_row_format(unmeasured: Iterable[str] = (), corrected: bool | None = None) -> str:
     """The row format: ``%d`` a column, an empty field (``%.0s``) for each column the
-    recorder did not measure, so that 0 always means a measured zero."""
+    recorder did not measure, so that 0 always means a measured zero.  ``corrected``:
+    the ``CORRECTED_COLUMNS`` follow, as values (True) or empty (False: no correction
+    known); None: the record columns only."""
     skip = set(unmeasured)
-    return ",".join("%.0s" if c in skip else "%d" for c in COLUMNS) + "\n"
+    fields = ["%.0s" if c in skip else "%d" for c in COLUMNS]
+    if corrected is not None:
+        fields += ["%d" if corrected else ""] * len(CORRECTED_COLUMNS)
+    return ",".join(fields) + "\n"
 
 
 _SWITCH_ROW_FORMAT = switch_row_format()
@@ -256,7 +263,9 @@ def _join_switch_lines(lines: list) -> str:
     try:
         return "".join(lines)
     except TypeError:               # a row _switch_line could not format: say why
-        format_switch_rows([row for row in lines if not isinstance(row, str)])
+        for row in lines:
+            if not isinstance(row, str):
+                [_ for v in row for _ in ("%d" % v,)]   # raises, naming the bad value
         raise
 
 
@@ -265,7 +274,9 @@ class CaptureWriter(_CsvSink):
 
     ``meta`` gives the run's description (``switch_source``, ``probe_modes``,
     ``floor_ns``, ``budget_ns``, ``filters``...); tool, version, kernel, host,
-    start_time and columns are filled in when not given.
+    start_time and columns are filled in when not given.  After the record columns come
+    the ``CORRECTED_COLUMNS`` (tracer/model/correction.py): computed from each record
+    and the meta's ``probe_costs``, empty when the meta has none.
     """
 
     def __init__(self, path: str | os.PathLike, meta: dict) -> None:
@@ -276,10 +287,13 @@ class CaptureWriter(_CsvSink):
             "tool": "vftrace", "version": __version__, "kernel": platform.release(),
             "host": socket.gethostname(), "start_time": utc_now(),
             "switch_source": None, "probe_modes": {}, "floor_ns": {}, "budget_ns": None,
-            "filters": {}, **meta, "columns": list(COLUMNS), "complete": False,
+            "filters": {}, **meta, "columns": [*COLUMNS, *CORRECTED_COLUMNS],
+            "complete": False,
         }
-        super().__init__(path, COLUMNS)
-        self._row_format = switch_row_format(unmeasured(self.meta))
+        super().__init__(path, (*COLUMNS, *CORRECTED_COLUMNS))
+        self._correction = Correction.from_meta(self.meta)
+        self._corrected = self._correction.values if self._correction else None
+        self._row_format = switch_row_format(unmeasured(self.meta), self._correction is not None)
         # Rows are queued already formatted (_switch_line): a str is not tracked by the
         # garbage collector, a tuple is (2048 queued ones set off three collections).
         self._format = _join_switch_lines
@@ -295,6 +309,8 @@ class CaptureWriter(_CsvSink):
         rows = self._rows
         row = _switch_row(rec)
         try:
+            if self._corrected is not None:
+                row += self._corrected(rec)
             rows.append(self._row_format % row)
         except (TypeError, ValueError):
             rows.append(row)
@@ -302,8 +318,8 @@ class CaptureWriter(_CsvSink):
             self.flush()
 
     def write_many(self, recs: Iterable[SwitchRecord]) -> None:
-        fmt = self._row_format
-        self._add_rows(_switch_line(rec, fmt) for rec in recs)
+        for rec in recs:
+            self.write(rec)
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
@@ -630,8 +646,9 @@ def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
             where = header_positions(header, columns, optional)
         except (csv.Error, ValueError) as e:
             raise CaptureError(f"{path}: {e}") from None
-        width = len(header)
-        in_order = where == list(range(width))   # as vftrace writes it: no reordering
+        width, n = len(header), len(columns)
+        # as vftrace writes it: no reordering, derived columns (if any) after them
+        in_order = where == list(range(n))
         for line in lines:
             if not at.whole:
                 if problems is not None:
@@ -645,7 +662,7 @@ def _rows(path: Path, columns: tuple[str, ...], problems: list[str] | None,
             if len(fields) != width:
                 raise CaptureError(f"{path}: line {at.number}: {len(fields)} fields, "
                                    f"header has {width}")
-            yield at.number, (fields if in_order else
+            yield at.number, (fields[:n] if in_order else
                               [fields[i] if i is not None else "0" for i in where])
 
 
@@ -654,7 +671,7 @@ def iter_capture(path: str | os.PathLike,
     """Stream the switch records of a capture CSV (the meta file is not needed)."""
     path = Path(path)
     plain = _PLAIN_ROW.fullmatch
-    for line, fields in _rows(path, COLUMNS, problems):
+    for line, fields in _rows(path, COLUMNS, problems, COLUMNS_ADDED):
         if plain(",".join(fields)):    # fields hold no comma: each is 1-18 digits, an int64
             yield SwitchRecord(*map(int, fields))
             continue
@@ -681,8 +698,6 @@ def read_capture(path: str | os.PathLike, require_meta: bool = True
         problems.append(f"meta says {meta['records']} records, the CSV has {len(records)}")
     return meta, records, problems
 
-
-CALL_COLUMNS_ADDED = frozenset({"tid", "vcpu", "pf"})   # absent from 0.1.0's call files
 
 
 def iter_calls(path: str | os.PathLike,

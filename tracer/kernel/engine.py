@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
-from . import layout, probes, proginfo
+from . import costs, layout, probes, proginfo
 from .assemble import Assembler
 from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
@@ -19,12 +19,14 @@ from ..model.schema import CALL_COLUMNS, COLUMNS, INT64_MAX, CallRecord, SwitchR
 
 CALIB_CALLS = 3000
 # What the kernel's vft_switch gives, in SwitchRecord order: all but over_budget, which is
-# decided here (blocked_* are absent from it and read as 0 until joins add to them).
-SWITCH_READ = COLUMNS[:-1]
+# decided here and spliced in (blocked_* are absent from it and read as 0 until joins
+# add to them).
+OVER_BUDGET = COLUMNS.index("over_budget")
+SWITCH_READ = tuple(c for c in COLUMNS if c != "over_budget")
 SWITCH_NS = COLUMNS.index("switch_ns")
 CALL_READ = ("kind", *CALL_COLUMNS[1:])
 CALL_SEQ = CALL_COLUMNS.index("seq")
-assert COLUMNS[-1] == "over_budget"
+CALL_PF = CALL_COLUMNS.index("pf")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Engine:
         self.kinds = layout.header().kinds()
         self.bpf = None
         self.floor = Floor(plan.calib_func)
+        self.probe_costs: dict = {}     # costs.CostCalibration's, for the capture's meta
         self.warnings: list[str] = plan.warnings()
         self.user_lost = 0          # perf buffer losses reported to user space
         self.samples = 0
@@ -73,6 +76,7 @@ class Engine:
                 self._attach_kprobes(choice)
         self._calibrate()
         self._check_irq_test()
+        self._measure_costs()
         self._open_buffers()
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
@@ -137,6 +141,21 @@ class Engine:
                                       "p10_ns": int(q[0]), "p90_ns": int(q[-1]),
                                       "samples": len(vals)}
 
+    def _measure_costs(self) -> None:
+        """What each probe type costs a window (costs.py), for the corrected columns."""
+        if not self.plan.cost_func:
+            # the types listed without a cost: the capture says it is not corrected
+            self.probe_costs = {"types": list(self.plan.hit_types())}
+            if self.plan.hit_types():
+                self.warnings.append(
+                    f"probe costs: need kprobes and {probes.COST_FUNC}/{probes.COST_BOOKEND} "
+                    "to measure them; switch times are not corrected for vftrace's own cost")
+            return
+        self.probe_costs, warnings = costs.CostCalibration(
+            self.bpf, self.plan.cost_func, probes.COST_BOOKEND, self.plan.hit_types(),
+            self.plan.cost_fentry).run()
+        self.warnings.extend(warnings)
+
     def _check_irq_test(self) -> None:
         """The calibration calls are ours, made in task context: if the BPF side's test put
         any of them in interrupt context, the test is wrong on this kernel, and calls are
@@ -189,6 +208,10 @@ class Engine:
         return layout.header().reader("vft_join", ("kind", "pf", "seq", "ns"))
 
     @cached_property
+    def _cost_pf(self) -> int:
+        return layout.header().constants["VFT_COST_PF"]
+
+    @cached_property
     def _join_exit(self) -> int:
         return layout.header().constants["VFT_JOIN_EXIT"]
 
@@ -198,8 +221,8 @@ class Engine:
         if max(values) > INT64_MAX:
             self.out_of_range += 1
             return
-        self.assembler.switch_values((*values, 1 if values[SWITCH_NS] > self.budget_ns else 0),
-                                     pending)
+        values.insert(OVER_BUDGET, 1 if values[SWITCH_NS] > self.budget_ns else 0)
+        self.assembler.switch_values(tuple(values), pending)
 
     def _on_join(self, data) -> None:
         kind, pf, seq, ns = self._read_join(data)
@@ -214,6 +237,8 @@ class Engine:
     def _on_call(self, data) -> None:
         if self.on_call:
             kind, *values = self._read_call(data)
+            if values[CALL_PF - 1] == self._cost_pf:
+                return                  # a cost calibration's call (tracer/kernel/costs.py)
             if max(values) > INT64_MAX:
                 self.out_of_range += 1
                 return

@@ -21,6 +21,9 @@ OFF = "off"                                # not hooked at this --depth (absent:
 MODE_DEFINE = {ABSENT: 0, OFF: 0, FENTRY: 1, KPROBE: 2}
 BPF_TRACE_FENTRY = 24                      # enum bpf_attach_type
 CALIB_CANDIDATES = ("security_task_getsid", "__task_pid_nr_ns")
+# The cost calibration (costs.py): a near-empty function our task calls with getpgid(pid)
+# (getpgid(0) skips it), and prctl's LSM hook for its windows' bookends.
+COST_FUNC, COST_BOOKEND = "security_task_getpgid", "security_task_prctl"
 SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iotlb_sync")
 # A test build: maps shrunk until they fill, windows deemed stale at once, kretprobes
 # given too few instances, so that each drop counter can be made to fire (tests/lab/test_kernel_drops.py).  NAME=N,...
@@ -81,6 +84,8 @@ class Plan:
     choices: list[Choice] = field(default_factory=list)
     calib_func: str | None = None
     calib_modes: tuple[str, ...] = ()
+    cost_func: str | None = None                  # None: no cost calibration possible
+    cost_fentry: bool = False                     # an fentry pair compiled for cost_func
     have_kvm_tp: bool = False
     have_access_tp: bool = False
     ringbuf: bool = True
@@ -98,6 +103,14 @@ class Plan:
         out["vf_access_wait"] = (("raw_tp" if self.source_mode == "raw_tp" else "tracepoint")
                                  if self.have_access_tp else ABSENT if guests else OFF)
         return out
+
+    def hit_types(self) -> tuple[str, ...]:
+        """The probe types whose runs land in a window at this plan (the types the cost
+        calibration measures): fentry and kprobe pairs of timed hooks, entry kprobes."""
+        modes = {(c.mode, c.hook.timed) for c in self.choices}
+        return tuple(t for t, hit in (("fentry", (FENTRY, True) in modes),
+                                      ("kprobe", (KPROBE, True) in modes),
+                                      ("entry", (KPROBE, False) in modes)) if hit)
 
     def unmeasured(self) -> list[str]:
         """The capture columns no hook of this plan measures (written empty)."""
@@ -131,6 +144,8 @@ class Plan:
             d["SWITCH_FUNC"] = self.source[5:]
         if self.calib_func:
             d["CALIB_FUNC"] = self.calib_func
+        d["COST_FUNC"] = self.cost_func or COST_FUNC
+        d["COST_FENTRY"] = int(self.cost_fentry)
         if self.task_stack_offset is not None:
             d["VFT_TASK_STACK_OFFSET"] = self.task_stack_offset
         d.update(self.map_sizes)
@@ -289,6 +304,9 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
         if offer.kprobes:
             modes.append(KPROBE)
         p.calib_modes = tuple(modes)
+    if offer.kprobes and {COST_FUNC, COST_BOOKEND} <= offer.functions:
+        p.cost_func = COST_FUNC
+        p.cost_fentry = "fentry" in p.hit_types() and offer.btf(COST_FUNC)
     guests = level >= DEPTHS.index("guests")
     p.have_kvm_tp = guests and {"kvm:kvm_exit", "kvm:kvm_entry"} <= offer.tracepoints
     p.have_access_tp = guests and source == "pf_sched" and \

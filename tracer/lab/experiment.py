@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..capture.files import read_capture
 from ..model import group_columns as gc
+from ..model.correction import Correction
 from ..model.stats import Stats
 from ..model.units import fmt_ns
 from ..pfsched import control
@@ -151,13 +152,15 @@ def run_case(out_dir: Path, mode: str, unmap_mode: str, *, vms: int, vcpus: int,
 
 COMPARISON_COLUMNS = (
     "mode", "unmap_mode", "switches", "lost", "switch_p50_ns", "switch_p90_ns",
+    "switch_p50_corr_ns", "switch_p90_corr_ns", "switch_corr_err_ns", "own_share",
     "switch_p99_ns", "revoke_mean_ns", "grant_mean_ns", "unmap_mean_ns", "mmu_zap_mean_ns",
     "map_mean_ns", "exits_per_switch", "kicks_per_switch", "blocked_per_switch",
     "blocked_ns_per_switch", "guest_accesses_per_s", "guest_efault_retries", "capture")
 
 
 def compare_row(case: CaseResult) -> dict:
-    stats = Stats(budget_ns=case.meta.get("budget_ns", 100))
+    stats = Stats(budget_ns=case.meta.get("budget_ns", 100),
+                  correction=Correction.from_meta(case.meta))
     stats.add_many(case.records)
     g = stats.snapshot().overall
     vms = case.guests.get("vms", [])
@@ -166,6 +169,10 @@ def compare_row(case: CaseResult) -> dict:
         "lost": case.meta.get("lost_total", 0),
         "switch_p50_ns": g.switch.p50, "switch_p90_ns": g.switch.p90,
         "switch_p99_ns": g.switch.p99,
+        "switch_p50_corr_ns": g.own.switch.p50 if g.own else None,
+        "switch_p90_corr_ns": g.own.switch.p90 if g.own else None,
+        "switch_corr_err_ns": round(g.own.err_ns) if g.own else None,
+        "own_share": round(g.own.share, 4) if g.own else None,
         "revoke_mean_ns": round(g.revoke.mean), "grant_mean_ns": round(g.grant.mean),
         "unmap_mean_ns": round(g.means.get("unmap_ns", 0.0)),
         "mmu_zap_mean_ns": round(g.means.get("mmu_ns", 0.0)),
@@ -188,12 +195,15 @@ SPEC_COLUMNS = {"switch_p50_ns": "p50", "switch_p99_ns": "p99", "revoke_mean_ns"
 
 def comparison_table(rows: list[dict]) -> str:
     spec = {key: gc.BY_NAME[name] for key, name in SPEC_COLUMNS.items()}
-    head = ("CASE", "SWITCHES", "LOST", *(c.header for c in spec.values()), "GUEST ACC/S")
+    corr, own = gc.BY_NAME["p50_corr"], gc.BY_NAME["own_share"]
+    head = ("CASE", "SWITCHES", "LOST", *(c.header for c in spec.values()), corr.header,
+            own.header, "GUEST ACC/S")
     lines = [head]
     for r in rows:
         lines.append((f"{r['mode']}/{r['unmap_mode']}", str(r["switches"]), str(r["lost"]),
                       *(c.fmt(r[key]) for key, c in spec.items()),
-                      f"{r['guest_accesses_per_s']:,}"))
+                      corr.fmt((r.get("switch_p50_corr_ns"), r.get("switch_corr_err_ns"))),
+                      own.fmt(r.get("own_share")), f"{r['guest_accesses_per_s']:,}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)

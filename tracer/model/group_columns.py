@@ -4,6 +4,9 @@ dashboard's per-PF/VF table (``tui``) each pick the columns they show from
 ``GROUP_COLUMNS``, so a header means the same quantity, in the same unit and format,
 wherever it appears.
 
+``P50_CORR`` is the median switch time with vftrace's own cost taken off, with its
+uncertainty, and ``OWN%`` the share of the raw switch time that was vftrace's own
+(``tracer/model/correction.py``); both are ``-`` for a capture that is not corrected.
 Headers ending ``/SW`` are means per switch; ``EXITS/SW`` and ``BLOCKED/SW`` count
 (KVM exits, guest accesses blocked), ``EXIT_T/SW`` and ``BLOCK_T/SW`` are the time those
 took.  Durations are ``fmt_ns``'s (812ns, 12.3us, 1.52ms).
@@ -51,6 +54,15 @@ class Column:
 NOT_MEASURED = "-"
 
 
+def with_error(value: float | None, err: float) -> str:
+    """A corrected duration: never without its uncertainty."""
+    return NOT_MEASURED if value is None else f"{fmt_ns(value)}±{fmt_ns(err)}"
+
+
+def _own(g: GroupStats, attr: str):
+    return None if g.own is None else getattr(g.own.switch, attr)
+
+
 def _switch_time(header: str, attr: str) -> Column:
     return Column(attr, header, lambda g: getattr(g.switch, attr), fmt_ns, "switch time")
 
@@ -63,6 +75,12 @@ GROUP_COLUMNS: tuple[Column, ...] = (
     _switch_time("P99", "p99"),
     _switch_time("P99.9", "p999"),
     _switch_time("MAX", "max"),
+    Column("p50_corr", "P50_CORR", lambda g: (_own(g, "p50"), g.own and g.own.err_ns),
+           lambda v: with_error(v[0], v[1] or 0),
+           "switch time less vftrace's own cost (± its uncertainty)"),
+    Column("own_share", "OWN%", lambda g: None if g.own is None else g.own.share,
+           lambda v: NOT_MEASURED if v is None else percent(v, 1),
+           "share of the switch time that was vftrace's own"),
     Column("over_budget", ">BUDGET", lambda g: g.over_budget_share,
            lambda v: percent(v, 2), "share of switches over the budget"),
     Column("revoke", "REVOKE", lambda g: g.revoke.mean, fmt_ns,
@@ -132,6 +150,30 @@ def align(table: list[tuple[str, ...]], names: int = 1) -> list[str]:
     return ["  ".join([c.ljust(w) for c, w in zip(r[:names], widths)] +
                       [c.rjust(w) for c, w in zip(r[names:], widths[names:])]).rstrip()
             for r in table]
+
+
+def own_cost_line(g: GroupStats, meta: dict | None = None) -> str:
+    """One line on vftrace's own cost in group ``g`` (the overall one, usually), for the
+    summary, the report and the dashboard: what share of the switch time it was, and
+    the corrected percentiles with their uncertainty."""
+    from .correction import bookends_corrected
+    if g.own is None:
+        return ("vftrace's own cost: unknown (no probe costs in this capture: switch times "
+                "below include the probes)")
+    o = g.own
+    base = "pf_sched's own timing" if bookends_corrected(meta) else "the window"
+    return (f"vftrace's own cost: {percent(o.share, 1)} of the switch time; corrected "
+            f"p50 {with_error(o.switch.p50, o.err_ns)}, p90 {with_error(o.switch.p90, o.err_ns)}"
+            f" (raw p50 {fmt_ns(g.switch.p50)}; from {base}, less probe hits x their costs)")
+
+
+def probe_costs_text(meta: dict | None) -> str:
+    """``fentry 1.9us (1.6-2.4us), kprobe ...``: the calibrated cost per probe run."""
+    pc = (meta or {}).get("probe_costs") or {}
+    parts = [f"{t} {fmt_ns(v['median_ns'])} ({fmt_ns(v['p10_ns'])}-{fmt_ns(v['p90_ns'])})"
+             for t in ("fentry", "kprobe", "entry")
+             if isinstance(v := pc.get(t), dict) and {"median_ns", "p10_ns", "p90_ns"} <= v.keys()]
+    return ", ".join(parts) or "none measured"
 
 
 def table_groups(snap: Snapshot) -> list[GroupStats]:

@@ -21,7 +21,13 @@ COLUMNS: tuple[str, ...] = (
     "kvm_exits", "exit_ns", "vcpu_kicks",
     "blocked_accesses", "blocked_ns",
     "source_ns", "over_budget",
+    "mmu_calls", "mmu_notifier_calls", "fentry_hits", "kprobe_hits", "entry_hits",
 )
+# Columns added after a capture format was in use: a capture without them reads them as
+# 0 (its recorder did not count them).  The same for the per-call file.
+COLUMNS_ADDED = frozenset({"mmu_calls", "mmu_notifier_calls", "fentry_hits", "kprobe_hits",
+                           "entry_hits"})
+CALL_COLUMNS_ADDED = frozenset({"tid", "vcpu", "pf"})   # absent from 0.1.0's call files
 
 # How much of a switch vftrace instruments (``--depth``), shallowest first: each depth
 # hooks what the one before does and more, so costs less the less it hooks.
@@ -39,8 +45,8 @@ HOOK_COLUMNS: dict[str, tuple[str, ...]] = {
     "iommu_map": ("map_calls", "map_ns", "map_max_ns", "map_bytes", "revoke_ns", "grant_ns"),
     "iommu_unmap": ("unmap_calls", "unmap_ns", "unmap_max_ns", "unmap_bytes"),
     "iotlb_sync": ("sync_calls", "sync_ns"),
-    "mmu_zap": ("mmu_ns",),
-    "mmu_notifier": ("mmu_notifier_ns",),
+    "mmu_zap": ("mmu_calls", "mmu_ns"),
+    "mmu_notifier": ("mmu_notifier_calls", "mmu_notifier_ns"),
     "kvm_exit": ("kvm_exits", "exit_ns"),
     "vcpu_kick": ("vcpu_kicks",),
     "vf_access_wait": ("blocked_accesses", "blocked_ns"),
@@ -101,6 +107,13 @@ class SwitchRecord:
     blocked_ns: int
     source_ns: int
     over_budget: int
+    # Added later (COLUMNS_ADDED); the hits are vftrace's own probe runs in the window,
+    # by type, that tracer/model/correction.py takes off.
+    mmu_calls: int = 0
+    mmu_notifier_calls: int = 0
+    fentry_hits: int = 0
+    kprobe_hits: int = 0
+    entry_hits: int = 0
 
     def as_row(self) -> tuple[int, ...]:
         """The values in ``COLUMNS`` order (what one CSV row holds)."""

@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .correction import HIT_COLUMNS, Correction
 from .filter import FilterGate, SwitchFilter
 from .schema import COLUMNS
 
@@ -171,6 +172,7 @@ SUM_FIELDS = (
     "unmap_calls", "unmap_ns", "unmap_bytes", "map_calls", "map_ns", "map_bytes",
     "sync_calls", "sync_ns", "mmu_ns", "mmu_notifier_ns",
     "kvm_exits", "exit_ns", "vcpu_kicks", "blocked_accesses", "blocked_ns", "source_ns",
+    *HIT_COLUMNS,
 )
 _EXTRACT = attrgetter(*KEY_FIELDS, *SUM_FIELDS)       # a record -> its stats row
 _WIDTH = len(KEY_FIELDS) + len(SUM_FIELDS)
@@ -180,6 +182,9 @@ _PF, _FROM, _TO, _SEQ = range(4)
 _SUMS = slice(4, 4 + len(SUM_FIELDS))
 _SWITCH = 4 + SUM_FIELDS.index("switch_ns")
 _DIST_COLS = [4 + SUM_FIELDS.index(name) for name in DIST_FIELDS]
+# what the corrected switch time is computed from (tracer/model/correction.py)
+_CORR_COLS = {name: 4 + SUM_FIELDS.index(name) for name in ("switch_ns", "source_ns",
+                                                             *HIT_COLUMNS)}
 
 BATCH = 16384         # large enough to amortise per-group numpy calls
 _SAFE_SUM = (1 << 63) // BATCH    # below this, no sum of a batch can overflow int64
@@ -187,15 +192,18 @@ PERCENTILES = (50, 90, 99, 99.9)
 
 
 class _Cell:
-    """Everything kept for one group: counts, exact sums, three histograms."""
+    """Everything kept for one group: counts, exact sums, three histograms, and the
+    corrected switch time's histogram and sum (when the stats have a correction)."""
 
-    __slots__ = ("count", "sums", "hists", "over")
+    __slots__ = ("count", "sums", "hists", "over", "corr", "corr_sum")
 
     def __init__(self) -> None:
         self.count = 0
         self.sums = [0] * len(SUM_FIELDS)
         self.hists = [Histogram() for _ in DIST_FIELDS]
         self.over = 0
+        self.corr = Histogram()
+        self.corr_sum = 0.0
 
     def merge(self, other: _Cell) -> None:
         self.count += other.count
@@ -203,6 +211,8 @@ class _Cell:
         for mine, theirs in zip(self.hists, other.hists):
             mine.merge(theirs)
         self.over += other.over
+        self.corr.merge(other.corr)
+        self.corr_sum += other.corr_sum
 
 
 def _packed(row: tuple) -> bytes:
@@ -276,6 +286,17 @@ class GroupStats:
     map_calls_per_switch: float
     map_bytes_per_switch: float
     means: dict[str, float] = field(default_factory=dict)   # every SUM_FIELDS column
+    own: OwnCost | None = None       # vftrace's own cost, when the capture is corrected
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCost:
+    """A group's switch time with vftrace's own cost taken off (correction.py).  A
+    corrected figure is never shown without ``err_ns``: the uncertainty of the
+    correction of a switch with the group's mean probe hits."""
+    switch: Dist                     # the corrected switch time's distribution
+    err_ns: float
+    share: float                     # of the raw switch time, what was vftrace's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +326,17 @@ def _dist(hist: Histogram, total: int) -> Dist:
                 hist.min, hist.max, p50, p90, p99, p999)
 
 
-def _group_stats(key: GroupKey, cell: _Cell) -> GroupStats:
+def _own_cost(cell: _Cell, means: dict, correction: Correction | None) -> OwnCost | None:
+    if correction is None or not cell.count:
+        return None
+    raw = means["switch_ns"] * cell.count
+    return OwnCost(_dist(cell.corr, round(cell.corr_sum)),
+                   correction.mean_hits_error(tuple(means[c] for c in HIT_COLUMNS)),
+                   1 - cell.corr_sum / raw if raw else 0.0)
+
+
+def _group_stats(key: GroupKey, cell: _Cell, correction: Correction | None = None
+                 ) -> GroupStats:
     n = cell.count
     means = {name: (s / n if n else 0.0) for name, s in zip(SUM_FIELDS, cell.sums)}
     sums = dict(zip(SUM_FIELDS, cell.sums))
@@ -325,6 +356,7 @@ def _group_stats(key: GroupKey, cell: _Cell) -> GroupStats:
         map_calls_per_switch=means["map_calls"],
         map_bytes_per_switch=means["map_bytes"],
         means=means,
+        own=_own_cost(cell, means, correction),
     )
 
 
@@ -342,7 +374,9 @@ class Stats:
     """
 
     def __init__(self, budget_ns: int = 100, *, pfs: Iterable[int] | None = None,
-                 vfs: Iterable[int] | None = None, rate_window_s: float = 5.0) -> None:
+                 vfs: Iterable[int] | None = None, rate_window_s: float = 5.0,
+                 correction: Correction | None = None) -> None:
+        self.correction = correction
         self.filter = SwitchFilter.of(pfs, vfs)
         self.pfs, self.vfs = self.filter.pfs, self.filter.vfs
         self.rate_window_s = rate_window_s
@@ -394,6 +428,12 @@ class Stats:
             picked = rows[start:start + BATCH, _FROM_COLUMNS]       # a new, compact array
             self._fold_rows(picked.astype(np.int64, copy=False))
 
+    def set_correction(self, correction: Correction | None) -> None:
+        """The capture's correction (from its meta); records already counted keep the
+        one they were counted with, so give it before the first."""
+        self._flush()
+        self.correction = correction
+
     def set_budget(self, budget_ns: int) -> None:
         """Change the budget; the over-budget counts so far are recomputed from the
         switch histograms (see Histogram.count_above for the exactness)."""
@@ -442,6 +482,13 @@ class Stats:
         over = np.add.reduceat((rows[:, _SWITCH] > self.budget_ns).astype(np.int64),
                                starts).tolist()
         by_dist = np.ascontiguousarray(idx.T)        # one contiguous run per group below
+        corr = corr_idx = None
+        if self.correction is not None:
+            corr = self.correction.switch_arrays(
+                {name: rows[:, i] for name, i in _CORR_COLS.items()})[0]
+            corr_sums = np.add.reduceat(corr, starts).tolist()
+            corr = np.clip(np.rint(corr), 0, MAX_VALUE).astype(np.int64)
+            corr_idx = bucket_indices(corr)
         starts = starts.tolist()
         for g, (key, a, b) in enumerate(zip(map(tuple, keys[starts].tolist()), starts, ends)):
             cell = self._cells.get(key)
@@ -453,6 +500,11 @@ class Stats:
             for m, hist in enumerate(cell.hists):
                 hist.add_indices(by_dist[m, a:b], imins[g][m], imaxs[g][m], vmins[g][m],
                                  vmaxs[g][m])
+            if corr is not None:
+                ci = corr_idx[a:b]
+                cell.corr.add_indices(ci, int(ci.min()), int(ci.max()), int(corr[a:b].min()),
+                                      int(corr[a:b].max()))
+                cell.corr_sum += corr_sums[g]
 
     def account(self, filtered_out: dict | None, *, whole: bool = True) -> None:
         """A capture's ``filtered_out`` meta (see ``FilterGate.account``): the switches
@@ -522,8 +574,10 @@ class Stats:
             per_pf.setdefault(GroupKey("pf", pf), _Cell()).merge(cell)
             per_vf.setdefault(GroupKey("vf", pf, None, dst), _Cell()).merge(cell)
 
+        corr = self.correction
+
         def ordered(groups: dict) -> list[GroupStats]:
-            return [_group_stats(k, c) for k, c in sorted(
+            return [_group_stats(k, c, corr) for k, c in sorted(
                 groups.items(), key=lambda kv: (kv[0].pf, kv[0].from_vf or 0, kv[0].to_vf or 0))]
 
         pairs = {GroupKey("pair", *key): cell for key, cell in self._cells.items()}
@@ -531,6 +585,6 @@ class Stats:
                    "vfs": sorted(self.vfs) if self.vfs is not None else None}
         return Snapshot(
             budget_ns=self.budget_ns, records=self._records, ignored=self.ignored,
-            overall=_group_stats(GroupKey("all"), overall),
+            overall=_group_stats(GroupKey("all"), overall, corr),
             per_pf=ordered(per_pf), per_vf=ordered(per_vf), per_pair=ordered(pairs),
             seq_gaps=self.seq_gaps(), rate_per_s=self.rate(now), filters=filters)

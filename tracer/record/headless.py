@@ -11,6 +11,8 @@ import time
 
 from ..capture.files import meta_path
 from ..kernel.engine import warn
+from ..model import group_columns as gc
+from ..model.correction import Correction
 from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
@@ -32,11 +34,13 @@ def main(args) -> int:
     session = Session(opts, plan, tool="vftrace record", output=out, on_switch=stats.add,
                       signals=True)
     session.start()
+    stats.set_correction(Correction.from_meta(session.meta))
     for w in session.engine.warnings:
         warn(w)
     floor = session.engine.floor.modes
     floor_txt = ", ".join(f"{m} {v['median_ns']} ns" for m, v in floor.items()) or "unknown"
-    print(f"vftrace: recording {plan.source} to {out} (floor: {floor_txt}; "
+    print(f"vftrace: recording {plan.source} to {out} (floor: {floor_txt}; probe costs: "
+          f"{gc.probe_costs_text(session.meta)}; "
           f"start-up {session.startup_s:.1f} s); Ctrl-C to stop", file=sys.stderr)
     reason = "duration"
     tty = sys.stderr.isatty()

@@ -451,6 +451,7 @@ class Session:
                 "host": platform.node(), "switch_source": plan.source,
                 "depth": plan.depth, "unmeasured": plan.unmeasured(),
                 "probe_modes": plan.modes(), "floor_ns": engine.floor.as_meta(),
+                "probe_costs": engine.probe_costs,
                 "budget_ns": opts.budget_ns, "filters": opts.filters(),
                 "buffer": "ringbuf" if plan.ringbuf else "perf", "warnings": engine.warnings,
                 "kvm_vendor": exit_reasons.vendor(),

@@ -7,8 +7,8 @@ from tracer.model.schema import depth_of, unmeasured
 from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
 
-COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "over_budget",
-                  "revoke", "grant", "exits", "blocked")
+COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "p50_corr",
+                  "own_share", "over_budget", "revoke", "grant", "exits", "blocked")
 HEADER = gc.header(COLUMNS)
 
 
@@ -42,6 +42,9 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
     if not snap.records:
         lines.append("no switches recorded")
         return "\n".join(lines) + "\n"
+    lines.append(gc.own_cost_line(snap.overall, meta))
+    if meta and meta.get("probe_costs"):
+        lines.append(f"probe costs per run: {gc.probe_costs_text(meta)}")
     lines.append("")
     skip = unmeasured(meta)
     lines.extend(gc.align([HEADER, *(gc.cells(COLUMNS, g, skip)

@@ -19,6 +19,7 @@ import numpy as np
 from tracer.capture import files as capture_files
 from tracer.capture.files import CaptureError, iter_calls, iter_capture, meta_path, read_meta
 from tracer.errors import VftraceError
+from tracer.model.correction import Correction
 from tracer.model.schema import CALL_COLUMNS, CallRecord, SwitchRecord, depth_of, unmeasured
 from tracer.model.stats import Snapshot, Stats
 
@@ -166,7 +167,7 @@ def load_capture(path: str | os.PathLike, label: str | None = None,
     p = check_input(path)
     meta, problems = load_meta(p)
     budget = budget_ns if budget_ns is not None else meta.get("budget_ns") or DEFAULT_BUDGET_NS
-    stats = Stats(int(budget))
+    stats = Stats(int(budget), correction=Correction.from_meta(meta))
     if meta.get("complete"):
         stats.account(meta.get("filtered_out"))      # what --pf/--vf left out: no gap
     elif (meta.get("filters") or {}).get("vf"):

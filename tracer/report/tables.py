@@ -38,6 +38,11 @@ class Row:
     exit_ns_per_switch: float | None
     blocked_per_switch: float | None
     blocked_ns_per_switch: float | None
+    # with vftrace's own cost taken off (None: the capture is not corrected)
+    p50_corrected: int | None = None
+    p90_corrected: int | None = None
+    corrected_err_ns: float | None = None
+    own_share: float | None = None
 
 
 def row_of(capture: str, g: GroupStats) -> Row:
@@ -49,7 +54,10 @@ def row_of(capture: str, g: GroupStats) -> Row:
         revoke_mean=g.revoke.mean, grant_mean=g.grant.mean,
         revoke_share=g.revoke.mean / s.mean if s.mean else 0.0,
         exits_per_switch=g.exits_per_switch, exit_ns_per_switch=g.means.get("exit_ns", 0.0),
-        blocked_per_switch=g.blocked_per_switch, blocked_ns_per_switch=g.blocked_ns_per_switch)
+        blocked_per_switch=g.blocked_per_switch, blocked_ns_per_switch=g.blocked_ns_per_switch,
+        **({} if g.own is None else dict(
+            p50_corrected=g.own.switch.p50, p90_corrected=g.own.switch.p90,
+            corrected_err_ns=round(g.own.err_ns, 1), own_share=round(g.own.share, 4))))
 
 
 def capture_groups(cap: Capture) -> list[GroupStats]:
@@ -83,8 +91,9 @@ def comparison_groups(captures: list[Capture]) -> list[tuple[Capture, GroupStats
     return out
 
 
-COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "over_budget",
-                  "revoke", "grant", "revoke_share", "exits", "exit_time", "blocked_time")
+COLUMNS = gc.pick("group", "count", "p50", "p90", "p99", "p999", "max", "p50_corr",
+                  "own_share", "over_budget", "revoke", "grant", "revoke_share", "exits",
+                  "exit_time", "blocked_time")
 HEADER = gc.header(COLUMNS)
 LEGEND = gc.legend(COLUMNS)
 
@@ -211,7 +220,17 @@ def probes_line(cap: Capture) -> str | None:
     floors = ", ".join(f"{mode} {v['median_ns']}ns" for mode, v in floor.items()
                        if isinstance(v, dict) and "median_ns" in v)
     text = "probes: " + ", ".join(f"{hook} {mode}" for hook, mode in modes.items())
-    return text + (f"  (probe floor: {floors})" if floors else "")
+    text += f"  (probe floor: {floors})" if floors else ""
+    if isinstance(cap.meta.get("probe_costs"), dict):
+        text += f"  (cost per probe run: {gc.probe_costs_text(cap.meta)})"
+    return text
+
+
+def own_cost_line(cap: Capture) -> str | None:
+    """vftrace's own share of the switch time, and the corrected percentiles."""
+    if not cap.records:
+        return None
+    return gc.own_cost_line(cap.snapshot.overall, cap.meta)
 
 
 # --- KVM exits by reason, from the meta's background totals ---------------------------------
@@ -262,6 +281,8 @@ def render_text(captures: list[Capture]) -> str:
                    f"{losses_line(cap)}")
         if (line := probes_line(cap)) is not None:
             out.append(line)
+        if (line := own_cost_line(cap)) is not None:
+            out.append(line)
         for n in notes(cap):
             out.append(("WARNING: " if n.warning else "note: ") + n.text)
         groups = capture_groups(cap)
@@ -285,6 +306,17 @@ def render_text(captures: list[Capture]) -> str:
     return "\n".join(out) + "\n"
 
 
+def own_cost_json(cap: Capture) -> dict | None:
+    """The overall group's corrected figures (None: the capture is not corrected)."""
+    g = cap.snapshot.overall
+    if not cap.records or g.own is None:
+        return None
+    return {"share": round(g.own.share, 4), "err_ns": round(g.own.err_ns, 1),
+            "p50_ns": g.own.switch.p50, "p90_ns": g.own.switch.p90,
+            "p99_ns": g.own.switch.p99, "raw_p50_ns": g.switch.p50,
+            "raw_p90_ns": g.switch.p90}
+
+
 def report_json(captures: list[Capture]) -> dict:
     """The same numbers, machine-readable (``vftrace report --json``)."""
     return {"captures": [{
@@ -298,6 +330,8 @@ def report_json(captures: list[Capture]) -> dict:
         "late_exits": cap.meta.get("late_exits"),
         "orphan_exits": cap.meta.get("orphan_exits"),
         "kernel_drops": kernel_drops(cap.meta),
+        "probe_costs": cap.meta.get("probe_costs"),
+        "own_cost": own_cost_json(cap),
         "truncated": cap.truncated, "problems": cap.problems,
         "notes": [asdict(n) for n in notes(cap)],
         "rows": [asdict(r) for r in capture_rows(cap)],

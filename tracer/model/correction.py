@@ -1,0 +1,140 @@
+"""Switch durations with vftrace's own cost taken off, and the uncertainty of that.
+
+Every window's record counts the probe runs that fired on its task while it was open, by
+type (``fentry_hits``, ``kprobe_hits``, ``entry_hits``).  ``tracer/kernel/costs.py``
+measures what one run of each type costs on the production code path (time with the
+program attached minus time without, in interleaved rounds) and writes the median and
+the p10-p90 spread into the capture's meta as ``probe_costs``.  Here:
+
+  switch   the driver's own timing of the switch when the source has one (pf_sched's
+           ``source_ns``: its clock reads sit inside the window's bookends, so the
+           bookends' own cost is already out), else the window's ``switch_ns``; minus
+           the hits times their costs
+  revoke   ``revoke_ns`` minus the hits of every call but iommu_map (the zap, the
+           notifier, the vCPU kicks it causes, the unmap and its flush)
+  grant    ``grant_ns`` minus the hits of the iommu_map calls
+  unmap    ``unmap_ns`` minus its calls times the floor of their probe mode (the part of
+  map      a probe pair inside the call it times, ``floor_ns``)
+
+The uncertainty of one correction is the hits times half the p10-p90 spread of their
+cost, the hit types added in quadrature (they are calibrated independently).  The
+bookends of a source without its own timing are not taken off: ``bookends_corrected``
+says which.  Plain arithmetic on the meta and the record: no other vftrace import.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+HIT_TYPES: tuple[str, ...] = ("fentry", "kprobe", "entry")
+HIT_COLUMNS: tuple[str, ...] = tuple(f"{t}_hits" for t in HIT_TYPES)
+CORRECTED: tuple[str, ...] = ("switch", "revoke", "grant", "unmap", "map")
+# Written after every record column, in pairs: the value, then its uncertainty.
+CORRECTED_COLUMNS: tuple[str, ...] = tuple(c for name in CORRECTED
+                                           for c in (f"{name}_corr_ns", f"{name}_corr_err_ns"))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One probe run's cost: the median over calibration rounds, and half its p10-p90."""
+    median_ns: float
+    half_spread_ns: float
+
+    @classmethod
+    def of(cls, entry) -> "Cost | None":
+        if not isinstance(entry, dict):
+            return None
+        try:
+            med = float(entry["median_ns"])
+            lo, hi = float(entry.get("p10_ns", med)), float(entry.get("p90_ns", med))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(map(math.isfinite, (med, lo, hi))):
+            return None
+        return cls(med, abs(hi - lo) / 2)
+
+
+ZERO = Cost(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How one capture's durations are corrected; ``None`` from ``from_meta`` when the
+    capture cannot be (it predates hit counts, or a hit type it used has no cost)."""
+    costs: dict[str, Cost]          # by hit type
+    floors: dict[str, Cost]         # by probe mode: what a pair adds inside its call
+    map_mode: str                   # the probe mode of iommu_map, of iommu_unmap
+    unmap_mode: str
+
+    @classmethod
+    def from_meta(cls, meta: dict | None) -> "Correction | None":
+        meta = meta or {}
+        pc = meta.get("probe_costs")
+        if not isinstance(pc, dict):
+            return None
+        costs = {t: Cost.of(pc.get(t)) for t in HIT_TYPES}
+        if any(c is None for t, c in costs.items() if t in (pc.get("types") or ())):
+            return None
+        floors = {m: Cost.of(v) for m, v in (meta.get("floor_ns") or {}).items()}
+        modes = meta.get("probe_modes") or {}
+        return cls({t: c or ZERO for t, c in costs.items()},
+                   {m: c for m, c in floors.items() if c is not None},
+                   str(modes.get("iommu_map", "")), str(modes.get("iommu_unmap", "")))
+
+    # -- one record ------------------------------------------------------------------
+    def own(self, hits: tuple[int, int, int]) -> tuple[float, float]:
+        """(cost, uncertainty) of ``hits`` (fentry, kprobe, entry runs)."""
+        cost = err2 = 0.0
+        for n, t in zip(hits, HIT_TYPES):
+            c = self.costs[t]
+            cost += n * c.median_ns
+            err2 += (n * c.half_spread_ns) ** 2
+        return cost, math.sqrt(err2)
+
+    def _map_hits(self, map_calls: int) -> tuple[int, int, int]:
+        return (map_calls if self.map_mode == "fentry" else 0,
+                map_calls if self.map_mode == "kprobe" else 0, 0)
+
+    def _floor(self, mode: str, calls: int) -> tuple[float, float]:
+        f = self.floors.get(mode, ZERO)
+        return calls * f.median_ns, calls * f.half_spread_ns
+
+    def values(self, rec) -> tuple[int, ...]:
+        """One record's ``CORRECTED_COLUMNS`` (rec: anything with the record's fields)."""
+        hits = (rec.fentry_hits, rec.kprobe_hits, rec.entry_hits)
+        own, own_err = self.own(hits)
+        g_own, g_err = self.own(self._map_hits(rec.map_calls))
+        r_own, r_err = own - g_own, math.sqrt(max(own_err ** 2 - g_err ** 2, 0.0))
+        base = rec.source_ns if rec.source_ns > 0 else rec.switch_ns
+        u_own, u_err = self._floor(self.unmap_mode, rec.unmap_calls)
+        m_own, m_err = self._floor(self.map_mode, rec.map_calls)
+        return (round(base - own), round(own_err),
+                round(rec.revoke_ns - r_own), round(r_err),
+                round(rec.grant_ns - g_own), round(g_err),
+                round(rec.unmap_ns - u_own), round(u_err),
+                round(rec.map_ns - m_own), round(m_err))
+
+    # -- many records (numpy arrays by column name) ----------------------------------
+    def switch_arrays(self, cols: dict):
+        """(corrected switch, uncertainty) as float arrays for columns ``cols``
+        (``switch_ns``, ``source_ns`` and the three hit counts)."""
+        import numpy as np
+        cost = np.zeros(len(cols["switch_ns"]))
+        err2 = np.zeros(len(cols["switch_ns"]))
+        for t, col in zip(HIT_TYPES, HIT_COLUMNS):
+            n = np.asarray(cols[col], dtype=np.float64)
+            cost += n * self.costs[t].median_ns
+            err2 += (n * self.costs[t].half_spread_ns) ** 2
+        src = np.asarray(cols["source_ns"])
+        base = np.where(src > 0, src, np.asarray(cols["switch_ns"]))
+        return base - cost, np.sqrt(err2)
+
+    def mean_hits_error(self, mean_hits: tuple[float, float, float]) -> float:
+        """The uncertainty of a corrected figure of a switch with ``mean_hits``."""
+        return self.own(mean_hits)[1]
+
+
+def bookends_corrected(meta: dict | None) -> bool:
+    """Whether the switch correction also removes the window's bookends: only with a
+    source that times itself (pf_sched's ``source_ns``)."""
+    return (meta or {}).get("switch_source") == "pf_sched"
