@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.pfsched import control  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
-from tracer.record.calibrate import accuracy  # noqa: E402
+from tracer.model.correction import Correction  # noqa: E402
+from tracer.model.stats import Stats  # noqa: E402
 
 FUNCLATENCY = "/usr/sbin/funclatency-bpfcc"
 BPFTRACE = "/usr/bin/bpftrace"
@@ -125,6 +126,22 @@ def vftrace(out: Path, *extra: str) -> Tool:
                 "recording", "stderr")
 
 
+def corrected_figures(meta: dict, rows: list) -> dict | None:
+    """The capture's switch time with vftrace's own cost taken off (correction.py): p50
+    and p90 with their uncertainty, the raw ones, the share that was vftrace's own and
+    the probe runs per switch."""
+    correction = Correction.from_meta(meta)
+    if correction is None or not rows:
+        return None
+    stats = Stats(10**9, correction=correction)
+    stats.add_many(rows)
+    g = stats.snapshot().overall
+    return {"p50_ns": g.own.switch.p50, "p90_ns": g.own.switch.p90, "err_ns": g.own.err_ns,
+            "raw_p50_ns": g.switch.p50, "raw_p90_ns": g.switch.p90, "own_share": g.own.share,
+            "hits_per_switch": {t: g.means[f"{t}_hits"] for t in ("fentry", "kprobe", "entry")},
+            "probe_costs": meta.get("probe_costs")}
+
+
 def startup_figures(tool: Tool) -> dict:
     said = re.search(r"start-up ([\d.]+) s", "".join(tool.lines))
     return {"to_armed_s": tool.ready_s, "engine_startup_s": float(said.group(1)) if said else None}
@@ -148,6 +165,12 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
     for depth, what in DEPTH_CASES:
         cases.append((f"vftrace {depth}", f"vftrace --depth {depth} (fentry): {what}",
                       lambda d=depth: vftrace(out_dir / f"inflation-{d}.csv", "--depth", d)))
+    # The same as "vftrace fentry" with its reader stopped (SIGSTOP once armed): under TCG
+    # the lab has one emulation thread, so a reader busy draining records would slow
+    # pf_sched in a way the rivals' (which read nothing per switch) do not.
+    cases.append(("vftrace reader stopped", "vftrace --depth guests (fentry), its user-space "
+                  "reader stopped once armed (records pile up in the ring buffer)",
+                  lambda: stopped(vftrace(out_dir / "inflation-stopped.csv"))))
     if Path(FUNCLATENCY).exists():
         cases.append(("funclatency", "BCC funclatency -r '^iommu_(un)?map$': kprobe+kretprobe "
                       "on iommu_map and iommu_unmap",
@@ -180,16 +203,29 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
             if status[0] not in (0, -signal.SIGINT):
                 row["error"] = f"exit {status[0]}: " + " ".join(status[2].strip().splitlines()[-1:])
             windows.append(row)
-            if name.startswith("vftrace ") and name not in extra and tool is not None:
-                mode = name.split()[1]
+            mode = name.split()[-1]
+            if name.startswith("vftrace ") and mode not in extra and tool is not None \
+                    and mode != "stopped":
                 meta, rows, _ = read_capture(out_dir / f"inflation-{mode}.csv")
                 extra[mode] = {"floor_ns": meta.get("floor_ns"), "startup": startup_figures(tool),
-                               "accuracy": accuracy(rows).as_dict() if rows else None,
+                               "corrected": corrected_figures(meta, rows),
                                "probe_modes": meta.get("probe_modes"), "records": len(rows),
                                "lost_total": meta.get("lost_total")}
     return {"slice_us": INFLATION_SLICE_US, "window_s": window, "rounds": rounds,
             "windows": windows, "cases": combine(windows, {c[0]: c[1] for c in cases}),
             "vftrace": extra}
+
+
+def stopped(tool: Tool) -> Tool:
+    """``tool`` with its process stopped (SIGSTOP) until its stop(), which resumes it."""
+    os.kill(tool.proc.pid, signal.SIGSTOP)
+    stop = tool.stop
+
+    def resume_then_stop():
+        os.kill(tool.proc.pid, signal.SIGCONT)
+        return stop()
+    tool.stop = resume_then_stop
+    return tool
 
 
 def combine(windows: list[dict], attaches: dict[str, str]) -> list[dict]:

@@ -130,17 +130,42 @@ def depth_verdicts(kernel: str, section: dict) -> list[Verdict]:
     return out
 
 
-def accuracy_verdict(kernel: str, section: dict) -> Verdict:
-    goal = f"{kernel}: median |switch_ns - source_ns| within the fentry floor"
-    fentry = ((section or {}).get("vftrace") or {}).get("fentry") or {}
-    acc, floor = fentry.get("accuracy"), (fentry.get("floor_ns") or {}).get("fentry")
-    if not acc or not floor:
-        return Verdict(goal, "-", None, "no fentry capture or floor")
-    diff, ref = acc["median_abs_ns"], floor["median_ns"]
-    figure = f"{diff:.0f} ns vs floor {ref} ns (p10-p90 {floor['p10_ns']}-{floor['p90_ns']})"
-    if diff <= ref:
-        return Verdict(goal, figure, True)
-    return Verdict(goal, figure, False, f"missed by {diff - ref:.0f} ns (x{diff / ref:.1f} the floor)")
+# Corrected against untraced: each depth's corrected p50 (p90) within this share of the
+# untraced windows' p50 (p90), pf_sched's own histogram with nothing attached.
+CORRECTED_GOALS = (("p50", 0.10), ("p90", 0.20))
+DEPTH_CAPTURES = (("window", "window"), ("iommu", "iommu"), ("mmu", "mmu"),
+                  ("guests", "fentry"), ("guests kprobe", "kprobe"))
+
+
+def corrected_verdicts(kernel: str, section: dict) -> list[Verdict]:
+    """#14: vftrace's switch time with its own cost taken off, against untraced."""
+    section = section or {}
+    untraced = next((c for c in section.get("cases", []) if c["case"] == "none"), {})
+    out = []
+    for q, tol in CORRECTED_GOALS:
+        goal = (f"{kernel}: corrected {q} within ±{tol:.0%} of untraced {q}, every depth")
+        ref = untraced.get(f"{q}_ns")
+        figures, missed, missing = [], [], []
+        for depth, key in DEPTH_CAPTURES:
+            c = ((section.get("vftrace") or {}).get(key) or {}).get("corrected")
+            if not c or ref is None:
+                missing.append(depth)
+                continue
+            off = c[f"{q}_ns"] / ref - 1
+            figures.append(f"{depth} {off:+.0%} (±{c['err_ns'] / ref:.0%})")
+            if abs(off) > tol:
+                missed.append(depth)
+        figure = f"untraced {_fmt(ref)} ns; " + ", ".join(figures) if figures else "-"
+        if missing and not figures:
+            out.append(Verdict(goal, figure, None, "no figure for " + ", ".join(missing)))
+        elif missed:
+            out.append(Verdict(goal, figure, False, "missed at " + ", ".join(missed) +
+                               ": the calibrated per-run costs explain only part of the "
+                               "inflation (see the own-cost notes below)"))
+        else:
+            out.append(Verdict(goal, figure, True, ("no figure for " + ", ".join(missing))
+                               if missing else ""))
+    return out
 
 
 def lossless_verdict(kernel: str, section: dict) -> Verdict:
@@ -189,7 +214,7 @@ def verdicts(figures: dict) -> list[Verdict]:
     for kernel, lab in (figures.get("kernels") or {}).items():
         out.append(inflation_verdict(kernel, lab.get("inflation")))
         out.extend(depth_verdicts(kernel, lab.get("inflation")))
-        out.append(accuracy_verdict(kernel, lab.get("inflation")))
+        out.extend(corrected_verdicts(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
     out.append(pipeline_verdict(figures.get("pipeline")))
     out.append(dashboard_verdict(figures.get("dashboard")))
@@ -233,18 +258,33 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
         drift = untraced_spread(infl)
         if drift:
             out += [f"Untraced windows (drift check): {drift}.", ""]
-        for mode, v in (infl.get("vftrace") or {}).items():
-            acc = v.get("accuracy") or {}
-            floor = (v.get("floor_ns") or {}).get(mode) or {}
+        out += ["Corrected against untraced: each vftrace case's first capture, its "
+                "switch time with vftrace's own cost taken off (pf_sched's own timing of the "
+                "switch, less the probe runs counted in its window times their calibrated "
+                "costs), against the untraced windows' p50/p90 above.", ""]
+        rows = []
+        for key, v in (infl.get("vftrace") or {}).items():
+            c = v.get("corrected") or {}
+            hits = c.get("hits_per_switch") or {}
+            costs = c.get("probe_costs") or {}
             st = v.get("startup") or {}
-            out.append(f"- vftrace {mode}: floor {floor.get('median_ns', '-')} ns "
-                       f"(p10 {floor.get('p10_ns', '-')}, p90 {floor.get('p90_ns', '-')}); "
-                       f"switch_ns - source_ns median {_fmt(acc.get('median_ns'))} ns "
-                       f"(p10 {_fmt(acc.get('p10_ns'))}, p90 {_fmt(acc.get('p90_ns'))}, "
-                       f"p99 {_fmt(acc.get('p99_ns'))}) over {acc.get('switches', 0)} switches; "
-                       f"start-up: command to armed {_fmt(st.get('to_armed_s'), '.1f')} s "
-                       f"(engine {_fmt(st.get('engine_startup_s'), '.1f')} s)")
-        out.append("")
+            rows.append([key, _fmt(c.get("raw_p50_ns")), _fmt(c.get("p50_ns")),
+                         _fmt(c.get("p90_ns")), _fmt(c.get("err_ns")),
+                         _fmt(100 * c["own_share"], ".0f") + "%" if "own_share" in c else "-",
+                         ", ".join(f"{t} {n:.1f}" for t, n in hits.items() if n) or "0",
+                         ", ".join(f"{t} {costs[t]['median_ns']:.0f} ({costs[t]['p10_ns']:.0f}"
+                                   f"-{costs[t]['p90_ns']:.0f})" for t in ("fentry", "kprobe",
+                                                                           "entry")
+                                   if isinstance(costs.get(t), dict)) or "-",
+                         _fmt(st.get("to_armed_s"), ".1f")])
+        out += table(["capture", "raw p50 ns", "corr p50 ns", "corr p90 ns", "± ns", "own",
+                      "probe runs/switch", "cost per run ns (p10-p90)", "armed s"], rows)
+        out += ["", "The earlier accuracy goal (median switch_ns - source_ns within one "
+                "fentry pair's floor) compared two different things: what lies between the "
+                "window's bookends and pf_sched's own clock reads is tracepoint dispatch and "
+                "pf_sched's stats block, not the probes inside the switch; the floor is the "
+                "part of one probe pair inside the call it times.  It is replaced by "
+                "corrected-against-untraced.", ""]
     elif infl:
         out += [f"Inflation: failed: {infl.get('error')}", ""]
     for key, label in (("lossless_1pf", "1 PF"), ("lossless_npf", "all PFs")):

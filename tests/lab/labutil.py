@@ -83,6 +83,32 @@ def kernel_address_like(paths) -> list[str]:
     return found
 
 
+# Each timed hook's calls column in a window's record.
+HOOK_CALLS = {"iommu_map": "map_calls", "iommu_unmap": "unmap_calls",
+              "iotlb_sync": "sync_calls", "mmu_zap": "mmu_calls",
+              "mmu_notifier": "mmu_notifier_calls"}
+
+
+def assert_hits_are_the_calls(meta: dict, rows: list) -> dict[str, int]:
+    """Each window counted one probe run of each type per call its hooks of that type
+    timed (a pair per call), and one entry run per vCPU kick; and every type that ran
+    has a calibrated cost.  Returns the hits per type over ``rows``."""
+    modes = meta["probe_modes"]
+    for r in rows:
+        want = {"fentry": 0, "kprobe": 0}
+        for hook, col in HOOK_CALLS.items():
+            if modes.get(hook) in want:
+                want[modes[hook]] += getattr(r, col)
+        got = {"fentry": r.fentry_hits, "kprobe": r.kprobe_hits}
+        assert got == want and r.entry_hits == r.vcpu_kicks, (r, modes)
+    totals = {t: sum(getattr(r, f"{t}_hits") for r in rows) for t in ("fentry", "kprobe", "entry")}
+    costs = meta["probe_costs"]
+    for t, n in totals.items():
+        if n:
+            assert t in costs["types"] and costs[t]["median_ns"] > 0, costs
+    return totals
+
+
 def assert_no_kernel_drops(meta: dict) -> dict[str, int]:
     """Every map and window the BPF side keeps had room (kernel_drops all zero).
 

@@ -41,10 +41,16 @@ def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, dep
     header, *lines = rec.csv.read_text().splitlines()
     empty = {name for name, field in zip(header.split(","), lines[0].split(",")) if not field}
     assert empty == set(meta["unmeasured"])
+    hits = labutil.assert_hits_are_the_calls(meta, rows)
     if depth == "window":
         assert {"map_calls", "revoke_ns", "kvm_exits", "blocked_ns"} <= empty
+        assert not any(hits.values()) and meta["probe_costs"]["types"] == []
     else:
         assert all(r.map_calls == 1 and r.unmap_calls == 1 for r in rows)
         assert all(r.revoke_ns + r.grant_ns == r.switch_ns for r in rows)
-    print(f"depth {depth}: {len(rows)} switches; {hooked}; median switch_ns "
-          f"{sorted(r.switch_ns for r in rows)[len(rows) // 2]}")
+        zaps = sum(a["zap_calls"] - before[b]["zap_calls"] for b, a in after.items())
+        if depth == "mmu":          # the module's own count of its zaps
+            assert sum(r.mmu_calls for r in rows) == zaps
+    print(f"depth {depth}: {len(rows)} switches; {hooked}; hits {hits}; median switch_ns "
+          f"{sorted(r.switch_ns for r in rows)[len(rows) // 2]}; probe costs "
+          f"{meta['probe_costs']}")

@@ -85,10 +85,14 @@ def test_rows_match_pf_sched_switch_for_switch(pfs):
         assert all(0 < r.source_ns <= r.switch_ns for r in mine)
         assert all(r.revoke_ns + r.grant_ns == r.switch_ns for r in mine)
         assert all(r.to_vf == (r.from_vf + 1) % a["nr_vfs"] for r in mine)
+        # One zap of the outgoing VF's mappings per switch, as the module counts them.
+        assert sum(r.mmu_calls for r in mine) == a["zap_calls"] - b["zap_calls"]
+    hits = labutil.assert_hits_are_the_calls(meta, rows)
     assert f"VF switches: {len(rows)}" in rec.summary and "P99.9" in rec.summary
+    assert "vftrace's own cost: " in rec.summary and "corrected p50" in rec.summary
     assert meta["background"]["negative_durations"] == {}
     assert meta["depth"] == "guests" and meta["unmeasured"] == []
-    print(f"depth guests: {hooked}")
+    print(f"depth guests: {hooked}; hits {hits}; probe costs {meta['probe_costs']}")
 
 
 def test_background_vfio_dma_is_counted_and_not_attributed(pfs):
@@ -131,6 +135,8 @@ def test_probe_mode_override(pfs, mode):
     assert mode in meta["floor_ns"]
     assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())
     assert all(r.map_calls == 1 for r in rows)
+    hits = labutil.assert_hits_are_the_calls(meta, rows)
+    assert hits[mode] >= 2 * len(rows)
 
 
 def test_switch_func_window_on_a_driver_function(pfs):

@@ -25,9 +25,17 @@ def case(name, mean, **kw):
     return {"case": name, "mean_ns": mean, "switches": 100, **kw}
 
 
-def lab(fentry=110.0, funclat=150.0, bpftrace=140.0, med_abs=50.0, floor=60, missing=(0, 0, 3),
+def corrected(p50, p90=None, err=5.0):
+    return {"corrected": {"p50_ns": p50, "p90_ns": p90 or 2 * p50, "err_ns": err,
+                          "raw_p50_ns": 3 * p50, "raw_p90_ns": 6 * p50, "own_share": 0.6,
+                          "hits_per_switch": {"fentry": 4.0, "kprobe": 0.0, "entry": 0.0},
+                          "probe_costs": {"fentry": {"median_ns": 50, "p10_ns": 40,
+                                                     "p90_ns": 70}}}}
+
+
+def lab(fentry=110.0, funclat=150.0, bpftrace=140.0, corr_p50=105, floor=60, missing=(0, 0, 3),
         lost=0, window=104.0, iommu=120.0):
-    cases = [case("none", 100.0, window_means_ns=[90.0, 110.0, 100.0]),
+    cases = [case("none", 100.0, window_means_ns=[90.0, 110.0, 100.0], p50_ns=100, p90_ns=200),
              case("vftrace fentry", fentry), case("vftrace kprobe", 130.0)]
     cases += [case(f"vftrace {d}", v) for d, v in (("window", window), ("iommu", iommu))
               if v is not None]
@@ -39,9 +47,9 @@ def lab(fentry=110.0, funclat=150.0, bpftrace=140.0, med_abs=50.0, floor=60, mis
         "slice_us": 2000, "window_s": 10, "cases": cases,
         "vftrace": {"fentry": {"floor_ns": {"function": "f", "fentry": {
             "median_ns": floor, "p10_ns": floor - 5, "p90_ns": floor + 5, "samples": 3000}},
-            "accuracy": {"median_abs_ns": med_abs, "median_ns": med_abs, "p10_ns": 1,
-                         "p90_ns": 2, "p99_ns": 3, "switches": 9},
-            "startup": {"to_armed_s": 12.5, "engine_startup_s": 9.0}}}},
+            **corrected(corr_p50),
+            "startup": {"to_armed_s": 12.5, "engine_startup_s": 9.0}},
+            **{k: corrected(100) for k in ("window", "iommu", "mmu", "kprobe")}}},
         "lossless_1pf": {"pfs": 1, "window_s": 5, "lost_total": lost, "windows": [
             {"slice_us": s, "switches": 1000, "rate_per_s": 1e6 / s, "missing": m}
             for s, m in zip(slices, missing)],
@@ -106,10 +114,16 @@ def test_depth_verdicts_against_the_goal_and_the_rivals():
     assert nofunc[1].met is None and nofunc[2].met is None and "funclatency" in nofunc[2].note
 
 
-def test_accuracy_verdict():
-    assert report.accuracy_verdict("k", lab()["inflation"]).met is True
-    v = report.accuracy_verdict("k", lab(med_abs=180.0)["inflation"])
-    assert v.met is False and "missed by 120 ns" in v.note and "x3.0" in v.note
+def test_corrected_verdicts_hold_every_depth_to_the_untraced_p50_and_p90():
+    p50, p90 = report.corrected_verdicts("k", lab()["inflation"])
+    assert p50.met is True and "guests +5%" in p50.figure and "untraced 100 ns" in p50.figure
+    assert p90.met is True
+    p50, p90 = report.corrected_verdicts("k", lab(corr_p50=115)["inflation"])
+    assert p50.met is False and "missed at guests" in p50.note and "guests +15%" in p50.figure
+    assert p90.met is True           # 230 against 200: +15%, inside ±20%
+    none = lab()["inflation"]
+    none["vftrace"] = {}
+    assert [v.met for v in report.corrected_verdicts("k", none)] == [None, None]
 
 
 def test_lossless_verdict_names_the_first_lossy_slice():
@@ -137,7 +151,7 @@ def test_render_has_machine_goals_and_every_section():
     assert "Test CPU 3000" in text and "6.12.9" in text and "TCG" in text
     assert "2026-01-01" in text and "do not edit by hand" in text
     goal_lines = [l for l in text.splitlines() if l.startswith("| ") and "6.12.9:" in l]
-    assert len(goal_lines) == 6            # inflation, three depths, accuracy, lossless
+    assert len(goal_lines) == 7            # inflation, three depths, corrected x2, lossless
     assert "| vftrace kprobe" in text and "| 20 " in text and "drift check" in text      # inflation and lossless rows
     assert "MISSED" in text and "| decode+stats+csv" in text
     assert "CPU 31% of one core" in text

@@ -108,3 +108,24 @@ def test_arrays_agree_with_values():
 @pytest.mark.parametrize("entry", [None, {}, {"median_ns": "x"}, {"median_ns": float("nan")}])
 def test_bad_cost_entries_are_no_cost(entry):
     assert Cost.of(entry) is None
+
+
+def test_an_old_capture_loads_everywhere_uncorrected(tmp_path, capsys):
+    """tests/data/small.csv predates the hit columns and probe costs: the report, the
+    export and the replay dashboard's reader take it, and say it is not corrected."""
+    import json
+    from pathlib import Path
+    from tracer.cli import main
+    from tracer.capture.files import read_capture
+    from tui.sources import ReplaySource
+    small = Path(__file__).resolve().parents[1] / "data" / "small.csv"
+    meta, recs, _ = read_capture(small)
+    assert Correction.from_meta(meta) is None
+    assert all(r.fentry_hits == r.kprobe_hits == r.entry_hits == 0 for r in recs)
+    assert main(["report", str(small), "--json"]) == 0
+    cap = json.loads(capsys.readouterr().out)["captures"][0]
+    assert cap["own_cost"] is None and cap["rows"][0]["p50_corrected"] is None
+    assert main(["export", str(small), "--parquet", str(tmp_path / "s.parquet"),
+                 "--perfetto", str(tmp_path / "s.json")]) == 0
+    source = ReplaySource(small, speed=0)
+    assert source.start().meta == meta
