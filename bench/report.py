@@ -238,6 +238,30 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *(line(r) for r in rows)]
 
 
+def implied_costs(infl: dict) -> list[str]:
+    """What one probe run costs a real switch, as the inflation windows imply it: the
+    depth's p50 less --depth window's p50 (pf_sched's own histogram of untraced-by-
+    probes switches), over its probe runs per switch; next to the calibrated cost."""
+    cases = {c["case"]: c for c in infl.get("cases", [])}
+    base = (cases.get("vftrace window") or {}).get("p50_ns")
+    out = []
+    for depth in ("iommu", "mmu"):
+        c = (infl.get("vftrace") or {}).get(depth, {}).get("corrected") or {}
+        p50 = (cases.get(f"vftrace {depth}") or {}).get("p50_ns")
+        runs = sum((c.get("hits_per_switch") or {}).values())
+        cost = ((c.get("probe_costs") or {}).get("fentry") or {}).get("median_ns")
+        if base is None or p50 is None or not runs or not cost:
+            continue
+        implied = (p50 - base) / runs
+        out.append(f"- --depth {depth}: p50 {p50:.0f} ns against --depth window's {base:.0f} "
+                   f"ns over {runs:.1f} probe runs per switch implies {implied:.0f} ns per "
+                   f"run; calibrated {cost:.0f} ns (x{implied / cost:.1f})")
+    if out:
+        out = ["Per-run cost in real switches, implied by the inflation windows, against "
+               "the calibration's:", ""] + out
+    return out
+
+
 def kernel_sections(kernel: str, lab: dict) -> list[str]:
     run = "full (30 s lossless windows)" if lab.get("full") else "quick (5 s lossless windows)"
     out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}.", ""]
@@ -279,6 +303,7 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
                          _fmt(st.get("to_armed_s"), ".1f")])
         out += table(["capture", "raw p50 ns", "corr p50 ns", "corr p90 ns", "± ns", "own",
                       "probe runs/switch", "cost per run ns (p10-p90)", "armed s"], rows)
+        out += ["", *implied_costs(infl)]
         out += ["", "The earlier accuracy goal (median switch_ns - source_ns within one "
                 "fentry pair's floor) compared two different things: what lies between the "
                 "window's bookends and pf_sched's own clock reads is tracepoint dispatch and "

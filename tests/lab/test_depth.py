@@ -9,7 +9,10 @@ import pytest
 
 from tests.lab import kernel_counts, labutil, pfsched
 from tracer.capture.files import read_capture
+from tracer.model.correction import Correction
 from tracer.model.schema import DEPTHS
+from tracer.model.stats import Stats
+from tracer.pfsched import control
 
 from .test_record import Recorder, window
 
@@ -25,7 +28,24 @@ def pfs():
 
 # --depth guests, the default, is checked by test_record's first test, on its recorder.
 @pytest.mark.parametrize("depth", DEPTHS[:-1])
+def untraced_p50(pfs, seconds: float = 2.0) -> float:
+    """pf_sched's own p50 over a window of switches with nothing attached."""
+    def merged():
+        out: dict[int, int] = {}
+        for b in pfs:
+            for low, n in control.total_hist(b).items():
+                out[low] = out.get(low, 0) + n
+        return out
+    pfsched.set_enabled(False)
+    before = merged()
+    pfsched.set_enabled(True)
+    time.sleep(seconds)
+    pfsched.set_enabled(False)
+    return control.hist_quantile(control.hist_delta(merged(), before), 0.5)
+
+
 def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, depth):
+    untraced = untraced_p50(pfs)
     pfsched.set_enabled(False)
     attached = kernel_counts.Attached()
     rec = Recorder(f"depth-{depth}", "--depth", depth)
@@ -51,6 +71,16 @@ def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, dep
         zaps = sum(a["zap_calls"] - before[b]["zap_calls"] for b, a in after.items())
         if depth == "mmu":          # the module's own count of its zaps
             assert sum(r.mmu_calls for r in rows) == zaps
+    # The correction takes off at most what the probes added: never below the untraced
+    # switches measured just before (10% for the lab's drift, and its own uncertainty).
+    g = Stats(10**9, correction=Correction.from_meta(meta))
+    g.add_many(rows)
+    own = g.snapshot().overall.own
+    raw = sorted(r.source_ns for r in rows)[len(rows) // 2]
+    assert own.switch.p50 >= 0.9 * untraced - own.err_ns, (own, untraced)
+    assert own.switch.p50 <= raw + own.err_ns, (own, raw)
+    print(f"depth {depth}: untraced p50 {untraced:.0f} ns; pf_sched's own p50 here {raw} ns; "
+          f"corrected p50 {own.switch.p50} ±{own.err_ns:.0f} ns ({own.share:.0%} own)")
     print(f"depth {depth}: {len(rows)} switches; {hooked}; hits {hits}; median switch_ns "
           f"{sorted(r.switch_ns for r in rows)[len(rows) // 2]}; probe costs "
           f"{meta['probe_costs']}")

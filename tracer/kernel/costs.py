@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from . import layout
 
 ROUNDS = 9
-WINDOWS = 9          # per arm of a round
-CALLS = 24           # probe runs per window
+WINDOWS = 11         # per arm of a round
+CALLS = 64           # probe runs per window
 
 
 @dataclass
