@@ -11,7 +11,7 @@ from tests.lab import kernel_counts, labutil, pfsched
 from tracer.capture.files import read_capture
 from tracer.model.correction import Correction
 from tracer.model.schema import DEPTHS
-from tracer.model.stats import Stats
+from tracer.model.stats import RELATIVE_ERROR, Stats
 from tracer.pfsched import control
 
 from .test_record import Recorder, window
@@ -26,8 +26,6 @@ def pfs():
         yield bdfs
 
 
-# --depth guests, the default, is checked by test_record's first test, on its recorder.
-@pytest.mark.parametrize("depth", DEPTHS[:-1])
 def untraced_p50(pfs, seconds: float = 2.0) -> float:
     """pf_sched's own p50 over a window of switches with nothing attached."""
     def merged():
@@ -44,6 +42,8 @@ def untraced_p50(pfs, seconds: float = 2.0) -> float:
     return control.hist_quantile(control.hist_delta(merged(), before), 0.5)
 
 
+# --depth guests, the default, is checked by test_record's first test, on its recorder.
+@pytest.mark.parametrize("depth", DEPTHS[:-1])
 def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, depth):
     untraced = untraced_p50(pfs)
     pfsched.set_enabled(False)
@@ -71,14 +71,17 @@ def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, dep
         zaps = sum(a["zap_calls"] - before[b]["zap_calls"] for b, a in after.items())
         if depth == "mmu":          # the module's own count of its zaps
             assert sum(r.mmu_calls for r in rows) == zaps
-    # The correction takes off at most what the probes added: never below the untraced
-    # switches measured just before (10% for the lab's drift, and its own uncertainty).
+    # The correction takes something off (a calibrated cost is positive), and at most
+    # what the probes added: never far below the untraced switches measured just before.
+    # 30% for the lab's drift (2 s untraced windows in one boot: 36-59 us p50s seen),
+    # plus the correction's own uncertainty and the histogram's bucket error.
     g = Stats(10**9, correction=Correction.from_meta(meta))
     g.add_many(rows)
     own = g.snapshot().overall.own
     raw = sorted(r.source_ns for r in rows)[len(rows) // 2]
-    assert own.switch.p50 >= 0.9 * untraced - own.err_ns, (own, untraced)
-    assert own.switch.p50 <= raw + own.err_ns, (own, raw)
+    slack = own.err_ns + raw * RELATIVE_ERROR
+    assert own.switch.p50 >= 0.7 * untraced - slack, (own, untraced)
+    assert own.switch.p50 <= raw + slack, (own, raw)
     print(f"depth {depth}: untraced p50 {untraced:.0f} ns; pf_sched's own p50 here {raw} ns; "
           f"corrected p50 {own.switch.p50} ±{own.err_ns:.0f} ns ({own.share:.0%} own)")
     print(f"depth {depth}: {len(rows)} switches; {hooked}; hits {hits}; median switch_ns "

@@ -71,12 +71,14 @@ class Engine:
         self.bpf = BPF(src_file=str(bpf_dir() / "vftrace.bpf.c"),
                        cflags=self.plan.cflags(bpf_dir(), os.getpid()))
         self._attach_source()
-        for choice in self.plan.choices:
-            if choice.mode == KPROBE:
-                self._attach_kprobes(choice)
         self._calibrate()
         self._check_irq_test()
         self._measure_costs()
+        # After the calibrations: they take seconds under emulation, and a kprobe attached
+        # before arming runs (and can miss returns) for nothing.
+        for choice in self.plan.choices:
+            if choice.mode == KPROBE:
+                self._attach_kprobes(choice)
         self._open_buffers()
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 

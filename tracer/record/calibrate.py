@@ -171,19 +171,23 @@ def _run_live(args) -> int:
     if not plan.calib_modes:
         raise VftraceError("no probe mode can time the calibration function here "
                            "(see vftrace doctor)")
-    floor, warnings = measure_floor(plan)
+    floor, costs, warnings = measure_floor(plan)
     if args.json:
         print(json.dumps({"floor": floor, "calib_modes": list(plan.calib_modes),
-                          "warnings": warnings}, indent=2))
+                          "probe_costs": costs, "warnings": warnings}, indent=2))
     else:
         for w in warnings:
             print(f"vftrace calibrate: warning: {w}")
         print(format_floor(floor))
+        from ..model.group_columns import probe_costs_text
+        print(f"probe costs: what one probe run costs a switch window, per type "
+              f"(median, p10-p90): {probe_costs_text({'probe_costs': costs})}")
     return 0
 
 
-def measure_floor(plan) -> tuple[dict, list[str]]:
-    """Start the engine (which calibrates on start-up), read its floor, detach."""
+def measure_floor(plan) -> tuple[dict, dict, list[str]]:
+    """Start the engine (which calibrates on start-up), read its floor and probe costs,
+    detach."""
     from ..kernel.engine import Engine
     from .session import RecordError
     engine = Engine(plan, budget_ns=100, on_switch=lambda rec: None)
@@ -194,4 +198,4 @@ def measure_floor(plan) -> tuple[dict, list[str]]:
         raise RecordError(f"could not load the BPF program: {first}") from None
     finally:
         engine.close()
-    return engine.floor.as_meta(), engine.warnings
+    return engine.floor.as_meta(), engine.probe_costs, engine.warnings
