@@ -28,8 +28,8 @@ NS_PER_S = 1_000_000_000
 RATE_SECONDS = 120               # trace seconds of the rate sparkline kept
 
 # The per-PF/VF table's columns (tracer.model.group_columns: one meaning per header).
-GROUP_COLUMNS = gc.pick("group", "count", "p50", "p99", "p999", "max", "over_budget",
-                        "revoke", "grant", "exits", "blocked_time")
+GROUP_COLUMNS = gc.pick("group", "count", "p50", "p99", "p999", "max", "own_share",
+                        "over_budget", "revoke", "grant", "exits", "blocked_time")
 SORTED_BY = ("count", "p50", "p99", "p999", "max", "over_budget", "exits", "blocked_time")
 # (name shown, key) for ``s``: the table cycles through these, largest first; the name
 # is the column's header, lower-cased.

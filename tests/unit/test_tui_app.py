@@ -19,6 +19,7 @@ from tests.unit.tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, c
                                     group_counts, run_async, table_rows, wait_for)
 from tracer.capture.files import iter_calls, read_capture
 from tui.app import VftraceApp
+from tui.model import GROUP_COLUMNS
 from tui.sources import Batch, FollowSource, ReplaySource
 from tui.widgets import HelpScreen
 
@@ -114,13 +115,14 @@ async def test_b_sets_the_budget_and_the_over_budget_share_follows():
     app = replay_app()
     async with app.run_test(size=SIZE) as pilot:
         await caught_up(pilot, app)
-        assert table_rows(app, "groups")[0][6] == "100.00%"   # everything over 100 ns
+        over = [c.name for c in GROUP_COLUMNS].index("over_budget")
+        assert table_rows(app, "groups")[0][over] == "100.00%"   # everything over 100 ns
         await pilot.press("b")
         await pilot.pause()
         app.screen.query_one("#budget", Input).value = str(budget)
         await pilot.press("enter")
         await pilot.pause()
-        rows = {r[0]: r[6] for r in table_rows(app, "groups")}
+        rows = {r[0]: r[over] for r in table_rows(app, "groups")}
     assert app.model.budget_ns == budget
     assert rows["all"] == share_text(ROWS, budget)
     for pf in (0, 1):
@@ -426,3 +428,33 @@ async def test_a_ui_slower_than_its_source_lags_by_one_batch_and_keeps_ticking()
         await wait_for(pilot, lambda: app.model.seen == source.sent, "every switch folded")
     assert max(in_flight) == 1, f"batches queued ahead of the UI: {max(in_flight)}"
     assert folded[0] < 400 / 2, "batches were not merged while the UI was busy"
+
+
+@run_async
+async def test_the_dashboard_says_how_much_of_each_switch_was_vftrace(tmp_path):
+    """A corrected capture: the header gives vftrace's own share and the corrected p50/p90
+    with their uncertainty, the table an OWN% per group, computed here independently."""
+    from dataclasses import replace
+    from tracer.capture.files import CaptureWriter
+    meta = {**META, "probe_modes": {"iommu_map": "fentry", "iommu_unmap": "fentry"},
+            "probe_costs": {"types": ["fentry"],
+                            "fentry": {"median_ns": 2000, "p10_ns": 1000, "p90_ns": 3000}}}
+    rows = [replace(r, fentry_hits=4, source_ns=0) for r in ROWS]
+    path = tmp_path / "corrected.csv"
+    with CaptureWriter(path, meta) as w:
+        w.write_many(rows)
+    raw = sum(r.switch_ns for r in rows)
+    share = 1 - (raw - 8000 * len(rows)) / raw
+    app = replay_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await caught_up(pilot, app)
+        own = app.header_lines[2].plain
+        table = table_rows(app, "groups")
+    corrected = np.sort([r.switch_ns - 8000 for r in rows])
+    p50 = corrected[int(np.ceil(0.5 * len(rows))) - 1]
+    assert own.startswith(f"vftrace's own cost: {100 * share:.1f}% of the switch time")
+    assert "±4.00us" in own and "per probe run: fentry 2.00us (1.00us-3.00us)" in own
+    shown = own.split("corrected p50 ")[1].split("±")[0]
+    assert abs(float(shown.removesuffix("us")) * 1000 - p50) <= 0.01 * p50, (shown, p50)
+    col = [c.name for c in GROUP_COLUMNS].index("own_share")
+    assert table[0][col] == f"{100 * share:.1f}%"

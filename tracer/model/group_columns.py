@@ -161,7 +161,8 @@ def own_cost_line(g: GroupStats, meta: dict | None = None) -> str:
         return ("vftrace's own cost: unknown (no probe costs in this capture: switch times "
                 "below include the probes)")
     o = g.own
-    base = "pf_sched's own timing" if bookends_corrected(meta) else "the window"
+    base = ("pf_sched's own timing where a switch has it" if bookends_corrected(meta)
+            else "the window")
     return (f"vftrace's own cost: {percent(o.share, 1)} of the switch time; corrected "
             f"p50 {with_error(o.switch.p50, o.err_ns)}, p90 {with_error(o.switch.p90, o.err_ns)}"
             f" (raw p50 {fmt_ns(g.switch.p50)}; from {base}, less probe hits x their costs)")
