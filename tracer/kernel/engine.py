@@ -73,13 +73,15 @@ class Engine:
         self._attach_source()
         self._calibrate()
         self._check_irq_test()
+        # Open before the cost calibration: with --calls its windows' calls are emitted
+        # as production's are, and drained (and dropped: VFT_COST_PF) between its batches.
+        self._open_buffers()
         self._measure_costs()
         # After the calibrations: they take seconds under emulation, and a kprobe attached
         # before arming runs (and can miss returns) for nothing.
         for choice in self.plan.choices:
             if choice.mode == KPROBE:
                 self._attach_kprobes(choice)
-        self._open_buffers()
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def _attach_source(self) -> None:
@@ -155,7 +157,7 @@ class Engine:
             return
         self.probe_costs, warnings = costs.CostCalibration(
             self.bpf, self.plan.cost_func, probes.COST_BOOKEND, self.plan.hit_types(),
-            self.plan.cost_fentry).run()
+            self.plan.cost_fentry, drain=self._drain_buffers).run()
         self.warnings.extend(warnings)
 
     def _check_irq_test(self) -> None:
@@ -353,6 +355,13 @@ class Engine:
             if n := sum(int(v) for v in cpus):
                 out["switch" if kind == 0 else self.kinds.get(kind, str(kind))] = n
         return out
+
+    def _drain_buffers(self) -> None:
+        """Hand over what the buffers hold now, without waiting."""
+        if self.plan.ringbuf:
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(0)
 
     def drain(self) -> None:
         """Stop making records and hand over every one already in the buffers.
