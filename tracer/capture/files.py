@@ -249,20 +249,10 @@ def format_switch_rows(rows: list[tuple]) -> str:
     return "".join([fmt % row for row in rows])
 
 
-def _switch_line(rec: SwitchRecord, fmt: str = _SWITCH_ROW_FORMAT) -> str | tuple:
-    """A record's CSV line; its row tuple when a value is not an integer, so that the
-    flush fails on it with the reason, as for any row (see _join_switch_lines)."""
-    row = _switch_row(rec)
-    try:
-        return fmt % row
-    except (TypeError, ValueError):
-        return row
-
-
 def _join_switch_lines(lines: list) -> str:
     try:
         return "".join(lines)
-    except TypeError:               # a row _switch_line could not format: say why
+    except TypeError:               # a row write() could not format: say why
         for row in lines:
             if not isinstance(row, str):
                 [_ for v in row for _ in ("%d" % v,)]   # raises, naming the bad value
@@ -294,7 +284,7 @@ class CaptureWriter(_CsvSink):
         self._correction = Correction.from_meta(self.meta)
         self._corrected = self._correction.values if self._correction else None
         self._row_format = switch_row_format(unmeasured(self.meta), self._correction is not None)
-        # Rows are queued already formatted (_switch_line): a str is not tracked by the
+        # Rows are queued already formatted (write()): a str is not tracked by the
         # garbage collector, a tuple is (2048 queued ones set off three collections).
         self._format = _join_switch_lines
         try:
@@ -304,7 +294,7 @@ class CaptureWriter(_CsvSink):
             raise
 
     def write(self, rec: SwitchRecord) -> None:
-        # _add_row and _switch_line inlined: this runs once per switch, at up to a few
+        # _add_row inlined: this runs once per switch, at up to a few
         # 100k a second, while the record is still in the cache.
         rows = self._rows
         row = _switch_row(rec)

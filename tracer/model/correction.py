@@ -24,7 +24,7 @@ says which.  Plain arithmetic on the meta and the record: no other vftrace impor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 HIT_TYPES: tuple[str, ...] = ("fentry", "kprobe", "entry")
 HIT_COLUMNS: tuple[str, ...] = tuple(f"{t}_hits" for t in HIT_TYPES)
@@ -65,6 +65,9 @@ class Correction:
     floors: dict[str, Cost]         # by probe mode: what a pair adds inside its call
     map_mode: str                   # the probe mode of iommu_map, of iommu_unmap
     unmap_mode: str
+    # what values() takes off, by (hits, map and unmap calls): a handful of keys in a
+    # capture, so a record costs a lookup and five subtractions on the recorder's path
+    _terms: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> "Correction | None":
@@ -99,20 +102,32 @@ class Correction:
         f = self.floors.get(mode, ZERO)
         return calls * f.median_ns, calls * f.half_spread_ns
 
+    def terms(self, fentry: int, kprobe: int, entry: int, map_calls: int,
+              unmap_calls: int) -> tuple[int, ...]:
+        """What is taken off switch, revoke, grant, unmap and map, each with its
+        uncertainty, for a record with these hits and calls (integer ns)."""
+        own, own_err = self.own((fentry, kprobe, entry))
+        g_own, g_err = self.own(self._map_hits(map_calls))
+        r_own, r_err = own - g_own, math.sqrt(max(own_err ** 2 - g_err ** 2, 0.0))
+        u_own, u_err = self._floor(self.unmap_mode, unmap_calls)
+        m_own, m_err = self._floor(self.map_mode, map_calls)
+        return tuple(round(v) for v in (own, own_err, r_own, r_err, g_own, g_err,
+                                         u_own, u_err, m_own, m_err))
+
     def values(self, rec) -> tuple[int, ...]:
         """One record's ``CORRECTED_COLUMNS`` (rec: anything with the record's fields)."""
-        hits = (rec.fentry_hits, rec.kprobe_hits, rec.entry_hits)
-        own, own_err = self.own(hits)
-        g_own, g_err = self.own(self._map_hits(rec.map_calls))
-        r_own, r_err = own - g_own, math.sqrt(max(own_err ** 2 - g_err ** 2, 0.0))
-        base = rec.source_ns if rec.source_ns > 0 else rec.switch_ns
-        u_own, u_err = self._floor(self.unmap_mode, rec.unmap_calls)
-        m_own, m_err = self._floor(self.map_mode, rec.map_calls)
-        return (round(base - own), round(own_err),
-                round(rec.revoke_ns - r_own), round(r_err),
-                round(rec.grant_ns - g_own), round(g_err),
-                round(rec.unmap_ns - u_own), round(u_err),
-                round(rec.map_ns - m_own), round(m_err))
+        key = (rec.fentry_hits, rec.kprobe_hits, rec.entry_hits, rec.map_calls,
+               rec.unmap_calls)
+        t = self._terms.get(key)
+        if t is None:
+            if len(self._terms) >= 4096:        # bounded whatever the records hold
+                self._terms.clear()
+            t = self._terms[key] = self.terms(*key)
+        own, own_err, r_own, r_err, g_own, g_err, u_own, u_err, m_own, m_err = t
+        src = rec.source_ns
+        return ((src if src > 0 else rec.switch_ns) - own, own_err,
+                rec.revoke_ns - r_own, r_err, rec.grant_ns - g_own, g_err,
+                rec.unmap_ns - u_own, u_err, rec.map_ns - m_own, m_err)
 
     # -- many records (numpy arrays by column name) ----------------------------------
     def switch_arrays(self, cols: dict):
