@@ -307,9 +307,18 @@ class CaptureWriter(_CsvSink):
         if len(rows) >= FLUSH_ROWS:
             self.flush()
 
+    def _line(self, rec: SwitchRecord) -> str | tuple:
+        """write()'s row: its line, or the tuple the flush then refuses with the reason."""
+        row = _switch_row(rec)
+        try:
+            if self._corrected is not None:
+                row += self._corrected(rec)
+            return self._row_format % row
+        except (TypeError, ValueError):
+            return row
+
     def write_many(self, recs: Iterable[SwitchRecord]) -> None:
-        for rec in recs:
-            self.write(rec)
+        self._add_rows(map(self._line, recs))
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
