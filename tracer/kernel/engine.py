@@ -372,10 +372,7 @@ class Engine:
             return
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(0)
         time.sleep(0.05)                # let windows already open close and emit
-        if self.plan.ringbuf:
-            self.bpf.ring_buffer_consume()
-        else:
-            self.bpf.perf_buffer_poll(0)
+        self._drain_buffers()
 
     def close(self) -> None:
         self.drain()
