@@ -48,7 +48,8 @@ class FakeEngine:
         self.probe_costs = {}
         self.warnings = ["a hook failed"]
         self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
-                                         late_exit_ns=50, orphan_exits=0, flush=lambda: None)
+                                         late_exit_ns=50, orphan_exits=0, unended_exits=1,
+                                         flush=lambda: None)
         self.bpf = None
         self.seq = 0
 
@@ -154,7 +155,7 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     assert on_disk["workload"]["exit_status"] == 3 and on_disk["stop_reason"] == reason
     assert on_disk["lost_total"] == 4 and not problems
     assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "join": 1}
-    assert (on_disk["late_exits"], on_disk["late_exit_ns"]) == (2, 50)
+    assert (on_disk["late_exits"], on_disk["late_exit_ns"], on_disk["unended_exits"]) == (2, 50, 1)
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 
 

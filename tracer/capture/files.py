@@ -403,7 +403,7 @@ _META_TYPES: dict[str, tuple[type, str]] = {
     **dict.fromkeys(("warnings", "columns"), (list, "a list")),
     **dict.fromkeys(("budget_ns", "records", "lost_total", "partial_windows",
                      "late_releases", "orphan_releases", "late_exits", "late_exit_ns",
-                     "orphan_exits"), (int, "an integer")),
+                     "orphan_exits", "unended_exits"), (int, "an integer")),
     "complete": (bool, "true or false"),
 }
 

@@ -11,7 +11,8 @@ Records are therefore held for a short time (``hold_ns``) and joins are added by
 its record is held until they are in, however loaded the machine, up to ``max_hold_ns``
 (an exit can last as long as its vCPU blocks; one whose VM is torn down never ends).
 Joins that come later than that are counted (``late_releases``, ``late_exits`` and
-``late_exit_ns``), never dropped silently.
+``late_exit_ns``), never dropped silently, and so are the exit ends a record was passed on
+without (``unended_exits``: given up on, or still running when the recording stopped).
 
 A switch is given up on (``max_hold_ns``) only in ``tick()``, which the engine calls once
 a poll has read every buffer: a reader that was starved for longer than that (a loaded
@@ -53,6 +54,7 @@ class Assembler:
         self.late_exits = 0         # exit ends whose record had already been passed on
         self.late_exit_ns = 0
         self.orphan_exits = 0       # exit ends never matched
+        self.unended_exits = 0      # exit ends a record was passed on without
         self.last_emitted: dict[int, int] = {}                 # pf -> newest seq passed on
         self.next_due: int | None = None                       # when the oldest is due
 
@@ -110,6 +112,12 @@ class Assembler:
         self.orphan_releases += extra[RELEASES]
         self.orphan_exits += extra[EXITS]
 
+    def awaiting_exit_ends(self) -> int:
+        """How many held switches still wait for ends of their exits."""
+        joined = self.joined
+        return sum(1 for key, (_, _, pending) in self.held.items()
+                   if pending and (key not in joined or joined[key][EXITS] < pending))
+
     def emitted_past(self, pf: int, seq: int) -> bool:
         return seq <= self.last_emitted.get(pf, 0)
 
@@ -148,13 +156,16 @@ class Assembler:
         self.early.clear()
 
     def _pass_on(self, key) -> None:
-        _, values, _ = self.held.pop(key)
+        _, values, pending = self.held.pop(key)
         rec = SwitchRecord(*values)
         extra = self.joined.pop(key, None)
         if extra is not None:
             rec.blocked_accesses += extra[RELEASES]
             rec.blocked_ns += extra[RELEASE_NS]
             rec.exit_ns += extra[EXIT_NS]
+            pending -= extra[EXITS]
+        if pending > 0:
+            self.unended_exits += pending
         pf, seq = key
         if seq > self.last_emitted.get(pf, 0):
             self.last_emitted[pf] = seq

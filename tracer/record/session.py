@@ -539,7 +539,8 @@ class Session:
             self.meta.update({"late_releases": a.late_releases,
                               "orphan_releases": a.orphan_releases,
                               "late_exits": a.late_exits, "late_exit_ns": a.late_exit_ns,
-                              "orphan_exits": a.orphan_exits})
+                              "orphan_exits": a.orphan_exits,
+                              "unended_exits": a.unended_exits})
         finally:
             try:
                 self.engine.close()           # flushes held records into the writers

@@ -125,6 +125,8 @@ def losses_line(cap: Capture) -> str:
                       ("late_releases", "late releases"), ("orphan_releases", "orphan releases"),
                       ("late_exits", "late exits"), ("orphan_exits", "orphan exits")):
         parts.append(f"{name} {m[key] if key in m else 'unknown'}")
+    if m.get("unended_exits"):          # newer captures only: not "unknown" in older ones
+        parts.append(f"unended exits {m['unended_exits']}")
     drops = kernel_drops(m)
     parts.append(f"kernel drops {sum(drops.values()) if drops is not None else 'unknown'}")
     return "losses: " + ", ".join(parts)
@@ -169,6 +171,10 @@ def notes(cap: Capture) -> list[Note]:
         out.append(Note(True, f"{exits} KVM exits outlived their switch and reached user "
                               "space too late to be joined (late or orphaned): exit_ns is "
                               "undercounted"))
+    if m.get("unended_exits"):
+        out.append(Note(False, f"{m['unended_exits']} KVM exits had not ended when their "
+                               "switch was passed on (still running at the stop, or their VM "
+                               "gone): their time is not in exit_ns"))
     dropped = {k: n for k, n in (kernel_drops(m) or {}).items() if n > 0}
     if dropped:
         what = ", ".join(f"{k} {n}" for k, n in sorted(dropped.items()))
@@ -329,6 +335,7 @@ def report_json(captures: list[Capture]) -> dict:
         "orphan_releases": cap.meta.get("orphan_releases"),
         "late_exits": cap.meta.get("late_exits"),
         "orphan_exits": cap.meta.get("orphan_exits"),
+        "unended_exits": cap.meta.get("unended_exits"),
         "kernel_drops": kernel_drops(cap.meta),
         "probe_costs": cap.meta.get("probe_costs"),
         "own_cost": own_cost_json(cap),
