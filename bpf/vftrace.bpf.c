@@ -170,6 +170,16 @@ BPF_ARRAY(armed, u32, 1);
  * task (CALIB_TGID), and only it, opens cost windows and has its calls counted. */
 BPF_ARRAY(calibrating, u32, 1);
 BPF_ARRAY(cost_window, struct vft_switch, 1);         /* the last cost window's record */
+/* In-kernel histograms (vftrace.h): (pf, vf) -> slot, given out in order; per (slot,
+ * phase), VFT_HIST_BUCKETS counts and their sums.  HIST_MAP_FLAGS is BPF_F_MMAPABLE
+ * where the kernel has it (>= 5.5): user space then maps the counts and reads them in
+ * one go. */
+#define VFT_HIST_CELLS (VFT_HIST_SLOTS * VFT_HIST_PHASES)
+BPF_HASH(hist_slots, struct vft_hist_key, u32, VFT_HIST_SLOTS);
+BPF_ARRAY(hist_next, u64, 1);
+BPF_F_TABLE("array", u32, u64, hist_buckets, VFT_HIST_CELLS * VFT_HIST_BUCKETS,
+	    HIST_MAP_FLAGS);
+BPF_ARRAY(hist_sums, struct vft_hist_sum, VFT_HIST_CELLS);
 
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
@@ -198,6 +208,63 @@ static __always_inline void count_drop(int idx)
 	u64 *n = drops.lookup(&idx);
 	if (n)
 		__sync_fetch_and_add(n, 1);
+}
+
+/* ---- in-kernel histograms ------------------------------------------------------- */
+
+static __always_inline void grow_to(u64 *word, u64 v)
+{
+	/* Only a PF's own switches, one at a time, share a word: a try or two suffices. */
+#pragma clang loop unroll(disable)
+	for (int t = 0; t < VFT_ADD_TRIES; t++) {
+		u64 old = VFT_READ_ONCE(*word);
+		if (old >= v || __sync_val_compare_and_swap(word, old, v) == old)
+			return;
+	}
+}
+
+/* Every closed switch, before its record goes out (so lost records are still counted):
+ * all three phases, as the record has them; user space ignores the revoke and grant
+ * histograms where those columns are unmeasured (no iommu_map hook). */
+static __always_inline void hist_add(struct vft_switch *rec)
+{
+	struct vft_hist_key k = { .pf = rec->pf, .vf = rec->to_vf };
+	u32 zero = 0, *slot = hist_slots.lookup(&k);
+
+	if (!slot) {
+		u64 *next = hist_next.lookup(&zero);
+		if (!next)
+			return;
+		u64 n = __sync_fetch_and_add(next, 1);
+		if (n >= VFT_HIST_SLOTS) {
+			count_drop(VFT_DROP_HIST_SLOT);
+			return;
+		}
+		u32 fresh = n;
+		hist_slots.insert(&k, &fresh);  /* a racing first switch of the pair may win */
+		slot = hist_slots.lookup(&k);
+		if (!slot) {
+			count_drop(VFT_DROP_HIST_SLOT);
+			return;
+		}
+	}
+	u64 values[VFT_HIST_PHASES] = { rec->switch_ns, rec->revoke_ns, rec->grant_ns };
+	u32 first = *slot * VFT_HIST_PHASES;
+#pragma clang loop unroll(disable)
+	for (u32 p = 0; p < VFT_HIST_PHASES; p++) {
+		u64 v = values[p];
+		u32 cell = first + p;
+		u32 b = cell * VFT_HIST_BUCKETS + vft_hist_bucket(v);
+		u64 *count = hist_buckets.lookup(&b);
+		struct vft_hist_sum *sum = hist_sums.lookup(&cell);
+		if (!count || !sum)
+			return;
+		__sync_fetch_and_add(count, 1);
+		__sync_fetch_and_add(&sum->count, 1);
+		__sync_fetch_and_add(&sum->sum, v);
+		grow_to(&sum->not_min, ~v);
+		grow_to(&sum->max, v);
+	}
 }
 
 /* One function per buffer: BCC rewrites table methods, which it cannot inside macros. */
@@ -507,10 +574,12 @@ static __always_inline int window_end(void *ctx, u64 source_ns, u64 source_revok
 	w->rec.source_revoke_ns = source_revoke_ns;
 	w->rec.source_grant_ns = source_grant_ns;
 	w->rec.cpu = bpf_get_smp_processor_id();
-	if (w->rec.pf == VFT_COST_PF)
+	if (w->rec.pf == VFT_COST_PF) {
 		cost_window.update(&zero, &w->rec);
-	else
+	} else {
+		hist_add(&w->rec);
 		emit_switch(ctx, &w->rec);
+	}
 	release_slot(w);
 	return 0;
 }

@@ -43,7 +43,8 @@
 /* VFT_DROP_UNFINISHED: a call whose return never ran (a kretprobe out of instances, an
  * exit program the kernel skipped), seen at the task's next call of that kind. */
 #define VFT_DROP_UNFINISHED 8   /* a call's return never ran: its time lost */
-#define VFT_NR_DROPS 9
+#define VFT_DROP_HIST_SLOT 9    /* a switch not in the kernel histograms: no (pf, vf) slot left */
+#define VFT_NR_DROPS 10
 /* kernel_drops also has skipped_runs: runs of these programs the kernel itself skipped
  * (one would have nested in another on its CPU), its own recursion_misses per program
  * (background.skipped_runs), read by tracer/kernel/proginfo.py. */
@@ -164,5 +165,58 @@ struct vft_exit_val {
 	__u64 count;
 	__u64 ns;
 };
+
+/*
+ * In-kernel histograms (tracer/kernel/histograms.py) of every switch that closed, whether
+ * or not its record reached user space: per (pf, incoming vf) slot and phase, the
+ * statistics core's log-linear buckets (tracer/model/stats.py: values below 2 << SUB_BITS
+ * exact, then 1 << SUB_BITS buckets per power of two), up to 1 << VFT_HIST_MAX_BITS ns;
+ * larger values share the last bucket (their max is kept exact beside it).
+ */
+#define VFT_HIST_SUB_BITS 10
+#define VFT_HIST_MAX_BITS 32
+#define VFT_HIST_BUCKETS 23552  /* (2 << SUB_BITS) + (MAX_BITS - SUB_BITS - 1) << SUB_BITS */
+#define VFT_HIST_SWITCH 0       /* phases: switch_ns, revoke_ns, grant_ns */
+#define VFT_HIST_REVOKE 1
+#define VFT_HIST_GRANT 2
+#define VFT_HIST_PHASES 3
+#ifndef VFT_HIST_SLOTS
+#define VFT_HIST_SLOTS 32       /* (pf, vf) pairs with a histogram */
+#endif
+
+struct vft_hist_key {
+	__u32 pf;
+	__s32 vf;
+};
+
+/* Beside each (slot, phase)'s buckets; min is kept as ~min so both extremes grow by
+ * compare-and-swap from 0 (empty). */
+struct vft_hist_sum {
+	__u64 count;
+	__u64 sum;
+	__u64 not_min;
+	__u64 max;
+};
+
+/* A value's bucket: plain C (no helpers), so that a unit test compiles this very function
+ * and holds it to tracer/model/stats.py's bucket_index at every boundary. */
+static inline __u32 vft_hist_bucket(__u64 v)
+{
+	__u64 x;
+	__u32 k = 0;
+
+	if (v < (2ull << VFT_HIST_SUB_BITS))
+		return (__u32)v;
+	if (v >> VFT_HIST_MAX_BITS)
+		return VFT_HIST_BUCKETS - 1;
+	x = v;                  /* k = floor(log2(v)), in steps the verifier follows */
+	if (x >> 16) { x >>= 16; k += 16; }
+	if (x >> 8) { x >>= 8; k += 8; }
+	if (x >> 4) { x >>= 4; k += 4; }
+	if (x >> 2) { x >>= 2; k += 2; }
+	if (x >> 1) { k += 1; }
+	return (2u << VFT_HIST_SUB_BITS) + ((k - VFT_HIST_SUB_BITS - 1) << VFT_HIST_SUB_BITS) +
+	       (__u32)((v >> (k - VFT_HIST_SUB_BITS)) - (1u << VFT_HIST_SUB_BITS));
+}
 
 #endif /* VFTRACE_H */

@@ -173,7 +173,7 @@ def test_doctor_json_reports_each_feature_of_the_tree(doctor_on, capsys):
     # what make_tree put there (or left out), check by check
     assert {k for k, c in checks.items() if c["ok"]} == {
         "root", "bpf_syscall", "bcc", "btf", "kernel_headers", "kprobes", "raw_tracepoint",
-        "ringbuf", "tracefs", "tp:kvm:kvm_exit", "tp:kvm:kvm_entry", "tp:iommu:map",
+        "ringbuf", "mmapable_array", "tracefs", "tp:kvm:kvm_exit", "tp:kvm:kvm_entry", "tp:iommu:map",
         "tp:iommu:unmap", "iommu", "modules", "kvm"}
     assert checks["iommu"]["detail"] == "dmar0"
     assert checks["kernel_headers"]["detail"].endswith(f"lib/modules/{REL}/build")

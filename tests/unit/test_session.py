@@ -19,6 +19,7 @@ import pytest
 from tracer.capture.files import read_capture
 from tracer.cli import build_parser
 from tracer.kernel.probes import Plan
+from tracer.model import kernel_hist
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.record import headless, session as session_mod
 from tracer.record.procgroup import group_members
@@ -76,6 +77,9 @@ class FakeEngine:
 
     def partial_windows(self):
         return 0
+
+    def kernel_histograms_meta(self):
+        return {**kernel_hist.to_meta([], 0), "read": "fake"}
 
     def background(self):
         return {"calls_by_pid": {}, "kvm_exits": [{"pid": 7, "vcpu": 0, "reason": 120,
@@ -156,6 +160,7 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     assert on_disk["lost_total"] == 4 and not problems
     assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "join": 1}
     assert (on_disk["late_exits"], on_disk["late_exit_ns"], on_disk["unended_exits"]) == (2, 50, 1)
+    assert on_disk["kernel_histograms"]["read"] == "fake"
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 
 

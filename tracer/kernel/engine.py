@@ -13,8 +13,11 @@ from typing import Callable
 
 from . import costs, layout, probes, proginfo
 from .assemble import Assembler
+from .histograms import HistogramReader
 from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
+from ..model import kernel_hist
+from ..model.kernel_hist import PHASES, KernelHist
 from ..model.schema import CALL_COLUMNS, COLUMNS, INT64_MAX, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
@@ -57,6 +60,7 @@ class Engine:
         self.assembler = Assembler(on_switch, hold_ns)
         self.kinds = layout.header().kinds()
         self.bpf = None
+        self.histograms: HistogramReader | None = None
         self.floor = Floor(plan.calib_func)
         self.probe_costs: dict = {}     # costs.CostCalibration's, for the capture's meta
         self.warnings: list[str] = plan.warnings()
@@ -287,6 +291,21 @@ class Engine:
             out["perf_overrun"] = self.user_lost    # perf buffer: the kind is not reported
         return out
 
+    def kernel_histograms(self) -> list[KernelHist]:
+        """The kernel's histograms of every switch that closed, of the phases measured
+        (revoke and grant need the iommu_map hook)."""
+        if self.bpf is None:
+            return []
+        if self.histograms is None:         # mapped on first use (a floor-only run never)
+            self.histograms = HistogramReader(self.bpf, self.plan.hist_mmap)
+        phases = PHASES if "revoke_ns" not in self.plan.unmeasured() else ("switch",)
+        return self.histograms.read(phases)
+
+    def kernel_histograms_meta(self) -> dict:
+        hists = self.kernel_histograms()
+        return {**kernel_hist.to_meta(hists, self.kernel_drops(skipped=None).get("hist_slot", 0)),
+                "read": self.histograms.mode if self.histograms else None}
+
     def kernel_drops(self, skipped: dict[str, int] | None | bool = True) -> dict[str, int]:
         """What the kernel side could not keep besides full buffers (VFT_DROP_*, see
         vftrace.h): windows it could not record, maps that were full.  Every one is
@@ -389,6 +408,9 @@ class Engine:
     def close(self) -> None:
         self.drain()
         self.assembler.flush()
+        if self.histograms is not None:
+            self.histograms.close()
+            self.histograms = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

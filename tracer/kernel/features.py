@@ -28,6 +28,7 @@ SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_MMAPABLE = 1 << 10
 
 TRACEPOINTS = ("kvm:kvm_exit", "kvm:kvm_entry", "iommu:map", "iommu:unmap")
 
@@ -138,16 +139,18 @@ class Kernel:
             cmdline = ""
         return "virtme" in cmdline or os.environ.get("VFTRACE_LAB") == "1"
 
-    def bpf_map_ok(self, map_type: int, key: int, value: int, entries: int) -> tuple[bool, int]:
-        return self._bpf(map_type, key, value, entries)
+    def bpf_map_ok(self, map_type: int, key: int, value: int, entries: int,
+                   flags: int = 0) -> tuple[bool, int]:
+        return self._bpf(map_type, key, value, entries, flags)
 
 
-def bpf_map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> tuple[bool, int]:
+def bpf_map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+                   flags: int = 0) -> tuple[bool, int]:
     """Create (then close) a BPF map with the raw syscall: (ok, errno)."""
     if SYS_BPF is None:
         return False, errno.ENOSYS
     attr = (ctypes.c_uint32 * 32)()          # union bpf_attr, zero-filled
-    attr[0], attr[1], attr[2], attr[3] = map_type, key_size, value_size, max_entries
+    attr[0], attr[1], attr[2], attr[3], attr[4] = map_type, key_size, value_size, max_entries, flags
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(BPF_MAP_CREATE),
@@ -235,6 +238,12 @@ def check_all(k: Kernel | None = None, bcc_probe=_bcc_importable) -> list[Check]
     ok, err = k.bpf_map_ok(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096 * 16)
     add(Check("ringbuf", ok, "BPF ring buffer" if ok else f"no ring buffer ({os.strerror(err)})",
               "a kernel >= 5.8; otherwise vftrace falls back to the perf buffer", OPTIONAL))
+
+    ok, err = k.bpf_map_ok(BPF_MAP_TYPE_ARRAY, 4, 8, 512, BPF_F_MMAPABLE)
+    add(Check("mmapable_array", ok, "mappable BPF arrays" if ok
+              else f"no mappable arrays ({os.strerror(err)})",
+              "a kernel >= 5.5; otherwise the kernel histograms are read key by key, slower",
+              OPTIONAL))
 
     add(Check("tracefs", k.tracefs is not None, str(k.tracefs) if k.tracefs else "not mounted",
               "mount -t tracefs nodev /sys/kernel/tracing", REQUIRED))

@@ -66,7 +66,7 @@ class Header:
     def kinds(self) -> dict[int, str]:
         """Call kinds by number: VFT_IOMMU_MAP -> 'iommu_map'."""
         skip = ("VFT_NR_", "VFT_LOST_", "VFT_DROP_", "VFT_JOIN_", "VFT_MAX_",
-                "VFT_CALIB_SAMPLES", "VFT_COST_")
+                "VFT_CALIB_SAMPLES", "VFT_COST_", "VFT_HIST_")
         return {v: k[4:].lower() for k, v in self.constants.items()
                 if not k.startswith(skip)}
 

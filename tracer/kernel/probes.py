@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import VftraceError
 from ..model.schema import DEFAULT_DEPTH, DEPTHS, HOOK_COLUMNS
-from .features import Kernel
+from .features import BPF_F_MMAPABLE, Kernel
 
 FENTRY, KPROBE, ABSENT = "fentry", "kprobe", "absent"
 OFF = "off"                                # not hooked at this --depth (absent: not here)
@@ -30,7 +30,8 @@ SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iot
 # of the defines below (KRETPROBE_MAXACTIVE is the attach's, not the C's).
 MAP_SIZES_ENV = "VFTRACE_BPF_SIZES"
 MAP_SIZE_DEFINES = ("VFT_MAX_OPEN", "VFT_TASK_SLOTS", "VFT_STARTS_MAX", "VFT_EXIT_STARTS_MAX",
-                    "VFT_BG_MAX", "VFT_EXITS_MAX", "VFT_STALE_NS", "KRETPROBE_MAXACTIVE")
+                    "VFT_BG_MAX", "VFT_EXITS_MAX", "VFT_STALE_NS", "KRETPROBE_MAXACTIVE",
+                    "VFT_HIST_SLOTS")
 KRETPROBE_MAXACTIVE = 64        # instances per kretprobe: calls in flight at once
 
 
@@ -89,6 +90,7 @@ class Plan:
     have_kvm_tp: bool = False
     have_access_tp: bool = False
     ringbuf: bool = True
+    hist_mmap: bool = True                        # the kernel histograms' array mappable
     emit_calls: bool = False
     ringbuf_pages: int = 256
     map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
@@ -134,6 +136,7 @@ class Plan:
         d = {"SWITCH_SRC": src, "USE_RINGBUF": int(self.ringbuf), "EMIT_CALLS": int(self.emit_calls),
              "RINGBUF_PAGES": self.ringbuf_pages, "HAVE_KVM_TP": int(self.have_kvm_tp),
              "HAVE_ACCESS_TP": int(self.have_access_tp), "CALIB_TGID": calib_tgid,
+             "HIST_MAP_FLAGS": BPF_F_MMAPABLE if self.hist_mmap else 0,
              "FUNC_MODE": MODE_DEFINE[FENTRY if self.source_mode == FENTRY else KPROBE],
              "CALIB_MODE": MODE_DEFINE[FENTRY if FENTRY in self.calib_modes else ABSENT]}
         for c in self.choices:
@@ -196,6 +199,7 @@ class KernelOffer:
     tracepoints: frozenset[str] = frozenset()
     raw_tp_in_modules: bool = True
     ringbuf: bool = True
+    mmapable_array: bool = True
     task_stack_offset: int | None = None          # from BTF; None: the program includes sched.h
 
     @classmethod
@@ -210,7 +214,7 @@ class KernelOffer:
         return cls(functions=traceable_functions(str(k.tracefs)), fentry=checks["fentry"],
                    kprobes=checks["kprobes"], tracepoints=tps,
                    raw_tp_in_modules="bpf_trace_modules" in k.ksyms, ringbuf=checks["ringbuf"],
-                   task_stack_offset=k.task_stack_offset)
+                   mmapable_array=checks["mmapable_array"], task_stack_offset=k.task_stack_offset)
 
 
 def choose_hook(hook: Hook, requested: str, offer: KernelOffer) -> Choice:
@@ -287,7 +291,8 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     source, source_mode = parse_source(spec, offer)
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
-    p = Plan(source, source_mode, ringbuf=ringbuf, emit_calls=emit_calls,
+    p = Plan(source, source_mode, ringbuf=ringbuf, hist_mmap=offer.mmapable_array,
+             emit_calls=emit_calls,
              map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset,
              depth=depth)
     level = DEPTHS.index(depth)

@@ -534,6 +534,8 @@ class Session:
             self.meta.update({"lost_by_kind": engine.lost_by_kind(),
                               "partial_windows": engine.partial_windows(),
                               "background": engine.background() if engine.bpf else {}})
+            if engine.bpf is not None:
+                self.meta["kernel_histograms"] = engine.kernel_histograms_meta()
             a = engine.assembler
             a.flush()
             self.meta.update({"late_releases": a.late_releases,

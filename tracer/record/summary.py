@@ -3,6 +3,7 @@ and ``perf kvm stat``: one line per group, latencies in human units."""
 from __future__ import annotations
 
 from tracer.model import group_columns as gc
+from tracer.model.kernel_hist import exact_line
 from tracer.model.schema import depth_of, unmeasured
 from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
@@ -42,6 +43,8 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
     if not snap.records:
         lines.append("no switches recorded")
         return "\n".join(lines) + "\n"
+    if exact := exact_line(meta, snap.filters):
+        lines.append(exact)
     lines.append(gc.own_cost_line(snap.overall, meta))
     if meta and meta.get("probe_costs"):
         lines.append(f"probe costs per run: {gc.probe_costs_text(meta)}")

@@ -53,6 +53,8 @@ def render_html(captures: list[Capture], svg: str) -> str:
         parts.append(f"<p class=\"context\">{esc(tables.context_line(cap))}</p>")
         if (line := tables.probes_line(cap)) is not None:
             parts.append(f"<p class=\"context\">{esc(line)}</p>")
+        if (line := tables.exact_line(cap)) is not None:
+            parts.append(f"<p class=\"own\">{esc(line)}</p>")
         if (line := tables.own_cost_line(cap)) is not None:
             parts.append(f"<p class=\"own\">{esc(line)}</p>")
         parts.append(f"<p class=\"losses\">VF switches: {cap.records} &middot; budget "

@@ -10,7 +10,7 @@ import html
 import textwrap
 from dataclasses import asdict, dataclass, replace
 
-from tracer.model import exit_reasons
+from tracer.model import exit_reasons, kernel_hist
 from tracer.model import group_columns as gc
 from tracer.model.stats import GroupStats
 from tracer.model.units import fmt_ns
@@ -232,6 +232,25 @@ def probes_line(cap: Capture) -> str | None:
     return text
 
 
+def exact_line(cap: Capture) -> str | None:
+    """Every switch, from the kernel's histograms (exact whatever records were lost)."""
+    return kernel_hist.exact_line(cap.meta, cap.snapshot.filters)
+
+
+def every_switch_json(cap: Capture) -> dict | None:
+    try:
+        hists = kernel_hist.from_meta(cap.meta.get("kernel_histograms"))
+    except kernel_hist.MetaError:
+        return None
+    if hists is None or cap.snapshot.filters.get("vfs") is not None:
+        return None
+    pfs = cap.snapshot.filters.get("pfs")
+    h = kernel_hist.merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
+    p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
+    return {"count": h.total, "p50_ns": p50, "p90_ns": p90, "p99_ns": p99, "p999_ns": p999,
+            "max_ns": h.max, "source": "kernel histograms"}
+
+
 def own_cost_line(cap: Capture) -> str | None:
     """vftrace's own share of the switch time, and the corrected percentiles."""
     if not cap.records:
@@ -287,6 +306,8 @@ def render_text(captures: list[Capture]) -> str:
                    f"{losses_line(cap)}")
         if (line := probes_line(cap)) is not None:
             out.append(line)
+        if (line := exact_line(cap)) is not None:
+            out.append(line)
         if (line := own_cost_line(cap)) is not None:
             out.append(line)
         for n in notes(cap):
@@ -339,6 +360,7 @@ def report_json(captures: list[Capture]) -> dict:
         "kernel_drops": kernel_drops(cap.meta),
         "probe_costs": cap.meta.get("probe_costs"),
         "own_cost": own_cost_json(cap),
+        "every_switch": every_switch_json(cap),
         "truncated": cap.truncated, "problems": cap.problems,
         "notes": [asdict(n) for n in notes(cap)],
         "rows": [asdict(r) for r in capture_rows(cap)],

@@ -1,0 +1,80 @@
+"""The kernel's histograms count every switch pf_sched made, whether or not its record
+reached user space, and are, bucket by bucket, the histograms of the records when none
+was lost."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests.lab import labutil, pfsched
+from tracer.model import kernel_hist
+from tracer.model.kernel_hist import PHASE_COLUMNS
+from tracer.model.stats import Histogram
+
+from .test_record import Recorder, window
+
+pytestmark = pytest.mark.lab
+
+
+def switches_per_pf(before: dict, after: dict) -> dict[int, int]:
+    return {a["pf"]: a["switches"] - before[b]["switches"] for b, a in after.items()}
+
+
+def kernel_counts_per_pf(hists) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for k in hists:
+        if k.phase == "switch":
+            out[k.pf] = out.get(k.pf, 0) + k.count
+    return out
+
+
+def test_lossless_kernel_histograms_are_the_records_histograms():
+    with pfsched.loaded(2, slice_us=3000) as pfs:
+        pfsched.set_enabled(False)
+        rec = Recorder("khist-exact")
+        before, after = window(pfs, lambda: time.sleep(3))
+        meta, rows, problems = rec.stop()
+    assert not problems and meta["lost_total"] == 0, meta
+    labutil.assert_no_kernel_drops(meta)
+    hists = kernel_hist.from_meta(meta["kernel_histograms"])
+    assert meta["kernel_histograms"]["read"] == "mmap"
+    assert kernel_counts_per_pf(hists) == switches_per_pf(before, after)
+    assert {k.phase for k in hists} == {"switch", "revoke", "grant"}
+    for k in hists:
+        mine = [getattr(r, PHASE_COLUMNS[k.phase]) for r in rows
+                if r.pf == k.pf and r.to_vf == k.vf]
+        built = Histogram()
+        built.add_array(np.array(mine))
+        assert kernel_hist.buckets(k.hist) == kernel_hist.buckets(built), (k.pf, k.vf, k.phase)
+        assert (k.hist.min, k.hist.max, k.sum_ns) == (min(mine), max(mine), sum(mine))
+        assert k.hist.percentiles([50, 99, 99.9]) == built.percentiles([50, 99, 99.9])
+    print(f"kernel histograms: {len(hists)} (pf, vf, phase) groups, "
+          f"{sum(k.count for k in hists if k.phase == 'switch')} switches, as the records")
+
+
+def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
+    """A paused reader: the ring buffer fills and records are lost (counted); the
+    histograms, updated before a record goes out, still have every switch."""
+    with pfsched.loaded(2, slice_us=500) as pfs:
+        pfsched.set_enabled(False)
+        rec = Recorder("khist-lossy")
+        os.kill(rec.proc.pid, signal.SIGSTOP)
+        try:
+            before, after = window(pfs, lambda: time.sleep(6))
+        finally:
+            os.kill(rec.proc.pid, signal.SIGCONT)
+        meta, rows, problems = rec.stop()
+    assert not problems
+    lost = meta["lost_by_kind"]["switch"]
+    assert lost > 0, "the paused reader lost nothing: the case this test is for"
+    made = switches_per_pf(before, after)
+    hists = kernel_hist.from_meta(meta["kernel_histograms"])
+    assert kernel_counts_per_pf(hists) == made
+    assert len(rows) + lost == sum(made.values())
+    print(f"paused reader: pf_sched made {sum(made.values())} switches, {len(rows)} records "
+          f"kept, {lost} lost; the kernel histograms counted "
+          f"{sum(kernel_counts_per_pf(hists).values())}")

@@ -1,0 +1,116 @@
+"""The kernel's histogram buckets are the statistics core's: the very C function the BPF
+program runs (vft_hist_bucket, bpf/vftrace.h), compiled here with gcc, against
+stats.bucket_index; and the histograms' trip through a capture's meta."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tracer.kernel import layout
+from tracer.model import kernel_hist
+from tracer.model.kernel_hist import MetaError, from_counts, from_meta, to_meta
+from tracer.model.stats import SUB_BITS, Histogram, bucket_index
+from tracer.paths import bpf_dir
+
+C = layout.header().constants
+TOP = 1 << C["VFT_HIST_MAX_BITS"]
+
+
+@pytest.fixture(scope="module")
+def kernel_bucket(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bucket")
+    (d / "b.c").write_text('#include <linux/types.h>\n#include "vftrace.h"\n'
+                           "unsigned bucket(unsigned long long v) { return vft_hist_bucket(v); }\n")
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{bpf_dir()}",
+                    "-o", str(d / "b.so"), str(d / "b.c")], check=True)
+    lib = ctypes.CDLL(str(d / "b.so"))
+    lib.bucket.restype, lib.bucket.argtypes = ctypes.c_uint, [ctypes.c_ulonglong]
+    return lib.bucket
+
+
+def test_the_header_sizes_the_core_scheme():
+    assert C["VFT_HIST_SUB_BITS"] == SUB_BITS
+    assert C["VFT_HIST_MAX_BITS"] == kernel_hist.MAX_BITS
+    assert C["VFT_HIST_BUCKETS"] == bucket_index(TOP - 1) + 1
+
+
+def boundaries():
+    yield from range(0, 4 << SUB_BITS)
+    for k in range(SUB_BITS + 1, C["VFT_HIST_MAX_BITS"]):
+        step = 1 << (k - SUB_BITS)
+        for j in (0, 1, 2, (1 << SUB_BITS) - 1):        # sub-buckets at either end
+            low = (1 << k) + j * step
+            yield from (low - 1, low, low + 1, low + step - 1)
+
+
+def test_every_bucket_boundary_agrees(kernel_bucket):
+    values = list(boundaries())
+    assert [kernel_bucket(v) for v in values] == [bucket_index(v) for v in values]
+
+
+@settings(max_examples=2000)
+@given(st.integers(0, TOP - 1))
+def test_any_value_agrees(kernel_bucket, v):
+    assert kernel_bucket(v) == bucket_index(v)
+
+
+@given(st.integers(TOP, (1 << 64) - 1))
+def test_values_past_the_top_share_the_last_bucket(kernel_bucket, v):
+    assert kernel_bucket(v) == C["VFT_HIST_BUCKETS"] - 1
+
+
+def kernel_array(values: np.ndarray) -> np.ndarray:
+    counts = np.zeros(C["VFT_HIST_BUCKETS"], dtype=np.uint64)
+    np.add.at(counts, [bucket_index(v) for v in values], 1)
+    return counts
+
+
+@given(st.lists(st.integers(0, TOP - 1), min_size=1, max_size=300))
+def test_a_kernel_array_is_the_histogram_of_the_same_values(values):
+    built = Histogram()
+    built.add_array(np.array(values, dtype=np.int64))
+    got = from_counts(kernel_array(values), len(values), min(values), max(values))
+    assert kernel_hist.buckets(got) == kernel_hist.buckets(built)
+    assert got.percentiles([50, 99, 99.9, 100]) == built.percentiles([50, 99, 99.9, 100])
+
+
+def test_the_meta_keeps_them_exactly():
+    values = [5, 900, 2048, 70_000, 70_001, 3_000_000]
+    h = from_counts(kernel_array(values), len(values), 5, 3_000_000)
+    hists = [kernel_hist.KernelHist(1, 0, "switch", h, sum(values))]
+    back = from_meta(to_meta(hists, dropped=0))
+    assert len(back) == 1 and (back[0].pf, back[0].vf, back[0].phase) == (1, 0, "switch")
+    assert kernel_hist.buckets(back[0].hist) == kernel_hist.buckets(h)
+    assert (back[0].hist.min, back[0].hist.max, back[0].sum_ns) == (5, 3_000_000, sum(values))
+    assert from_meta(None) is None
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"sub_bits": 7, "groups": []}, "sub_bits 7"),
+    ({"sub_bits": SUB_BITS, "groups": [{"pf": 0}]}, "not as vftrace writes them"),
+    ({"sub_bits": SUB_BITS, "groups": [{"pf": 0, "vf": 0, "phase": "x", "buckets": [],
+                                        "sum_ns": 0, "min_ns": 0, "max_ns": 0}]}, "phase"),
+])
+def test_a_foreign_meta_is_one_clear_error(bad, says):
+    with pytest.raises(MetaError, match=says):
+        from_meta(bad)
+
+
+def test_the_summary_line_is_every_switch_of_the_pfs_asked_for():
+    def one(pf, values):
+        h = from_counts(kernel_array(values), len(values), min(values), max(values))
+        return kernel_hist.KernelHist(pf, 0, "switch", h, sum(values))
+    meta = {"kernel_histograms": to_meta([one(0, [1000] * 9 + [5000]), one(1, [70_000] * 5)], 0)}
+    line = kernel_hist.exact_line(meta)
+    assert "15 switches" in line and "max 70.0us" in line
+    assert "10 switches" in kernel_hist.exact_line(meta, {"pfs": [0], "vfs": None})
+    assert "p50 1.00us" in kernel_hist.exact_line(meta, {"pfs": [0], "vfs": None})
+    # the kernel keeps (pf, incoming vf); a VF filter also keeps outgoing: no line
+    assert kernel_hist.exact_line(meta, {"pfs": None, "vfs": [0]}) is None
+    assert kernel_hist.exact_line({}) is None
+    assert "unreadable" in kernel_hist.exact_line({"kernel_histograms": {"sub_bits": 3}})

@@ -1,0 +1,125 @@
+"""The kernel's histograms of every switch, as the statistics core's own objects.
+
+The switch program counts each switch that closed into log-linear buckets per (pf,
+incoming vf) and phase before its record goes out (bpf/vftrace.h), so these counts hold
+every switch, also those whose records were lost.  The buckets are ``stats.Histogram``'s
+(``stats.bucket_index``), so a kernel histogram and one built from records compare bucket
+by bucket and merge.  They travel in the capture's meta (``kernel_histograms``), sparse,
+so that ``report`` and ``replay`` of a lossy capture still give exact percentiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import VftraceError
+from .stats import SUB_BITS, Histogram
+
+PHASES = ("switch", "revoke", "grant")
+PHASE_COLUMNS = {"switch": "switch_ns", "revoke": "revoke_ns", "grant": "grant_ns"}
+# Values at or above this share the kernel's last bucket (bpf/vftrace.h VFT_HIST_MAX_BITS).
+MAX_BITS = 32
+
+
+@dataclass
+class KernelHist:
+    pf: int
+    vf: int
+    phase: str
+    hist: Histogram
+    sum_ns: int
+
+    @property
+    def count(self) -> int:
+        return self.hist.total
+
+
+def from_counts(counts: np.ndarray, count: int, vmin: int, vmax: int) -> Histogram:
+    """A Histogram from a kernel bucket array (index = bucket) and its exact extremes."""
+    h = Histogram()
+    nz = np.flatnonzero(counts)
+    if nz.size:
+        lo, hi = int(nz[0]), int(nz[-1])
+        h.base, h.counts = lo, counts[lo:hi + 1].astype(np.int64)
+        h.total, h.min, h.max = int(h.counts.sum()), vmin, vmax
+    del count       # the sums' count can run ahead of the buckets mid-switch: buckets rule
+    return h
+
+
+def buckets(h: Histogram) -> dict[int, int]:
+    """A histogram's non-empty buckets, for comparing two bucket by bucket."""
+    nz = np.flatnonzero(h.counts)
+    return {int(h.base + i): int(h.counts[i]) for i in nz}
+
+
+def to_meta(hists: list[KernelHist], dropped: int) -> dict:
+    return {"sub_bits": SUB_BITS, "max_bits": MAX_BITS, "slots_full": dropped,
+            "groups": [{"pf": k.pf, "vf": k.vf, "phase": k.phase, "count": k.count,
+                        "sum_ns": k.sum_ns, "min_ns": k.hist.min, "max_ns": k.hist.max,
+                        "buckets": [[b, n] for b, n in buckets(k.hist).items()]}
+                       for k in hists if k.count]}
+
+
+def merged(hists: list[KernelHist], phase: str = "switch",
+           pfs: frozenset[int] | None = None) -> Histogram:
+    """One phase's histogram over every (pf, vf), or over the PFs ``pfs``."""
+    out = Histogram()
+    for k in hists:
+        if k.phase == phase and (pfs is None or k.pf in pfs):
+            out.merge(k.hist)
+    return out
+
+
+def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
+    """The summary's and report's line of every switch, from the kernel's histograms:
+    exact whatever records were lost.  None where the capture has none, or a VF filter
+    applies (the kernel keeps (pf, incoming vf) only; the filter also keeps outgoing)."""
+    from .units import fmt_ns
+    filters = filters or {}
+    if filters.get("vfs") is not None:
+        return None
+    try:
+        hists = from_meta((meta or {}).get("kernel_histograms"))
+    except MetaError as e:
+        return f"kernel histograms: unreadable ({e})"
+    if hists is None:
+        return None
+    pfs = filters.get("pfs")
+    h = merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
+    if not h.total:
+        return "every switch (kernel histograms): none"
+    p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
+    return (f"every switch (kernel histograms, exact whatever was lost): {h.total} switches; "
+            f"p50 {fmt_ns(p50)}  p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
+            f"max {fmt_ns(h.max)}")
+
+
+class MetaError(VftraceError):
+    """A capture's kernel_histograms not as vftrace writes them."""
+
+
+def from_meta(m: dict | None) -> list[KernelHist] | None:
+    """The histograms a capture's meta kept (None for a capture from before them)."""
+    if not m:
+        return None
+    try:
+        if m["sub_bits"] != SUB_BITS:
+            raise MetaError(f"kernel_histograms: sub_bits {m['sub_bits']}, this vftrace "
+                            f"reads {SUB_BITS}")
+        out = []
+        for g in m["groups"]:
+            h = Histogram()
+            if g["buckets"]:
+                idx = np.array([b for b, _ in g["buckets"]], dtype=np.int64)
+                n = np.array([c for _, c in g["buckets"]], dtype=np.int64)
+                h.base = int(idx.min())
+                h.counts = np.zeros(int(idx.max()) - h.base + 1, dtype=np.int64)
+                h.counts[idx - h.base] = n
+                h.total, h.min, h.max = int(n.sum()), int(g["min_ns"]), int(g["max_ns"])
+            if g["phase"] not in PHASES:
+                raise MetaError(f"kernel_histograms: unknown phase {g['phase']!r}")
+            out.append(KernelHist(int(g["pf"]), int(g["vf"]), g["phase"], h, int(g["sum_ns"])))
+        return out
+    except (KeyError, TypeError, ValueError) as e:
+        raise MetaError(f"kernel_histograms: not as vftrace writes them ({e})") from None
