@@ -16,6 +16,7 @@ import numpy as np
 
 from tracer.capture.files import CaptureWriter
 from tracer.model import group_columns as gc
+from tracer.model import kernel_hist
 from tracer.model.correction import Correction
 from tracer.model.filter import FilterGate, merge_meta
 from tracer.model.stats import GroupStats, Histogram, Snapshot, Stats, bucket_value
@@ -62,6 +63,7 @@ class DashboardModel:
         self.sort_index = 0
         self.lost: dict[int, int] = {}
         self.kernel_drops = 0            # what the kernel side could not keep (VFT_DROP_*)
+        self.kernel_hists: list | None = None   # every switch, exact (model/kernel_hist.py)
         self.problems: list[str] = []
         self.bad_lines = 0
         self.status = ""
@@ -97,6 +99,8 @@ class DashboardModel:
                 self.kernel_drops = sum(n for n in drops.values() if isinstance(n, int))
         if batch.lost_per_cpu is not None:
             self.lost = dict(batch.lost_per_cpu)
+        if batch.kernel_hists is not None:
+            self.kernel_hists = batch.kernel_hists
         if batch.problems:
             self.problems = (self.problems + batch.problems)[-50:]
         self.bad_lines += batch.bad_lines
@@ -111,7 +115,15 @@ class DashboardModel:
         the corrected switch times (tracer/model/correction.py)."""
         self.correction = Correction.from_meta(source_meta)
         self.stats.set_correction(self.correction)
+        try:            # a capture's: of its whole run (live ones replace them as they come)
+            self.kernel_hists = kernel_hist.from_meta((source_meta or {}).get("kernel_histograms"))
+        except ValueError as e:
+            self.problems.append(str(e))
         self.account(source_meta)
+
+    def exact_text(self) -> str | None:
+        """Every switch under the PF filter, from the kernel's histograms (None without)."""
+        return kernel_hist.exact_text(self.kernel_hists, self.pfs, self.vfs)
 
     def account(self, source_meta: dict | None) -> None:
         """The capture being shown was recorded with --pf/--vf: what its recorder left out

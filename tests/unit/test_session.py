@@ -78,6 +78,9 @@ class FakeEngine:
     def partial_windows(self):
         return 0
 
+    def kernel_histograms(self):
+        return []
+
     def kernel_histograms_meta(self):
         return {**kernel_hist.to_meta([], 0), "read": "fake"}
 

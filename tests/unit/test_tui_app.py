@@ -18,6 +18,7 @@ from textual.widgets import Input
 from tests.unit.tui_support import (DATA, SIZE, SMALL, FedSource, FrozenClock, caught_up,
                                     group_counts, run_async, table_rows, wait_for)
 from tracer.capture.files import iter_calls, read_capture
+from tracer.model.units import fmt_ns
 from tui.app import VftraceApp
 from tui.model import GROUP_COLUMNS
 from tui.sources import Batch, FollowSource, ReplaySource
@@ -458,3 +459,32 @@ async def test_the_dashboard_says_how_much_of_each_switch_was_vftrace(tmp_path):
     assert abs(float(shown.removesuffix("us")) * 1000 - p50) <= 0.01 * p50, (shown, p50)
     col = [c.name for c in GROUP_COLUMNS].index("own_share")
     assert table[0][col] == f"{100 * share:.1f}%"
+
+
+@run_async
+async def test_a_lossy_capture_shows_every_switch_from_the_kernel_and_says_sampled(tmp_path):
+    """Records were lost, the kernel's histograms were not: the header gives every
+    switch's percentiles from them, and says the panels are of the records kept."""
+    from tracer.capture.files import CaptureWriter
+    from tracer.model import kernel_hist
+    from tracer.model.stats import Histogram
+    everything = [r.switch_ns for r in ROWS] + [9_000_000] * 40     # 40 records lost
+    h = Histogram()
+    h.add_array(np.array(everything))
+    hists = [kernel_hist.KernelHist(0, 1, "switch", h, sum(everything))]
+    meta = {**META, "kernel_histograms": kernel_hist.to_meta(hists, 0)}
+    path = tmp_path / "lossy.csv"
+    w = CaptureWriter(path, meta)
+    w.write_many(ROWS)
+    w.close(lost={0: 40})
+    app = replay_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await caught_up(pilot, app)
+        await wait_for(pilot, lambda: len(app.header_lines) > 3 and "SAMPLED" in
+                       app.header_lines[3].plain, "the every-switch line, sampled")
+        line = app.header_lines[3].plain
+    p99 = h.percentiles([99])[0]
+    assert line.startswith(f"every switch (kernel histograms, exact whatever was lost): "
+                           f"{len(everything)} switches")
+    assert f"p99 {fmt_ns(p99)}" in line and "max 9.00ms" in line
+    assert f"SAMPLED: panels show the {len(ROWS)} records kept" in line

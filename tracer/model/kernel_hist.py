@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import VftraceError
 from .stats import SUB_BITS, Histogram
 
 PHASES = ("switch", "revoke", "grant")
@@ -71,42 +70,41 @@ def merged(hists: list[KernelHist], phase: str = "switch",
     return out
 
 
-def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
-    """The summary's and report's line of every switch, from the kernel's histograms:
-    exact whatever records were lost.  None where the capture has none, or a VF filter
-    applies (the kernel keeps (pf, incoming vf) only; the filter also keeps outgoing)."""
+def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None) -> str | None:
+    """Every switch of the PFs ``pfs`` (None: all), from the kernel's histograms: exact
+    whatever records were lost.  None without histograms, or with a VF filter (the
+    kernel keeps (pf, incoming vf) only; the filter also keeps a VF's outgoing switches)."""
     from .units import fmt_ns
-    filters = filters or {}
-    if filters.get("vfs") is not None:
+    if hists is None or vfs is not None:
         return None
-    try:
-        hists = from_meta((meta or {}).get("kernel_histograms"))
-    except MetaError as e:
-        return f"kernel histograms: unreadable ({e})"
-    if hists is None:
-        return None
-    pfs = filters.get("pfs")
     h = merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
     if not h.total:
-        return "every switch (kernel histograms): none"
+        return "every switch (kernel histograms): none yet"
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
     return (f"every switch (kernel histograms, exact whatever was lost): {h.total} switches; "
             f"p50 {fmt_ns(p50)}  p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
             f"max {fmt_ns(h.max)}")
 
 
-class MetaError(VftraceError):
-    """A capture's kernel_histograms not as vftrace writes them."""
+def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
+    """``exact_text`` of a capture's meta, with a Snapshot's ``filters``."""
+    filters = filters or {}
+    try:
+        hists = from_meta((meta or {}).get("kernel_histograms"))
+    except ValueError as e:
+        return f"kernel histograms: unreadable ({e})"
+    return exact_text(hists, filters.get("pfs"), filters.get("vfs"))
 
 
 def from_meta(m: dict | None) -> list[KernelHist] | None:
-    """The histograms a capture's meta kept (None for a capture from before them)."""
+    """The histograms a capture's meta kept (None for a capture from before them);
+    ValueError, in one line, for one not as vftrace writes them."""
     if not m:
         return None
     try:
         if m["sub_bits"] != SUB_BITS:
-            raise MetaError(f"kernel_histograms: sub_bits {m['sub_bits']}, this vftrace "
-                            f"reads {SUB_BITS}")
+            raise ValueError(f"kernel_histograms: sub_bits {m['sub_bits']}, this vftrace "
+                             f"reads {SUB_BITS}")
         out = []
         for g in m["groups"]:
             h = Histogram()
@@ -118,8 +116,8 @@ def from_meta(m: dict | None) -> list[KernelHist] | None:
                 h.counts[idx - h.base] = n
                 h.total, h.min, h.max = int(n.sum()), int(g["min_ns"]), int(g["max_ns"])
             if g["phase"] not in PHASES:
-                raise MetaError(f"kernel_histograms: unknown phase {g['phase']!r}")
+                raise ValueError(f"kernel_histograms: unknown phase {g['phase']!r}")
             out.append(KernelHist(int(g["pf"]), int(g["vf"]), g["phase"], h, int(g["sum_ns"])))
         return out
-    except (KeyError, TypeError, ValueError) as e:
-        raise MetaError(f"kernel_histograms: not as vftrace writes them ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"kernel_histograms: not as vftrace writes them ({e})") from None

@@ -240,7 +240,7 @@ def exact_line(cap: Capture) -> str | None:
 def every_switch_json(cap: Capture) -> dict | None:
     try:
         hists = kernel_hist.from_meta(cap.meta.get("kernel_histograms"))
-    except kernel_hist.MetaError:
+    except ValueError:
         return None
     if hists is None or cap.snapshot.filters.get("vfs") is not None:
         return None
