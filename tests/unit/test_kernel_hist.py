@@ -114,3 +114,5 @@ def test_the_summary_line_is_every_switch_of_the_pfs_asked_for():
     assert kernel_hist.exact_line(meta, {"pfs": None, "vfs": [0]}) is None
     assert kernel_hist.exact_line({}) is None
     assert "unreadable" in kernel_hist.exact_line({"kernel_histograms": {"sub_bits": 3}})
+    meta["kernel_histograms"]["slots_full"] = 7     # pairs past the kernel's slots
+    assert "NOT exact: 7 switches" in kernel_hist.exact_line(meta)

@@ -70,7 +70,8 @@ def merged(hists: list[KernelHist], phase: str = "switch",
     return out
 
 
-def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None) -> str | None:
+def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
+               slots_full: int = 0) -> str | None:
     """Every switch of the PFs ``pfs`` (None: all), from the kernel's histograms: exact
     whatever records were lost.  None without histograms, or with a VF filter (the
     kernel keeps (pf, incoming vf) only; the filter also keeps a VF's outgoing switches)."""
@@ -81,7 +82,9 @@ def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None) -> str | None
     if not h.total:
         return "every switch (kernel histograms): none yet"
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
-    return (f"every switch (kernel histograms, exact whatever was lost): {h.total} switches; "
+    what = ("exact whatever was lost" if not slots_full else
+            f"NOT exact: {slots_full} switches of (PF, VF) pairs past the kernel's slots missing")
+    return (f"every switch (kernel histograms, {what}): {h.total} switches; "
             f"p50 {fmt_ns(p50)}  p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
             f"max {fmt_ns(h.max)}")
 
@@ -93,7 +96,8 @@ def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
         hists = from_meta((meta or {}).get("kernel_histograms"))
     except ValueError as e:
         return f"kernel histograms: unreadable ({e})"
-    return exact_text(hists, filters.get("pfs"), filters.get("vfs"))
+    slots_full = (meta or {}).get("kernel_histograms", {}).get("slots_full") or 0
+    return exact_text(hists, filters.get("pfs"), filters.get("vfs"), int(slots_full))
 
 
 def from_meta(m: dict | None) -> list[KernelHist] | None:
