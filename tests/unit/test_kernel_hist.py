@@ -74,14 +74,14 @@ def kernel_array(values: np.ndarray) -> np.ndarray:
 def test_a_kernel_array_is_the_histogram_of_the_same_values(values):
     built = Histogram()
     built.add_array(np.array(values, dtype=np.int64))
-    got = from_counts(kernel_array(values), len(values), min(values), max(values))
+    got = from_counts(kernel_array(values), min(values), max(values))
     assert kernel_hist.buckets(got) == kernel_hist.buckets(built)
     assert got.percentiles([50, 99, 99.9, 100]) == built.percentiles([50, 99, 99.9, 100])
 
 
 def test_the_meta_keeps_them_exactly():
     values = [5, 900, 2048, 70_000, 70_001, 3_000_000]
-    h = from_counts(kernel_array(values), len(values), 5, 3_000_000)
+    h = from_counts(kernel_array(values), 5, 3_000_000)
     hists = [kernel_hist.KernelHist(1, 0, "switch", h, sum(values))]
     back = from_meta(to_meta(hists, dropped=0))
     assert len(back) == 1 and (back[0].pf, back[0].vf, back[0].phase) == (1, 0, "switch")
@@ -103,7 +103,7 @@ def test_a_foreign_meta_is_one_clear_error(bad, says):
 
 def test_the_summary_line_is_every_switch_of_the_pfs_asked_for():
     def one(pf, values):
-        h = from_counts(kernel_array(values), len(values), min(values), max(values))
+        h = from_counts(kernel_array(values), min(values), max(values))
         return kernel_hist.KernelHist(pf, 0, "switch", h, sum(values))
     meta = {"kernel_histograms": to_meta([one(0, [1000] * 9 + [5000]), one(1, [70_000] * 5)], 0)}
     line = kernel_hist.exact_line(meta)

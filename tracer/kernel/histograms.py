@@ -36,7 +36,7 @@ class HistogramReader:
 
     def _cell_counts(self, slot: int, phase: int) -> np.ndarray:
         if self._view is not None:
-            return np.array(self._view[slot, phase], dtype=np.int64)      # a copy
+            return self._view[slot, phase]          # from_counts copies the used range only
         table, first = self.bpf["hist_buckets"], (slot * self.phases + phase) * self.nbuckets
         return np.array([table[ctypes.c_int(first + b)].value for b in range(self.nbuckets)],
                         dtype=np.int64)
@@ -56,7 +56,7 @@ class HistogramReader:
                 if not total.count:
                     continue
                 vmin = ~int(total.not_min) & 0xFFFF_FFFF_FFFF_FFFF
-                h = from_counts(self._cell_counts(s, p), int(total.count), vmin, int(total.max))
+                h = from_counts(self._cell_counts(s, p), vmin, int(total.max))
                 out.append(KernelHist(int(key.pf), int(key.vf), phase, h, int(total.sum)))
         return out
 

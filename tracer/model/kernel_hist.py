@@ -34,15 +34,15 @@ class KernelHist:
         return self.hist.total
 
 
-def from_counts(counts: np.ndarray, count: int, vmin: int, vmax: int) -> Histogram:
-    """A Histogram from a kernel bucket array (index = bucket) and its exact extremes."""
+def from_counts(counts: np.ndarray, vmin: int, vmax: int) -> Histogram:
+    """A Histogram from a kernel bucket array (index = bucket) and its exact extremes.
+    Its total is the buckets' (the kernel's count beside them can run ahead mid-switch)."""
     h = Histogram()
     nz = np.flatnonzero(counts)
     if nz.size:
         lo, hi = int(nz[0]), int(nz[-1])
         h.base, h.counts = lo, counts[lo:hi + 1].astype(np.int64)
         h.total, h.min, h.max = int(h.counts.sum()), vmin, vmax
-    del count       # the sums' count can run ahead of the buckets mid-switch: buckets rule
     return h
 
 
