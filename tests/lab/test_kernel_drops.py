@@ -69,9 +69,11 @@ def test_each_full_map_is_counted_and_every_missing_switch_is_a_counted_drop(
     gaps = seq_gaps(rows)
     assert gaps <= not_recorded <= gaps + 2 * PFS, (gaps, drops)
     # ... and its end, finding no window, is a partial one (as are the ends of switches
-    # begun before the probes were armed: at most one per PF).
+    # begun before the probes were armed: at most one per PF), unless it came after the
+    # stop disarmed the probes, when ends are no longer counted (at most one per PF:
+    # 929 no_slot against 928 partial was seen on 6.12).
     partial = meta["partial_windows"]
-    assert not_recorded <= partial <= not_recorded + PFS, (partial, drops)
+    assert not_recorded - PFS <= partial <= not_recorded + PFS, (partial, drops)
     # Elsewhere no window lives long: none may be reclaimed as stale (a begin that read
     # its clock before another stamped its window once took that window for 2^64 ns old).
     if "stale" not in must_fire:
