@@ -123,7 +123,8 @@ class DashboardModel:
 
     def exact_text(self) -> str | None:
         """Every switch under the PF filter, from the kernel's histograms (None without)."""
-        return kernel_hist.exact_text(self.kernel_hists, self.pfs, self.vfs)
+        return kernel_hist.exact_text(self.kernel_hists, self.pfs, self.vfs,
+                                      budget_ns=self.budget_ns)
 
     def account(self, source_meta: dict | None) -> None:
         """The capture being shown was recorded with --pf/--vf: what its recorder left out

@@ -107,7 +107,9 @@ def test_the_summary_line_is_every_switch_of_the_pfs_asked_for():
         return kernel_hist.KernelHist(pf, 0, "switch", h, sum(values))
     meta = {"kernel_histograms": to_meta([one(0, [1000] * 9 + [5000]), one(1, [70_000] * 5)], 0)}
     line = kernel_hist.exact_line(meta)
-    assert "15 switches" in line and "max 70.0us" in line
+    assert "15 switches" in line and "max 70.0us" in line and "over budget" not in line
+    meta["budget_ns"] = 2000            # in the exact range: 6 of 15 are over
+    assert "over budget 40.00%" in kernel_hist.exact_line(meta)
     assert "10 switches" in kernel_hist.exact_line(meta, {"pfs": [0], "vfs": None})
     assert "p50 1.00us" in kernel_hist.exact_line(meta, {"pfs": [0], "vfs": None})
     # the kernel keeps (pf, incoming vf); a VF filter also keeps outgoing: no line
@@ -116,3 +118,13 @@ def test_the_summary_line_is_every_switch_of_the_pfs_asked_for():
     assert "unreadable" in kernel_hist.exact_line({"kernel_histograms": {"sub_bits": 3}})
     meta["kernel_histograms"]["slots_full"] = 7     # pairs past the kernel's slots
     assert "NOT exact: 7 switches" in kernel_hist.exact_line(meta)
+
+
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=200), st.integers(0, 10**8))
+def test_over_budget_counts_exactly_or_says_it_is_a_lower_bound(values, budget):
+    h = Histogram()
+    h.add_array(np.array(values, dtype=np.int64))
+    n, exact = kernel_hist.over_budget(h, budget)
+    true = sum(v > budget for v in values)
+    assert n == true if exact else n <= true
+    assert exact or budget >= 2 << SUB_BITS

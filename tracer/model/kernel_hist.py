@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import SUB_BITS, Histogram
+from .stats import SUB_BITS, Histogram, bucket_bounds, bucket_index
 
 PHASES = ("switch", "revoke", "grant")
 PHASE_COLUMNS = {"switch": "switch_ns", "revoke": "revoke_ns", "grant": "grant_ns"}
@@ -70,8 +70,17 @@ def merged(hists: list[KernelHist], phase: str = "switch",
     return out
 
 
+def over_budget(h: Histogram, budget_ns: int) -> tuple[int, bool]:
+    """How many values exceed ``budget_ns``, and whether that is exact: it is when the
+    budget ends its bucket (every budget below 2 << SUB_BITS ns does); otherwise the
+    values in the budget's own bucket are not counted (a lower bound)."""
+    b = bucket_index(budget_ns)
+    start = max(b + 1 - h.base, 0)
+    return int(h.counts[start:].sum()), bucket_bounds(b)[1] == budget_ns
+
+
 def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
-               slots_full: int = 0) -> str | None:
+               slots_full: int = 0, budget_ns: int | None = None) -> str | None:
     """Every switch of the PFs ``pfs`` (None: all), from the kernel's histograms: exact
     whatever records were lost.  None without histograms, or with a VF filter (the
     kernel keeps (pf, incoming vf) only; the filter also keeps a VF's outgoing switches)."""
@@ -84,9 +93,13 @@ def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
     what = ("exact whatever was lost" if not slots_full else
             f"NOT exact: {slots_full} switches of (PF, VF) pairs past the kernel's slots missing")
+    over = ""
+    if budget_ns is not None:
+        n, exact = over_budget(h, budget_ns)
+        over = f"  over budget {'' if exact else '>='}{100 * n / h.total:.2f}%"
     return (f"every switch (kernel histograms, {what}): {h.total} switches; "
             f"p50 {fmt_ns(p50)}  p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
-            f"max {fmt_ns(h.max)}")
+            f"max {fmt_ns(h.max)}{over}")
 
 
 def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
@@ -97,7 +110,9 @@ def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
     except ValueError as e:
         return f"kernel histograms: unreadable ({e})"
     slots_full = (meta or {}).get("kernel_histograms", {}).get("slots_full") or 0
-    return exact_text(hists, filters.get("pfs"), filters.get("vfs"), int(slots_full))
+    budget = (meta or {}).get("budget_ns")
+    return exact_text(hists, filters.get("pfs"), filters.get("vfs"), int(slots_full),
+                      budget if isinstance(budget, int) else None)
 
 
 def from_meta(m: dict | None) -> list[KernelHist] | None:
