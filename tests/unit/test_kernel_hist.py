@@ -128,3 +128,40 @@ def test_over_budget_counts_exactly_or_says_it_is_a_lower_bound(values, budget):
     true = sum(v > budget for v in values)
     assert n == true if exact else n <= true
     assert exact or budget >= 2 << SUB_BITS
+
+
+def test_report_of_a_lossy_capture_gives_every_switch_exactly(tmp_path, capsys):
+    """The records kept and the kernel's histograms of every switch: ``report`` prints
+    both, text and JSON; an old capture has neither line nor figure; a mangled one says
+    so in one line."""
+    import json
+    from pathlib import Path
+    from tracer.capture.files import CaptureWriter, read_capture
+    from tracer.cli import main
+    small = Path(__file__).resolve().parents[1] / "data" / "small.csv"
+    meta, rows, _ = read_capture(small)
+    everything = [r.switch_ns for r in rows] + [7_000_000] * 25
+    h = Histogram()
+    h.add_array(np.array(everything))
+    path = tmp_path / "lossy.csv"
+    w = CaptureWriter(path, {**meta, "kernel_histograms": to_meta(
+        [kernel_hist.KernelHist(0, 1, "switch", h, sum(everything))], 0)})
+    w.write_many(rows)
+    w.close(lost={0: 25})
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"every switch (kernel histograms, exact whatever was lost): {len(everything)} " \
+           "switches" in out and "max 7.00ms" in out
+    assert main(["report", str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["captures"][0]["every_switch"]
+    assert got["count"] == len(everything) and got["max_ns"] == 7_000_000
+    assert got["p99_ns"] == h.percentiles([99])[0]
+    assert main(["report", str(small), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["captures"][0]["every_switch"] is None
+    bad = tmp_path / "bad.csv"
+    w = CaptureWriter(bad, {**meta, "kernel_histograms": {"sub_bits": SUB_BITS, "groups": 3}})
+    w.write_many(rows)
+    w.close()
+    assert main(["report", str(bad)]) == 0
+    assert "kernel histograms: unreadable (kernel_histograms: not as vftrace writes them" \
+        in capsys.readouterr().out
