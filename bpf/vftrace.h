@@ -181,7 +181,7 @@ struct vft_exit_val {
 #define VFT_HIST_GRANT 2
 #define VFT_HIST_PHASES 3
 #ifndef VFT_HIST_SLOTS
-#define VFT_HIST_SLOTS 32       /* (pf, vf) pairs with a histogram */
+#define VFT_HIST_SLOTS 32       /* (pf, vf) pairs with histograms: record --hist-pairs */
 #endif
 
 struct vft_hist_key {

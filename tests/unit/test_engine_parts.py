@@ -152,6 +152,14 @@ def test_func_and_tp_sources():
     assert p.source_mode == "tp" and "-DSWITCH_SRC=4" in p.cflags(bpf_dir(), 1)
 
 
+def test_hist_pairs_size_the_kernel_histograms_by_define():
+    assert "-DVFT_HIST_SLOTS=32" in probes.plan(None, "auto", offer()).cflags(bpf_dir(), 1)
+    p = probes.plan(None, "auto", offer(), hist_slots=200)
+    assert "-DVFT_HIST_SLOTS=200" in p.cflags(bpf_dir(), 1)
+    p = probes.plan(None, "auto", offer(mmapable_array=False))
+    assert "-DHIST_MAP_FLAGS=0" in p.cflags(bpf_dir(), 1)
+
+
 def test_ebpf_text_is_the_source_with_the_plans_defines_and_header():
     text = program_text(probes.plan(None, "kprobe", offer()), 42)
     assert text.startswith("#define ") and "#define CALIB_TGID 42\n" in text
@@ -334,6 +342,8 @@ def test_a_reader_starved_past_max_hold_reads_the_waiting_ends_before_giving_up(
     (["record"], "give -o/--output capture.csv"),
     (["record", "-o", "/nonexistent-dir/c.csv"], "directory /nonexistent-dir does not exist"),
     (["record", "-o", "c.csv", "--budget-ns", "0"], "--budget-ns 0: must be positive"),
+    (["record", "-o", "c.csv", "--hist-pairs", "0"], "--hist-pairs 0: give 1 to 1024"),
+    (["live", "--hist-pairs", "5000"], "--hist-pairs 5000: give 1 to 1024"),
     (["record", "-o", "c.csv", "--duration", "-1"], "--duration -1.0: must be positive"),
     (["record", "-o", "c.csv", "--vf", "1,x"], "--vf 'x': give integers"),
     (["record", "-o", "c.csv", "--probe-mode", "uprobe"], "invalid choice: 'uprobe'"),

@@ -297,7 +297,8 @@ class Engine:
         if self.bpf is None:
             return []
         if self.histograms is None:         # mapped on first use (a floor-only run never)
-            self.histograms = HistogramReader(self.bpf, self.plan.hist_mmap)
+            self.histograms = HistogramReader(self.bpf, self.plan.hist_mmap,
+                                              self.plan.hist_slots)
         phases = PHASES if "revoke_ns" not in self.plan.unmeasured() else ("switch",)
         return self.histograms.read(phases)
 

@@ -18,9 +18,9 @@ from . import layout
 
 
 class HistogramReader:
-    def __init__(self, bpf, mappable: bool):
+    def __init__(self, bpf, mappable: bool, slots: int):
         c = layout.header().constants
-        self.slots, self.phases = c["VFT_HIST_SLOTS"], c["VFT_HIST_PHASES"]
+        self.slots, self.phases = slots, c["VFT_HIST_PHASES"]
         self.nbuckets = c["VFT_HIST_BUCKETS"]
         self.bpf = bpf
         self.mode = "mmap" if mappable else "lookup"

@@ -30,8 +30,7 @@ SYNC_CANDIDATES = ("intel_iommu_tlb_sync", "amd_iommu_iotlb_sync", "arm_smmu_iot
 # of the defines below (KRETPROBE_MAXACTIVE is the attach's, not the C's).
 MAP_SIZES_ENV = "VFTRACE_BPF_SIZES"
 MAP_SIZE_DEFINES = ("VFT_MAX_OPEN", "VFT_TASK_SLOTS", "VFT_STARTS_MAX", "VFT_EXIT_STARTS_MAX",
-                    "VFT_BG_MAX", "VFT_EXITS_MAX", "VFT_STALE_NS", "KRETPROBE_MAXACTIVE",
-                    "VFT_HIST_SLOTS")
+                    "VFT_BG_MAX", "VFT_EXITS_MAX", "VFT_STALE_NS", "KRETPROBE_MAXACTIVE")
 KRETPROBE_MAXACTIVE = 64        # instances per kretprobe: calls in flight at once
 
 
@@ -91,6 +90,7 @@ class Plan:
     have_access_tp: bool = False
     ringbuf: bool = True
     hist_mmap: bool = True                        # the kernel histograms' array mappable
+    hist_slots: int = 32                          # (pf, vf) pairs with kernel histograms
     emit_calls: bool = False
     ringbuf_pages: int = 256
     map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
@@ -137,6 +137,7 @@ class Plan:
              "RINGBUF_PAGES": self.ringbuf_pages, "HAVE_KVM_TP": int(self.have_kvm_tp),
              "HAVE_ACCESS_TP": int(self.have_access_tp), "CALIB_TGID": calib_tgid,
              "HIST_MAP_FLAGS": BPF_F_MMAPABLE if self.hist_mmap else 0,
+             "VFT_HIST_SLOTS": self.hist_slots,
              "FUNC_MODE": MODE_DEFINE[FENTRY if self.source_mode == FENTRY else KPROBE],
              "CALIB_MODE": MODE_DEFINE[FENTRY if FENTRY in self.calib_modes else ABSENT]}
         for c in self.choices:
@@ -283,7 +284,7 @@ def map_size_overrides(env: dict[str, str] | os._Environ = os.environ) -> dict[s
 
 
 def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool = True,
-         emit_calls: bool = False, depth: str = DEFAULT_DEPTH) -> Plan:
+         emit_calls: bool = False, depth: str = DEFAULT_DEPTH, hist_slots: int = 32) -> Plan:
     if requested not in ("auto", FENTRY, KPROBE):
         raise ProbeError(f"--probe-mode {requested}: give auto, fentry or kprobe")
     if depth not in DEPTHS:
@@ -292,6 +293,7 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
     p = Plan(source, source_mode, ringbuf=ringbuf, hist_mmap=offer.mmapable_array,
+             hist_slots=hist_slots,
              emit_calls=emit_calls,
              map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset,
              depth=depth)

@@ -67,6 +67,10 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                              "the default).  Shallower costs the switch less; the columns "
                              "it does not hook are left empty")
     parser.add_argument("-c", "--calls", help="also write one row per timed call to this CSV")
+    parser.add_argument("--hist-pairs", type=int, default=HIST_PAIRS, metavar="N",
+                        help=f"(PF, VF) pairs the kernel keeps histograms of every switch for "
+                             f"(default {HIST_PAIRS}; ~552 KB of kernel memory each; pairs "
+                             "past it are counted and the every-switch line says not exact)")
     parser.add_argument("--perf-buffer", action="store_true",
                         help="use the perf buffer, not the ring buffer")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
@@ -79,6 +83,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 MAX_ID = 2**32 - 1          # PFs, VFs and pids are 32-bit in the BPF records
+HIST_PAIRS, MAX_HIST_PAIRS = 32, 1024     # kernel histogram slots (bpf/vftrace.h)
 
 
 def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
@@ -190,6 +195,7 @@ class TraceOptions:
     depth: str = DEFAULT_DEPTH
     calls: Path | None = None
     perf_buffer: bool = False
+    hist_pairs: int = 32
     duration: float | None = None
     ebpf: bool = False
     ready_file: Path | None = None
@@ -203,6 +209,8 @@ class TraceOptions:
         if args.budget_ns <= 0:
             raise RecordError(f"--budget-ns {args.budget_ns}: must be positive")
         duration = check_seconds(getattr(args, "duration", None), "--duration")
+        if not 1 <= args.hist_pairs <= MAX_HIST_PAIRS:
+            raise RecordError(f"--hist-pairs {args.hist_pairs}: give 1 to {MAX_HIST_PAIRS}")
         check_switch_spec(args.switch)
         calls = check_output(args.calls, "--calls")
         ready_file = check_output(getattr(args, "ready_file", None), "--ready-file")
@@ -217,7 +225,7 @@ class TraceOptions:
                                  {"--calls": calls, "--ready-file": ready_file})
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
                    probe_mode=args.probe_mode, depth=args.depth, calls=calls,
-                   perf_buffer=args.perf_buffer,
+                   perf_buffer=args.perf_buffer, hist_pairs=args.hist_pairs,
                    duration=duration, ebpf=args.ebpf,
                    ready_file=ready_file,
                    workload=workload_argv(getattr(args, "cmd", None), command))
@@ -247,7 +255,8 @@ def make_plan(opts: TraceOptions, offer: probes.KernelOffer | None = None) -> pr
         offer = offer or probes.KernelOffer.probe()
         return probes.plan(opts.switch, opts.probe_mode, offer,
                            ringbuf=not opts.perf_buffer and offer.ringbuf,
-                           emit_calls=opts.calls is not None, depth=opts.depth)
+                           emit_calls=opts.calls is not None, depth=opts.depth,
+                           hist_slots=opts.hist_pairs)
     except probes.ProbeError as e:
         raise RecordError(str(e)) from None
 
