@@ -172,14 +172,14 @@ BPF_ARRAY(calibrating, u32, 1);
 BPF_ARRAY(cost_window, struct vft_switch, 1);         /* the last cost window's record */
 /* In-kernel histograms (vftrace.h): (pf, vf) -> slot, given out in order; per (slot,
  * phase), VFT_HIST_BUCKETS counts and their sums.  HIST_MAP_FLAGS is BPF_F_MMAPABLE
- * where the kernel has it (>= 5.5): user space then maps the counts and reads them in
+ * where the kernel has it (>= 5.5): user space then maps both arrays and reads them in
  * one go. */
 #define VFT_HIST_CELLS (VFT_HIST_SLOTS * VFT_HIST_PHASES)
 BPF_HASH(hist_slots, struct vft_hist_key, u32, VFT_HIST_SLOTS);
 BPF_ARRAY(hist_next, u64, 1);
 BPF_F_TABLE("array", u32, u64, hist_buckets, VFT_HIST_CELLS * VFT_HIST_BUCKETS,
 	    HIST_MAP_FLAGS);
-BPF_ARRAY(hist_sums, struct vft_hist_sum, VFT_HIST_CELLS);
+BPF_F_TABLE("array", u32, struct vft_hist_sum, hist_sums, VFT_HIST_CELLS, HIST_MAP_FLAGS);
 
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import in_ci
 from tracer.kernel import layout
 from tracer.model import kernel_hist
 from tracer.model.kernel_hist import from_counts, from_meta, to_meta
@@ -165,3 +166,70 @@ def test_report_of_a_lossy_capture_gives_every_switch_exactly(tmp_path, capsys):
     assert main(["report", str(bad)]) == 0
     assert "kernel histograms: unreadable (kernel_histograms: not as vftrace writes them" \
         in capsys.readouterr().out
+
+
+def real_mappable_array(value_size: int, entries: int) -> int:
+    """A BPF array map in this machine's kernel, BPF_F_MMAPABLE, its fd kept open."""
+    import os
+    from tracer.kernel.features import (BPF_F_MMAPABLE, BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY,
+                                        SYS_BPF)
+    attr = (ctypes.c_uint32 * 32)()
+    attr[0], attr[1], attr[2], attr[3], attr[4] = (BPF_MAP_TYPE_ARRAY, 4, value_size, entries,
+                                                   BPF_F_MMAPABLE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(BPF_MAP_CREATE), ctypes.byref(attr),
+                      ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd < 0:
+        why = f"bpf(BPF_MAP_CREATE) of a mappable array: {os.strerror(ctypes.get_errno())} " \
+              "(needs root and a kernel >= 5.5)"
+        if in_ci():
+            pytest.fail(f"cannot run in CI: {why}")
+        pytest.skip(why)
+    return fd
+
+
+def test_the_reader_maps_real_kernel_arrays_and_reads_what_was_counted():
+    """HistogramReader against two BPF arrays of this machine's kernel (the layout
+    hist_add writes: slots x phases x buckets counts, and their sums), filled through a
+    writable mapping as the program would, read through its own read-only one."""
+    import mmap
+    import os
+    from types import SimpleNamespace
+    from tracer.kernel.histograms import SUM_DTYPE, HistogramReader
+    slots, phases, nb = 2, C["VFT_HIST_PHASES"], C["VFT_HIST_BUCKETS"]
+    fds = {"hist_buckets": real_mappable_array(8, slots * phases * nb),
+           "hist_sums": real_mappable_array(32, slots * phases)}
+    try:
+        def writable(name, dtype, count):
+            size = np.dtype(dtype).itemsize * count
+            m = mmap.mmap(fds[name], size + -size % mmap.PAGESIZE, mmap.MAP_SHARED)
+            return m, np.frombuffer(m, dtype=dtype, count=count)
+        mb, counts = writable("hist_buckets", np.uint64, slots * phases * nb)
+        ms, sums = writable("hist_sums", SUM_DTYPE, slots * phases)
+        values = {(1, 0): [700, 700, 5000, 3_000_000], (1, 2): [90_000]}  # slot = order
+        for slot, vals in enumerate(values.values()):
+            for v in vals:                       # the switch phase only
+                counts[(slot * phases) * nb + bucket_index(v)] += 1
+            sums[slot * phases] = (len(vals), sum(vals), ~min(vals) & ((1 << 64) - 1),
+                                   max(vals))
+        keys = [(SimpleNamespace(pf=pf, vf=vf), SimpleNamespace(value=slot))
+                for slot, (pf, vf) in enumerate(values)]
+        tables = {name: SimpleNamespace(map_fd=fd) for name, fd in fds.items()}
+        tables["hist_slots"] = SimpleNamespace(items=lambda: keys)
+        reader = HistogramReader(tables, mappable=True, slots=slots)
+        got = {(k.pf, k.vf): k for k in reader.read()}
+        reader.close()
+        del counts, sums
+        mb.close(), ms.close()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert set(got) == set(values)
+    for key, vals in values.items():
+        built = Histogram()
+        built.add_array(np.array(vals))
+        k = got[key]
+        assert k.phase == "switch" and kernel_hist.buckets(k.hist) == kernel_hist.buckets(built)
+        assert (k.count, k.sum_ns, k.hist.min, k.hist.max) == (len(vals), sum(vals), min(vals),
+                                                              max(vals))
