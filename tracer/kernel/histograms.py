@@ -13,7 +13,7 @@ import mmap
 
 import numpy as np
 
-from ..model.kernel_hist import PHASES, KernelHist, from_counts
+from ..model.kernel_hist import PHASES, KernelHist, from_counts, kernel_bucket
 from . import layout
 
 
@@ -52,11 +52,13 @@ class HistogramReader:
         t = self.bpf["hist_sums"][ctypes.c_int(cell)]
         return int(t.count), int(t.sum), int(t.not_min), int(t.max)
 
-    def _cell_counts(self, slot: int, phase: int) -> np.ndarray:
+    def _cell_counts(self, slot: int, phase: int, lo: int, hi: int) -> np.ndarray:
+        """Buckets lo..hi of one (slot, phase): those between its min and max, so a read
+        touches only the buckets a cell can have used, not all VFT_HIST_BUCKETS."""
         if self._view is not None:
-            return self._view[slot, phase]          # from_counts copies the used range only
+            return self._view[slot, phase, lo:hi + 1]   # from_counts copies it
         table, first = self.bpf["hist_buckets"], (slot * self.phases + phase) * self.nbuckets
-        return np.array([table[ctypes.c_int(first + b)].value for b in range(self.nbuckets)],
+        return np.array([table[ctypes.c_int(first + b)].value for b in range(lo, hi + 1)],
                         dtype=np.int64)
 
     def read(self, phases: tuple[str, ...] = PHASES) -> list[KernelHist]:
@@ -72,7 +74,9 @@ class HistogramReader:
                 count, total, not_min, vmax = self._cell_sum(s * self.phases + p)
                 if not count:
                     continue
-                h = from_counts(self._cell_counts(s, p), ~not_min & U64, vmax)
+                vmin = ~not_min & U64
+                lo, hi = kernel_bucket(vmin), kernel_bucket(vmax)
+                h = from_counts(self._cell_counts(s, p, lo, hi), vmin, vmax, base=lo)
                 out.append(KernelHist(int(key.pf), int(key.vf), phase, h, total))
         return out
 

@@ -34,14 +34,20 @@ class KernelHist:
         return self.hist.total
 
 
-def from_counts(counts: np.ndarray, vmin: int, vmax: int) -> Histogram:
-    """A Histogram from a kernel bucket array (index = bucket) and its exact extremes.
-    Its total is the buckets' (the kernel's count beside them can run ahead mid-switch)."""
+def kernel_bucket(value: int) -> int:
+    """The kernel's bucket of ``value``: the core's, or its last one from 2**MAX_BITS."""
+    return bucket_index(min(value, (1 << MAX_BITS) - 1))
+
+
+def from_counts(counts: np.ndarray, vmin: int, vmax: int, base: int = 0) -> Histogram:
+    """A Histogram from kernel bucket counts (``counts[i]`` is bucket ``base + i``) and
+    their exact extremes.  Its total is the buckets' (the kernel's count beside them can
+    run ahead mid-switch)."""
     h = Histogram()
     nz = np.flatnonzero(counts)
     if nz.size:
         lo, hi = int(nz[0]), int(nz[-1])
-        h.base, h.counts = lo, counts[lo:hi + 1].astype(np.int64)
+        h.base, h.counts = base + lo, counts[lo:hi + 1].astype(np.int64)
         h.total, h.min, h.max = int(h.counts.sum()), vmin, vmax
     return h
 

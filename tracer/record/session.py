@@ -83,7 +83,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 MAX_ID = 2**32 - 1          # PFs, VFs and pids are 32-bit in the BPF records
-HIST_PAIRS, MAX_HIST_PAIRS = 32, 1024     # kernel histogram slots (bpf/vftrace.h)
+HIST_PAIRS, MAX_HIST_PAIRS = 32, 256      # kernel histogram slots (bpf/vftrace.h): 552 KB each
 
 
 def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
