@@ -613,9 +613,11 @@ class LiveSource:
                 polled.problems.extend(problems)
                 if totals:
                     self._last_totals = now
-                    polled.lost_per_cpu = self.session.lost_per_cpu()
-                    polled.guest_totals = self.session.background() or None
-                    polled.kernel_hists = self.session.kernel_histograms()
+                    try:                # a failed read-out is shown; the pump goes on
+                        polled.lost_per_cpu = self.session.lost_per_cpu()
+                        polled.guest_totals = self.session.background() or None
+                    except Exception as e:
+                        polled.problems.append(f"reading the kernel's totals failed: {e}")
             if reason is not None:
                 polled.finished = True
                 polled.status = f"recording stopped: {reason}"

@@ -35,7 +35,7 @@ def kernel_counts_per_pf(hists) -> dict[int, int]:
 def test_lossless_kernel_histograms_are_the_records_histograms():
     with pfsched.loaded(2, slice_us=3000) as pfs:
         pfsched.set_enabled(False)
-        rec = Recorder("khist-exact")
+        rec = Recorder("khist-exact", "--depth", "iommu")     # revoke and grant measured
         before, after = window(pfs, lambda: time.sleep(3))
         meta, rows, problems = rec.stop()
     assert not problems and meta["lost_total"] == 0, meta
@@ -61,7 +61,7 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
     histograms, updated before a record goes out, still have every switch."""
     with pfsched.loaded(2, slice_us=500) as pfs:
         pfsched.set_enabled(False)
-        rec = Recorder("khist-lossy")
+        rec = Recorder("khist-lossy", "--depth", "window")    # no cost calibration to wait for
         os.kill(rec.proc.pid, signal.SIGSTOP)
         try:
             before, after = window(pfs, lambda: time.sleep(6))

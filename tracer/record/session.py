@@ -520,13 +520,6 @@ class Session:
             return dict(self.lost)
         return self.engine.lost_per_cpu()
 
-    def kernel_histograms(self) -> list | None:
-        """The kernel's histograms of every switch so far (None once stopped, or without
-        an engine: the meta has the final ones)."""
-        if self.engine is None or self.stop_reason is not None or not self.engine.bpf:
-            return None
-        return self.engine.kernel_histograms()
-
     def background(self) -> dict:
         if self.engine is None or self.stop_reason is not None or not self.engine.bpf:
             return self.meta.get("background", {})
