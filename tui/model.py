@@ -99,8 +99,6 @@ class DashboardModel:
                 self.kernel_drops = sum(n for n in drops.values() if isinstance(n, int))
         if batch.lost_per_cpu is not None:
             self.lost = dict(batch.lost_per_cpu)
-        if batch.kernel_hists is not None:
-            self.kernel_hists = batch.kernel_hists
         if batch.problems:
             self.problems = (self.problems + batch.problems)[-50:]
         self.bad_lines += batch.bad_lines
@@ -115,7 +113,7 @@ class DashboardModel:
         the corrected switch times (tracer/model/correction.py)."""
         self.correction = Correction.from_meta(source_meta)
         self.stats.set_correction(self.correction)
-        try:            # a capture's: of its whole run (live ones replace them as they come)
+        try:            # a capture's, of its whole run (live does not read them yet)
             self.kernel_hists = kernel_hist.from_meta((source_meta or {}).get("kernel_histograms"))
         except ValueError as e:
             self.problems.append(str(e))

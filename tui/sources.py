@@ -68,7 +68,6 @@ class Batch:
     calls: list[CallRecord] = field(default_factory=list)
     guest_totals: dict | None = None
     lost_per_cpu: dict[int, int] | None = None
-    kernel_hists: list | None = None         # every switch so far (model/kernel_hist.py)
     problems: list[str] = field(default_factory=list)
     bad_lines: int = 0
     status: str | None = None
@@ -83,7 +82,7 @@ class Batch:
             self.problems, self.bad_lines = [], 0
         self.switches.extend(later.switches)
         self.calls.extend(later.calls)
-        for name in ("guest_totals", "lost_per_cpu", "kernel_hists", "status", "header"):
+        for name in ("guest_totals", "lost_per_cpu", "status", "header"):
             if getattr(later, name) is not None:
                 setattr(self, name, getattr(later, name))
         room = MAX_PROBLEMS - len(self.problems)
