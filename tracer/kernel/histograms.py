@@ -3,8 +3,8 @@
 The bucket counts are one BPF array of slots x phases x buckets u64s, their sums another.
 Where the kernel lets them be mapped (BPF_F_MMAPABLE, >= 5.5) both are viewed with numpy
 through an mmap of the map, so a read is a copy of memory, not a syscall per key;
-elsewhere each is read with lookups (slower, the same numbers).  Slots are given out by the kernel in order of
-first switch, and hist_slots says which (pf, vf) each one is.
+elsewhere each is read with lookups (slower, the same numbers).  Slots are given out by
+the kernel in order of first switch, and hist_slots says which (pf, vf) each one is.
 """
 from __future__ import annotations
 

@@ -85,15 +85,22 @@ def over_budget(h: Histogram, budget_ns: int) -> tuple[int, bool]:
     return int(h.counts[start:].sum()), bucket_bounds(b)[1] == budget_ns
 
 
-def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
-               slots_full: int = 0, budget_ns: int | None = None) -> str | None:
-    """Every switch of the PFs ``pfs`` (None: all), from the kernel's histograms: exact
-    whatever records were lost.  None without histograms, or with a VF filter (the
-    kernel keeps (pf, incoming vf) only; the filter also keeps a VF's outgoing switches)."""
-    from .units import fmt_ns
+def selected(hists: list[KernelHist] | None, pfs=None, vfs=None) -> Histogram | None:
+    """The switch histogram of the PFs ``pfs`` (None: all); None without histograms, or
+    with a VF filter (the kernel keeps (pf, incoming vf) only; the filter also keeps a
+    VF's outgoing switches)."""
     if hists is None or vfs is not None:
         return None
-    h = merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
+    return merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
+
+
+def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
+               slots_full: int = 0, budget_ns: int | None = None) -> str | None:
+    """The line of every switch of ``selected``, exact whatever records were lost."""
+    from .units import fmt_ns
+    h = selected(hists, pfs, vfs)
+    if h is None:
+        return None
     if not h.total:
         return "every switch (kernel histograms): none yet"
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])

@@ -242,10 +242,10 @@ def every_switch_json(cap: Capture) -> dict | None:
         hists = kernel_hist.from_meta(cap.meta.get("kernel_histograms"))
     except ValueError:
         return None
-    if hists is None or cap.snapshot.filters.get("vfs") is not None:
+    h = kernel_hist.selected(hists, cap.snapshot.filters.get("pfs"),
+                             cap.snapshot.filters.get("vfs"))
+    if h is None:
         return None
-    pfs = cap.snapshot.filters.get("pfs")
-    h = kernel_hist.merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
     return {"count": h.total, "p50_ns": p50, "p90_ns": p90, "p99_ns": p99, "p999_ns": p999,
             "max_ns": h.max, "source": "kernel histograms"}
