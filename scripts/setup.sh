@@ -10,7 +10,8 @@ say() { echo "setup: $*"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 
 DEBS="python3-bpfcc python3-venv qemu-system-x86 busybox-static make gcc kmod \
-      iproute2 pciutils tmux bpftrace bpfcc-tools libelf-dev libc6-dev linux-libc-dev"
+      iproute2 pciutils tmux bpftrace bpfcc-tools libelf-dev libc6-dev linux-libc-dev \
+      prometheus"
 BACKPORTS_SUITE=bookworm-backports
 BACKPORTS_LIST=/etc/apt/sources.list.d/vftrace-backports.sources
 

@@ -320,6 +320,17 @@ class Snapshot:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class VfHistograms:
+    """One (PF, incoming VF)'s counts, sums and histograms (``Stats.vf_histograms``)."""
+    count: int
+    over_budget: int
+    sums: dict[str, int]                  # every SUM_FIELDS column
+    hists: dict[str, Histogram]           # DIST_FIELDS column -> its histogram
+    corrected: Histogram | None           # the corrected switch time, when corrected
+    corrected_sum: float = 0.0
+
+
 def _dist(hist: Histogram, total: int) -> Dist:
     p50, p90, p99, p999 = hist.percentiles(PERCENTILES)
     return Dist(hist.total, total / hist.total if hist.total else 0.0,
@@ -563,6 +574,19 @@ class Stats:
         """Histogram memory: bounded by groups x buckets, never by the record count."""
         self._flush()
         return sum(h.nbytes() for c in self._cells.values() for h in c.hists)
+
+    def vf_histograms(self) -> dict[tuple[int, int], VfHistograms]:
+        """Per (PF, incoming VF): the count, sums and histograms themselves (merged
+        copies; the metrics endpoint turns them into its own buckets at scrape time)."""
+        self._flush()
+        out: dict[tuple[int, int], _Cell] = {}
+        for (pf, _src, dst), cell in self._cells.items():
+            out.setdefault((pf, dst), _Cell()).merge(cell)
+        return {key: VfHistograms(c.count, c.over, dict(zip(SUM_FIELDS, c.sums)),
+                                  dict(zip(DIST_FIELDS, c.hists)),
+                                  c.corr if self.correction is not None else None,
+                                  c.corr_sum)
+                for key, c in sorted(out.items())}
 
     def snapshot(self, now: float | None = None) -> Snapshot:
         self._flush()

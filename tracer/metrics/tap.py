@@ -1,0 +1,119 @@
+"""Scrape-time read-outs, made by the thread that owns the data.
+
+The statistics core and the BPF engine are not thread-safe, and nothing on the record
+path takes a lock.  So a scrape (on an HTTP thread) asks, and the owner's loop, which
+already wakes every ~100 ms (``Session.poll``, the live pump, a replay's read), answers
+at its next turn with a ``MetricsState`` built by ``build``.  A scrape that waits longer
+than ``wait_s`` (the owner is busy starting up or stopping) gets the previous state,
+marked stale.  After ``close`` every scrape gets the final state at once.
+
+``state_from`` is the one rule that turns the statistics core, a meta-shaped dict (a
+capture's meta, or the live engine's read-outs in the same shape) and the kernel's
+histograms into a state, for every front end.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from ..model.kernel_hist import KernelHist
+from ..model.stats import Stats
+from .exposition import MetricsState
+
+WAIT_S = 2.0
+
+
+class MetricsTap:
+    def __init__(self, build: Callable[[], MetricsState], wait_s: float = WAIT_S) -> None:
+        self.build, self.wait_s = build, wait_s
+        self._cond = threading.Condition()
+        self._asked = False
+        self._generation = 0
+        self._state: MetricsState | None = None
+        self._closed = False
+        self.build_errors = 0
+
+    # -- the owner's side ---------------------------------------------------------------
+    def service(self) -> None:
+        """Called by the owner at every turn of its loop: builds a state if asked."""
+        if self._asked:              # a plain read: a missed turn only delays the answer
+            self._publish()
+
+    def close(self, final: Callable[[], MetricsState] | None = None) -> None:
+        """The owner stops: publish a last state (``final``, or ``build``) for good."""
+        if final is not None:
+            self.build = final
+        self._publish()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _publish(self) -> None:
+        try:
+            state = self.build()
+        except Exception:           # a read-out failed: say so by staleness, keep going
+            self.build_errors += 1
+            state = None
+        with self._cond:
+            self._asked = False
+            if state is not None:
+                self._state = state
+            self._generation += 1
+            self._cond.notify_all()
+
+    # -- the scrape's side --------------------------------------------------------------
+    def state(self) -> MetricsState | None:
+        """The owner's answer to this scrape, or the previous state marked stale."""
+        with self._cond:
+            if not self._closed:
+                wanted = self._generation + 1
+                self._asked = True
+                self._cond.wait_for(lambda: self._generation >= wanted or self._closed,
+                                    timeout=self.wait_s)
+                fresh = self._generation >= wanted
+            else:
+                fresh = True
+            state = self._state
+        if state is not None and not fresh:
+            state = MetricsState(**{**state.__dict__, "stale": True})
+        return state
+
+
+def _modes_text(modes) -> str:
+    if isinstance(modes, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(modes.items()))
+    return str(modes or "")
+
+
+def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> MetricsState:
+    """The state of a recording or capture: ``meta`` as a capture's meta says it (the
+    live engine's read-outs are put in the same keys), ``kernel`` its histograms of
+    every switch (None where there are none yet)."""
+    meta = meta or {}
+    filters = meta.get("filters") or {}
+    pfs, vfs = filters.get("pfs"), filters.get("vfs")
+    if kernel is not None:
+        # The kernel keys by (pf, incoming vf): a VF filter also keeps a VF's outgoing
+        # switches, which it cannot pick out (kernel_hist.selected's rule).
+        kernel = None if vfs else [k for k in kernel if pfs is None or k.pf in pfs]
+    info = {"version": str(meta.get("version", "")), "kernel": str(meta.get("kernel", "")),
+            "depth": str(meta.get("depth", "")), "switch_source": str(meta.get("switch_source", "")),
+            "probe_modes": _modes_text(meta.get("probe_modes")),
+            "buffer": str(meta.get("buffer", "")), "tool": str(meta.get("tool", ""))}
+    bg = meta.get("background") or {}
+    lost = {(kind, "kernel"): int(n) for kind, n in (meta.get("lost_by_kind") or {}).items()}
+    if not lost and meta.get("lost_total"):          # a capture from before lost_by_kind
+        lost[("unknown", "kernel")] = int(meta["lost_total"])
+    if bg.get("out_of_range_records"):
+        lost[("out_of_range", "user")] = int(bg["out_of_range_records"])
+    floor = {m: float(v["median_ns"]) for m, v in (meta.get("floor_ns") or {}).items()
+             if isinstance(v, dict) and "median_ns" in v}
+    costs = {t: float(v["median_ns"]) for t, v in (meta.get("probe_costs") or {}).items()
+             if isinstance(v, dict) and "median_ns" in v}
+    slots_full = (meta.get("kernel_histograms") or {}).get("slots_full") or 0
+    return MetricsState(
+        info=info, budget_ns=stats.budget_ns, vfs=stats.vf_histograms(), kernel=kernel,
+        kernel_slots_full=int(slots_full), exits=list(bg.get("kvm_exits") or []),
+        kvm_vendor=meta.get("kvm_vendor"), lost=lost,
+        kernel_drops={k: int(v) for k, v in (bg.get("kernel_drops") or {}).items()},
+        floor_ns=floor, probe_cost_ns=costs, seq_gaps=stats.seq_gaps())
