@@ -120,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .record.session import add_trace_options
     add_trace_options(rec)
     rec.set_defaults(handler="tracer.record.headless:main")
+
+    srv = sub.add_parser(
+        "serve", help="record headless for Prometheus: the /metrics endpoint, until signalled",
+        description="Record as vftrace record does, with no capture file unless -o asks "
+                    "for one, and serve the statistics at http://ADDR/metrics for a "
+                    "Prometheus server (deploy/prometheus/ has a scrape config, recording "
+                    "rules and alerts).  Runs until SIGINT/SIGTERM, or -d.  Memory stays "
+                    "bounded: nothing is kept per record.",
+        epilog="examples:\n"
+               "  vftrace serve                              # 127.0.0.1:9435, pf_sched's switches\n"
+               "  vftrace serve --metrics 0.0.0.0:9435       # every interface (no authentication)\n"
+               "  vftrace serve --metrics [::1]:9435 --metrics-tls cert.pem key.pem\n"
+               "  vftrace serve --pf 0 -b 500 -o cap.csv     # and keep a capture too\n"
+               "  curl -s 127.0.0.1:9435/metrics | grep vftrace_switches_total",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("-o", "--output", help="also write a capture CSV (and its .meta.json)")
+    srv.add_argument("-d", "--duration", type=seconds, help="stop after this many seconds")
+    srv.add_argument("-q", "--quiet", action="store_true", default=True,
+                     help=argparse.SUPPRESS)   # a service: no progress line
+    add_trace_options(srv)
+    from .metrics.server import DEFAULT_ADDRESS
+    srv.set_defaults(handler="tracer.record.headless:serve", metrics=DEFAULT_ADDRESS)
     for name in FRONT_ENDS:
         module = importlib.import_module(name)
         module.add_parsers(sub)

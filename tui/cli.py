@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tracer.errors import VftraceError
+from tracer.metrics.server import add_metrics_options, check_metrics_args, start_endpoint
 from tracer.record.session import (Session, TraceOptions, add_trace_options,
                                    check_capture_output, parse_ints, plan_for)
 
@@ -32,6 +33,8 @@ REPLAY_EPILOG = """examples:
   vftrace replay cap.csv --speed max          # as fast as possible
   vftrace replay cap.csv --speed 10 --pf 0 -b 5000
   vftrace replay --follow cap.csv             # like tail -f: a recorder still writing it
+  vftrace replay cap.csv --speed max --metrics 127.0.0.1:9435 </dev/null
+                                              # no terminal: serve its metrics, headless
 """ + keys.epilog_line()
 
 
@@ -65,6 +68,7 @@ def add_parsers(sub) -> None:
                      help="switch budget (default: the capture's)")
     rep.add_argument("--pf", action="append", help="only these PFs (comma list, repeatable)")
     rep.add_argument("--vf", action="append", help="only switches from or to these VFs")
+    add_metrics_options(rep)
 
 
 def run(args) -> int:
@@ -107,8 +111,45 @@ def _replay(args) -> int:
     else:
         source = ReplaySource(args.file, speed)
         check_filters_match(source.path, pfs, vfs)
-    require_tty()
-    return _show(source, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
+    check_metrics_args(args)
+    if args.metrics is None:
+        require_tty()
+        return _show(source, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
+    from tracer.metrics.tap import TappedSource
+    from tracer.model.stats import Stats
+    budget = args.budget_ns or source.metrics_meta().get("budget_ns") or 100
+    tapped = TappedSource(source, Stats(budget, pfs=pfs, vfs=vfs))
+    endpoint = start_endpoint(args, tapped.tap)
+    try:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            return _show(tapped, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
+        return _serve_headless(tapped)
+    finally:
+        endpoint.stop()
+
+
+def _serve_headless(source) -> int:
+    """No terminal: read the source to its end for the endpoint, then keep serving
+    until SIGINT/SIGTERM/SIGHUP."""
+    import signal
+    import threading
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    source.start()
+    said = False
+    try:
+        while not stop.is_set():
+            batch = source.read(0.1)
+            for problem in batch.problems:
+                print(f"vftrace: warning: {problem}", file=sys.stderr)
+            if source.finished and not said:
+                said = True
+                print(f"vftrace: {batch.status or 'end of capture'}; serving until "
+                      "SIGINT/SIGTERM", file=sys.stderr)
+    finally:
+        source.stop("signal")
+    return 0
 
 
 def check_filters_match(path: Path, pfs: set[int] | None, vfs: set[int] | None) -> None:
@@ -148,6 +189,7 @@ def _live(args) -> int:
     flag, path = ("--csv", args.csv) if args.csv is not None else ("-o/--output", args.output)
     out = check_capture_output(path, flag, {"--calls": opts.calls,
                                             "--ready-file": opts.ready_file})
+    check_metrics_args(args)
     plan = plan_for(opts)
     if plan is None:                          # --ebpf: the program was printed
         return 0
@@ -159,12 +201,27 @@ def _live(args) -> int:
              "stderr": subprocess.DEVNULL}
     session = Session(opts, plan, tool="vftrace live", output=out, workload_stdio=quiet)
     source = LiveSource(session)
+    if args.metrics is not None:
+        # Its own statistics, fed in the dashboard's reading thread: the dashboard's
+        # filter keys (f) must not change what Prometheus sees.
+        from tracer.metrics.tap import TappedSource
+        from tracer.model.stats import Stats
+        source = TappedSource(source, Stats(opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs))
     print(f"vftrace: arming the probes on {plan.source} (BCC compiles the program first)...",
           file=sys.stderr)
     source.start()
+    try:
+        endpoint = start_endpoint(args, source.tap) if args.metrics is not None else None
+    except VftraceError:
+        source.stop("error: the metrics endpoint could not start")
+        raise
     # The session hands the dashboard every switch: its statistics count seqs, then
     # apply --pf/--vf (shown in the header; ``f`` changes it).
-    code = _show(source, budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)
+    try:
+        code = _show(source, budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
     if (problem := session.workload_warning()) is not None:
         print(f"vftrace: warning: {problem}", file=sys.stderr)
     if out is not None:

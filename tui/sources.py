@@ -21,6 +21,7 @@ from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields
                             header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
+from tracer.model import kernel_hist
 from tracer.model.schema import (CALL_COLUMNS, CALL_COLUMNS_ADDED, COLUMNS, COLUMNS_ADDED,
                                  DEFAULT_DEPTH, CallRecord, SwitchRecord, depth_of, unmeasured)
 
@@ -154,6 +155,15 @@ def lost_from_meta(meta: dict) -> dict[int, int]:
         return {}
 
 
+def meta_kernel_histograms(meta: dict) -> list | None:
+    """A capture meta's histograms of every switch; None without them, or unreadable
+    (``kernel_hist.exact_line`` says which to the dashboard)."""
+    try:
+        return kernel_hist.from_meta((meta or {}).get("kernel_histograms"))
+    except ValueError:
+        return None
+
+
 class ReplaySource:
     """A finished capture, paced by the records' ``t_ns`` scaled by ``speed`` (0: as fast
     as possible).  The per-call rows named by the meta are replayed on the same clock."""
@@ -248,6 +258,14 @@ class ReplaySource:
             self._done = batch.finished = True
             batch.status = f"end of capture ({self._count} switches)"
         return batch
+
+    def metrics_meta(self) -> dict:
+        return self.meta
+
+    def metrics_kernel(self) -> list | None:
+        """The capture's histograms of every switch: they hold the whole run, so they
+        count once the replay has reached its end (until then, the records so far)."""
+        return meta_kernel_histograms(self.meta) if self._done else None
 
     def _due_horizon(self, timeout: float) -> int:
         """The newest trace time due by now; waits (up to ``timeout``) if none is due."""
@@ -525,6 +543,13 @@ class FollowSource:
             self.sleep(min(self.poll_s, timeout))
         return batch
 
+    def metrics_meta(self) -> dict:
+        return self.meta
+
+    def metrics_kernel(self) -> list | None:
+        """The recorder writes its histograms into the meta when it stops."""
+        return meta_kernel_histograms(self.meta)
+
     def stop(self, reason: str) -> None:
         self._switches.close()
         if self._calls is not None:
@@ -623,6 +648,14 @@ class LiveSource:
             self._hand_over(polled)
             if reason is not None:
                 return
+
+    def metrics_meta(self) -> dict:
+        with self._session_lock:              # between two polls of the pump
+            return self.session.current_meta()
+
+    def metrics_kernel(self) -> list | None:
+        with self._session_lock:
+            return self.session.kernel_histograms()
 
     def read(self, timeout: float) -> Batch:
         with self._cond:

@@ -3,11 +3,13 @@
     model     records, statistics, units, exit-reason names, the PF/VF filter
     capture   capture files and the user's output files          (model)
     kernel    BPF loading, hook planning, feature probes         (model)
+    metrics   the Prometheus endpoint over the statistics        (model)
     pfsched   pf_sched's sysfs and debugfs                       (-)
-    record    the recording session and its front ends           (model capture kernel pfsched)
+    record    the recording session and its front ends           (model capture kernel pfsched
+                                                                  metrics)
     report    reports and exports of captures                    (model capture)
     lab       the VM runner, its presets and workloads           (all of the above but report)
-    tui       the dashboard                                      (model capture record)
+    tui       the dashboard                                      (model capture record metrics)
 
 ``tracer/__init__.py`` (the version), ``errors.py`` and ``paths.py`` import nothing of
 vftrace and every package but ``model`` may use them; ``tracer/cli.py`` is the front door
@@ -23,17 +25,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BASE = "base"
 CLI = "cli"
-PACKAGES = ("model", "capture", "kernel", "pfsched", "record", "report", "lab")
+PACKAGES = ("model", "capture", "kernel", "metrics", "pfsched", "record", "report", "lab")
 ALLOWED = {
     BASE: set(),
     "model": set(),
     "capture": {BASE, "model"},
     "kernel": {BASE, "model"},
+    "metrics": {BASE, "model"},
     "pfsched": {BASE},
-    "record": {BASE, "model", "capture", "kernel", "pfsched"},
+    "record": {BASE, "model", "capture", "kernel", "metrics", "pfsched"},
     "report": {BASE, "model", "capture"},
-    "lab": {BASE, "model", "capture", "kernel", "pfsched", "record"},
-    "tui": {BASE, "model", "capture", "record"},
+    "lab": {BASE, "model", "capture", "kernel", "metrics", "pfsched", "record"},
+    "tui": {BASE, "model", "capture", "metrics", "record"},
     CLI: {BASE, *PACKAGES, "tui"},
 }
 

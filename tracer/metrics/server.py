@@ -16,9 +16,12 @@ import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from typing import TYPE_CHECKING
+
 from ..errors import VftraceError
-from .exposition import families
-from .tap import MetricsTap
+
+if TYPE_CHECKING:       # prometheus_client only once an endpoint starts: --help stays fast
+    from .tap import MetricsTap
 
 DEFAULT_ADDRESS = "127.0.0.1:9435"
 REQUEST_TIMEOUT_S = 10.0      # a client that connects and sends nothing is cut off then
@@ -153,6 +156,7 @@ class _Collector:
         self.tap = tap
 
     def collect(self):
+        from .exposition import families
         state = self.tap.state()
         if state is not None:
             yield from families(state)

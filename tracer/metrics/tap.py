@@ -90,8 +90,11 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
     live engine's read-outs are put in the same keys), ``kernel`` its histograms of
     every switch (None where there are none yet)."""
     meta = meta or {}
+    # The recorder's filters (in the meta) and this reader's (the stats'): both apply.
     filters = meta.get("filters") or {}
-    pfs, vfs = filters.get("pfs"), filters.get("vfs")
+    pfs = [p for p in filters.get("pfs") or stats.pfs or ()
+           if stats.pfs is None or p in stats.pfs] if filters.get("pfs") or stats.pfs else None
+    vfs = filters.get("vfs") or stats.vfs
     if kernel is not None:
         # The kernel keys by (pf, incoming vf): a VF filter also keeps a VF's outgoing
         # switches, which it cannot pick out (kernel_hist.selected's rule).
@@ -117,3 +120,47 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
         kvm_vendor=meta.get("kvm_vendor"), lost=lost,
         kernel_drops={k: int(v) for k, v in (bg.get("kernel_drops") or {}).items()},
         floor_ns=floor, probe_cost_ns=costs, seq_gaps=stats.seq_gaps())
+
+
+class TappedSource:
+    """A dashboard source (tui/sources.py: ``read`` -> a batch of switches) whose
+    switches also feed the metrics' own statistics core, in the reading thread, which
+    answers the scrapes.  ``source.metrics_meta()`` and ``source.metrics_kernel()`` give
+    the rest of the state; when the source finishes, its final state is kept for good."""
+
+    def __init__(self, source, stats: Stats) -> None:
+        self.source, self.stats = source, stats
+        self.tap = MetricsTap(self._build)
+        self.finished = False
+
+    def _build(self) -> MetricsState:
+        return state_from(self.stats, self.source.metrics_meta(), self.source.metrics_kernel())
+
+    def __getattr__(self, name):            # everything else is the source's
+        return getattr(self.source, name)
+
+    def start(self):
+        header = self.source.start()
+        if self.stats.correction is None:       # the capture's, or the recording's
+            from ..model.correction import Correction
+            self.stats.set_correction(Correction.from_meta(self.source.metrics_meta()))
+        return header
+
+    def read(self, timeout: float):
+        batch = self.source.read(timeout)
+        if batch.switches:
+            self.stats.add_many(batch.switches)
+        if batch.finished and not self.finished:
+            self.finished = True
+            self.tap.close()
+        else:
+            self.tap.service()
+        return batch
+
+    def stop(self, reason: str) -> None:
+        try:
+            self.source.stop(reason)
+        finally:
+            if not self.finished:
+                self.finished = True
+                self.tap.close()

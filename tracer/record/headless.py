@@ -13,6 +13,8 @@ from ..capture.files import meta_path
 from ..kernel.engine import warn
 from ..model import group_columns as gc
 from ..model.correction import Correction
+from ..metrics.server import MetricsError, check_metrics_args, start_endpoint
+from ..metrics.tap import MetricsTap, state_from
 from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
@@ -21,25 +23,40 @@ from .summary import format_summary, progress_line
 __all__ = ["RecordError", "add_trace_options", "check_output", "main", "parse_ints"]
 
 
+def serve(args) -> int:
+    """``vftrace serve``: ``record`` for a Prometheus server, until signalled."""
+    return main(args)
+
+
 def main(args) -> int:
-    opts = TraceOptions.from_args(args, "record")
+    serving = args.command == "serve"
+    opts = TraceOptions.from_args(args, args.command)
     out = check_output(args.output, "-o/--output")
-    if out is None and not opts.ebpf:
+    if out is None and not opts.ebpf and not serving:
         raise RecordError("give -o/--output capture.csv (or --ebpf to print the program)")
+    check_metrics_args(args)
     plan = plan_for(opts)
     if plan is None:                          # --ebpf: the program was printed
         return 0
 
     stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)   # sees every switch
-    session = Session(opts, plan, tool="vftrace record", output=out, on_switch=stats.add,
-                      signals=True)
+    session = Session(opts, plan, tool=f"vftrace {args.command}", output=out,
+                      on_switch=stats.add, signals=True)
     session.start()
     stats.set_correction(Correction.from_meta(session.meta))
+    tap = MetricsTap(lambda: state_from(stats, session.current_meta(),
+                                        session.kernel_histograms()))
+    try:
+        endpoint = start_endpoint(args, tap)
+    except MetricsError:
+        session.stop("error: the metrics endpoint could not start")
+        raise
     for w in session.engine.warnings:
         warn(w)
     floor = session.engine.floor.modes
     floor_txt = ", ".join(f"{m} {v['median_ns']} ns" for m, v in floor.items()) or "unknown"
-    print(f"vftrace: recording {plan.source} to {out} (floor: {floor_txt}; probe costs: "
+    where = f"to {out}" if out is not None else "(no capture file)"
+    print(f"vftrace: recording {plan.source} {where} (floor: {floor_txt}; probe costs: "
           f"{gc.probe_costs_text(session.meta)}; "
           f"start-up {session.startup_s:.1f} s); Ctrl-C to stop", file=sys.stderr)
     reason = "duration"
@@ -48,6 +65,7 @@ def main(args) -> int:
     try:
         while True:
             stop = session.poll(100)
+            tap.service()
             for line in session.take_warnings():
                 print(("\n" if tty else ""), end="", file=sys.stderr)
                 warn(line)
@@ -66,9 +84,15 @@ def main(args) -> int:
     finally:
         if tty and not args.quiet:
             print(file=sys.stderr)
-        meta = session.stop(reason)
+        try:
+            meta = session.stop(reason)
+        finally:
+            tap.close()                     # a scrape in flight gets the final state
+            if endpoint is not None:
+                endpoint.stop()
     print(format_summary(stats.snapshot(), meta))
     if (problem := session.workload_warning()) is not None:
         warn(problem)
-    print(f"vftrace: wrote {out} and {meta_path(out)}", file=sys.stderr)
+    if out is not None:
+        print(f"vftrace: wrote {out} and {meta_path(out)}", file=sys.stderr)
     return 0

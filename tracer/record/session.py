@@ -32,7 +32,8 @@ from ..capture import output
 from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from ..errors import VftraceError
 from ..kernel import probes
-from ..model import exit_reasons
+from ..metrics.server import add_metrics_options
+from ..model import exit_reasons, kernel_hist
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
 from ..model.schema import DEFAULT_DEPTH, DEPTHS, CallRecord, SwitchRecord
 from .instances import Registration
@@ -77,6 +78,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-file", metavar="PATH",
                         help="create this file once every probe is armed (for scripts "
                              "and tests that wait for arming; the workload starts then)")
+    add_metrics_options(parser)
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                         help="a workload to run while tracing: started once the probes are "
                              "armed, stopped before they are detached; its exit ends the run")
@@ -180,7 +182,8 @@ def workload_argv(cmd: Sequence[str] | None, command: str) -> list[str] | None:
 
 
 # Where each tracing command keeps its capture's path: (attribute, flag).
-CAPTURE_FLAGS = {"record": ("output", "-o/--output"), "live": ("csv", "--csv")}
+CAPTURE_FLAGS = {"record": ("output", "-o/--output"), "serve": ("output", "-o/--output"),
+                 "live": ("csv", "--csv")}
 
 
 @dataclass
@@ -524,6 +527,21 @@ class Session:
         if self.engine is None or self.stop_reason is not None or not self.engine.bpf:
             return self.meta.get("background", {})
         return self.engine.background()
+
+    def current_meta(self) -> dict:
+        """The meta as it stands: while recording, with the engine's losses and totals
+        read now (in the keys the capture's meta gives them at stop)."""
+        if self.engine is None or self.stop_reason is not None or not self.engine.bpf:
+            return self.meta
+        e = self.engine
+        return {**self.meta, "lost_by_kind": e.lost_by_kind(), "background": e.background()}
+
+    def kernel_histograms(self) -> list | None:
+        """The kernel's histograms of every switch: read now while recording, else the
+        meta's (None where there are none)."""
+        if self.engine is not None and self.stop_reason is None and self.engine.bpf:
+            return self.engine.kernel_histograms()
+        return kernel_hist.from_meta(self.meta.get("kernel_histograms"))
 
     # -- stop -------------------------------------------------------------------------
     def stop(self, reason: str) -> dict:
