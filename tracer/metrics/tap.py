@@ -51,13 +51,12 @@ class MetricsTap:
     def _publish(self) -> None:
         try:
             state = self.build()
-        except Exception:           # a read-out failed: say so by staleness, keep going
+        except Exception:           # a read-out failed: the previous state, marked stale
             self.build_errors += 1
-            state = None
+            state = self._state and MetricsState(**{**self._state.__dict__, "stale": True})
         with self._cond:
             self._asked = False
-            if state is not None:
-                self._state = state
+            self._state = state
             self._generation += 1
             self._cond.notify_all()
 
