@@ -207,13 +207,14 @@ def _live(args) -> int:
         from tracer.metrics.tap import TappedSource
         from tracer.model.stats import Stats
         source = TappedSource(source, Stats(opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs))
+    endpoint = start_endpoint(args, source.tap) if args.metrics is not None else None
     print(f"vftrace: arming the probes on {plan.source} (BCC compiles the program first)...",
           file=sys.stderr)
-    source.start()
     try:
-        endpoint = start_endpoint(args, source.tap) if args.metrics is not None else None
-    except VftraceError:
-        source.stop("error: the metrics endpoint could not start")
+        source.start()
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
         raise
     # The session hands the dashboard every switch: its statistics count seqs, then
     # apply --pf/--vf (shown in the header; ``f`` changes it).

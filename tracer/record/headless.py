@@ -13,7 +13,7 @@ from ..capture.files import meta_path
 from ..kernel.engine import warn
 from ..model import group_columns as gc
 from ..model.correction import Correction
-from ..metrics.server import MetricsError, check_metrics_args, start_endpoint
+from ..metrics.server import check_metrics_args, start_endpoint
 from ..metrics.tap import MetricsTap, state_from
 from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
@@ -42,15 +42,18 @@ def main(args) -> int:
     stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)   # sees every switch
     session = Session(opts, plan, tool=f"vftrace {args.command}", output=out,
                       on_switch=stats.add, signals=True)
-    session.start()
-    stats.set_correction(Correction.from_meta(session.meta))
     tap = MetricsTap(lambda: state_from(stats, session.current_meta(),
                                         session.kernel_histograms()))
+    # Listening before the probes are armed: a port in use is refused at once, not after
+    # the compile, and the endpoint is up by the time --ready-file appears.
+    endpoint = start_endpoint(args, tap)
     try:
-        endpoint = start_endpoint(args, tap)
-    except MetricsError:
-        session.stop("error: the metrics endpoint could not start")
+        session.start()
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
         raise
+    stats.set_correction(Correction.from_meta(session.meta))
     for w in session.engine.warnings:
         warn(w)
     floor = session.engine.floor.modes
