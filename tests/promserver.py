@@ -109,12 +109,14 @@ class Prometheus:
             return f"(no log: {e})"
 
 
-def write_config(path: Path, targets: list[str], scrape_interval: str) -> None:
+def write_config(path: Path, targets: list[str], scrape_interval: str,
+                 rule_files: list[Path] = ()) -> None:
     # JSON is YAML: no quoting rules to get wrong.  The timeout may not exceed the
     # interval (Prometheus's default is 10 s).
     path.write_text(json.dumps({
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                    "evaluation_interval": scrape_interval},
+        "rule_files": [str(Path(f).resolve()) for f in rule_files],
         "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(targets)}]}],
     }, indent=2) + "\n")
 
@@ -141,15 +143,16 @@ def _start(binary: str, config: Path, tmp: Path, log: Path) -> tuple[subprocess.
 
 
 @contextlib.contextmanager
-def running_prometheus(targets: list[str], tmp_path, scrape_interval: str = "1s"
-                       ) -> Iterator[Prometheus]:
+def running_prometheus(targets: list[str], tmp_path, scrape_interval: str = "1s",
+                       rule_files: list[Path] = ()) -> Iterator[Prometheus]:
     """Prometheus scraping ``targets`` (HOST:PORT, job "vftrace") every
-    ``scrape_interval``, ready when this yields; stopped (SIGTERM, then SIGKILL) after."""
+    ``scrape_interval`` (and evaluating ``rule_files`` as often), ready when this yields;
+    stopped (SIGTERM, then SIGKILL) after."""
     binary = prometheus_binary()
     tmp = Path(tmp_path) / "prometheus"
     tmp.mkdir(parents=True, exist_ok=True)
     config, log = tmp / "prometheus.yml", tmp / "prometheus.log"
-    write_config(config, targets, scrape_interval)
+    write_config(config, targets, scrape_interval, rule_files)
     prom = None
     for attempt in range(3):          # another process may take the free port meanwhile
         proc, url = _start(binary, config, tmp, log)

@@ -146,8 +146,11 @@ def write_lossy_capture(path: Path) -> tuple[int, list[int]]:
         h = Histogram()
         h.add_array(np.array(values, dtype=np.int64))
         hists.append(KernelHist(pf, vf, "switch", h, int(sum(values))))
+    # What else a recorder writes beside them: the kernel side's drops, every one listed.
+    background = {**meta.get("background", {}),
+                  "kernel_drops": {"no_slot": 0, "hist_slot": 0, "skipped_runs": 0}}
     w = CaptureWriter(path, {**meta, "kernel_histograms": to_meta(hists, 0),
-                             "lost_by_kind": {"switch": LOST}})
+                             "lost_by_kind": {"switch": LOST}, "background": background})
     w.write_many(rows)
     w.close(lost={0: LOST})
     return len(rows), [v for values in groups.values() for v in values]
@@ -335,3 +338,46 @@ def test_metrics_over_tls(tmp_path):
     assert_one_line_error(run_replay("--metrics", "127.0.0.1:0", "--metrics-tls",
                                      str(missing), str(key)),
                           "cannot load the certificate and key")
+
+
+def readme_queries() -> list[str]:
+    """The PromQL lines of the README's ```promql block (comments left out)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```promql\n(.*?)```", text, re.S)
+    assert block, "README.md has no ```promql block"
+    return [line for line in block.group(1).splitlines() if line.strip()
+            and not line.startswith("#")]
+
+
+def shipped_rule_files() -> list[Path]:
+    """The rule files deploy/prometheus/prometheus.yml loads (relative to it)."""
+    config = REPO / "deploy" / "prometheus" / "prometheus.yml"
+    text = config.read_text()
+    names = re.findall(r"^\s*-\s*(\S+\.yml)\s*$", text.split("rule_files:")[1].split(
+        "scrape_configs:")[0], re.M)
+    assert names, text
+    return [config.parent / n for n in names]
+
+
+def test_the_readme_queries_and_the_shipped_rules_answer_from_a_real_prometheus(tmp_path):
+    """What a newcomer does: the README's scrape config with its rule files, pointed at
+    vftrace; every README query and every recording rule then gives series."""
+    rules = shipped_rule_files()
+    recorded = [name for f in rules
+                for name in re.findall(r"^\s*-?\s*record:\s*(\S+)", f.read_text(), re.M)]
+    assert len(recorded) >= 5
+    capture = tmp_path / "lossy.csv"
+    write_lossy_capture(capture)
+    with replaying(capture) as r, running_prometheus([r.target], tmp_path, "1s", rules) as prom:
+        prom.wait_for_scrapes(3, timeout=30)
+        for q in readme_queries():
+            assert prom.query(q), f"README query gave no series: {q}"
+        deadline = time.monotonic() + 20
+        missing = recorded
+        while missing and time.monotonic() < deadline:
+            missing = [name for name in recorded if not prom.query(name)]
+            time.sleep(0.5)
+        assert not missing, f"recording rules never evaluated to a series: {missing}"
+        assert prom.query('ALERTS{alertname="VftraceMetricsStale"}') == []
+    print(f"README: {len(readme_queries())} queries and {len(recorded)} recording rules "
+          "answered")

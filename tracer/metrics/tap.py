@@ -106,6 +106,8 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
     lost = {(kind, "kernel"): int(n) for kind, n in (meta.get("lost_by_kind") or {}).items()}
     if not lost and meta.get("lost_total"):          # a capture from before lost_by_kind
         lost[("unknown", "kernel")] = int(meta["lost_total"])
+    # Always a series, so increase() sees the first loss (from 0, not from absent).
+    lost.setdefault(("switch", "kernel"), 0)
     if bg.get("out_of_range_records"):
         lost[("out_of_range", "user")] = int(bg["out_of_range_records"])
     floor = {m: float(v["median_ns"]) for m, v in (meta.get("floor_ns") or {}).items()
