@@ -12,6 +12,7 @@ code that raises it:
       OutputError         a user's output file that cannot be written, tracer/capture/output.py
       ProbeError          nothing sensible can be attached, tracer/kernel/probes.py
       RecordError         recording cannot start, tracer/record/session.py
+      MetricsError        the --metrics endpoint cannot be served, tracer/metrics/server.py
       GuestError          pf_sched up/down/status refused, tracer/pfsched/control.py
       LabError            the lab cannot run, tracer/lab/__init__.py
         ExperimentError     the lab's experiment failed, tracer/lab/experiment.py

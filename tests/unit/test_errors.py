@@ -16,6 +16,7 @@ from tracer.kernel.probes import ProbeError
 from tracer.lab import LabError
 from tracer.lab.experiment import ExperimentError
 from tracer.lab.workloads import guests
+from tracer.metrics.server import MetricsError
 from tracer.pfsched import control
 from tracer.record.session import RecordError
 
@@ -41,7 +42,7 @@ def test_every_exception_vftrace_defines_is_a_vftrace_error_or_the_systems():
 
 @pytest.mark.parametrize("error", [UsageError, CaptureError, CaptureWriteError, OutputError,
                                    ProbeError, RecordError, control.GuestError, LabError,
-                                   ExperimentError, guests.GuestError])
+                                   ExperimentError, guests.GuestError, MetricsError])
 def test_each_part_keeps_its_own_name_under_the_one_root(error):
     assert issubclass(error, VftraceError)
 
@@ -53,7 +54,7 @@ def test_the_narrower_names_still_catch_what_they_caught():
 
 # argv that parses for every subcommand: main then runs its handler
 ARGV = {"doctor": ["doctor"], "lab": ["lab"], "pf-sched": ["pf-sched", "status"],
-        "record": ["record"], "live": ["live"], "replay": ["replay", "x.csv"],
+        "record": ["record"], "serve": ["serve"], "live": ["live"], "replay": ["replay", "x.csv"],
         "report": ["report", "x.csv"], "export": ["export", "x.csv"],
         "calibrate": ["calibrate"]}
 ERRORS = [CaptureError, OutputError, ProbeError, RecordError, control.GuestError, LabError,
