@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -289,10 +290,104 @@ def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
         if w["missing"]:
             break
         best = w
-    return {"pfs": n_pfs, "window_s": window, "windows": windows,
+    return {"pfs": n_pfs, "window_s": window,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "windows": windows,
             "lost_total": meta.get("lost_total"), "exit_status": status[0],
             "problems": problems, "lossless_slice_us": best and best["slice_us"],
             "lossless_rate_per_s": best and best["rate_per_s"]}
+
+
+METRICS_SLICES_US = (500, 200, 100)
+METRICS_PORT = 19435
+
+
+class Scraper:
+    """A Prometheus-like client: GET /metrics every ``every_s`` while ``on``; the time
+    each scrape took, and the failures."""
+
+    def __init__(self, url: str, every_s: float = 1.0) -> None:
+        self.url, self.every_s = url, every_s
+        self.on = threading.Event()
+        self.done = threading.Event()
+        self.durations: list[float] = []
+        self.reads: list[float] = []          # what each took the recorder's loop
+        self.failures: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+        while not self.done.is_set():
+            if self.on.is_set():
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(self.url, timeout=30) as r:
+                        body = r.read().decode()
+                    self.durations.append(time.monotonic() - t0)
+                    m = re.search(r"^vftrace_metrics_read_seconds (\S+)$", body, re.M)
+                    if m:
+                        self.reads.append(float(m.group(1)))
+                except OSError as e:
+                    self.failures.append(str(e))
+            self.done.wait(self.every_s)
+
+    def take(self) -> tuple[list[float], list[float], list[str]]:
+        d, r, f = self.durations, self.reads, self.failures
+        self.durations, self.reads, self.failures = [], [], []
+        return d, r, f
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def metrics_overhead(window: float, out_dir: Path) -> dict:
+    """``vftrace serve`` on every PF, windows with and without a scrape every second at
+    each slice: the records each window lost (by pf_sched's seqs against the capture),
+    the scrapes' durations, and serve's RSS."""
+    csv = out_dir / "metrics.csv"
+    windows: list[dict] = []
+    with pfsched.loaded(len(labutil.free_edu_devices()), slice_us=METRICS_SLICES_US[0],
+                        nr_vfs=NR_VFS) as bdfs:
+        time.sleep(1)
+        n_pfs = len(bdfs)
+        tool = Tool([sys.executable, "-m", "tracer.cli", "serve", "-o", str(csv),
+                     "--metrics", f"127.0.0.1:{METRICS_PORT}"], "recording", "stderr")
+        scraper = Scraper(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        rss0 = rss_kb(tool.proc.pid)
+        try:
+            for slice_us in METRICS_SLICES_US:
+                pfsched.set_param("slice_us", slice_us)
+                time.sleep(0.5)
+                for scraping in (False, True, True, False):     # ABBA: drift cancels
+                    log(f"metrics: slice {slice_us} us, scrapes {'on' if scraping else 'off'}")
+                    scraper.take()
+                    (scraper.on.set if scraping else scraper.on.clear)()
+                    w = measure(bdfs, window)
+                    scraper.on.clear()
+                    durations, reads, failures = scraper.take()
+                    windows.append({"slice_us": slice_us, "scraping": scraping,
+                                    "scrapes": len(durations), "failures": failures[:3],
+                                    "scrape_s": durations, "read_s": reads, **w})
+        finally:
+            scraper.done.set()
+            rss1 = rss_kb(tool.proc.pid)
+            pfsched.set_param("slice_us", METRICS_SLICES_US[0])
+            status = tool.stop()
+    meta, rows, problems = read_capture(csv)
+    for w in windows:
+        w["missing"] = missing_seqs(rows, w["seq"])
+        del w["hist"]
+    return {"pfs": n_pfs, "window_s": window,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "windows": windows,
+            "rss_kb": [rss0, rss1], "lost_total": meta.get("lost_total"),
+            "exit_status": status[0], "problems": problems}
 
 
 def main() -> int:
@@ -301,7 +396,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=10.0, help="inflation window, s")
     ap.add_argument("--rounds", type=int, default=2, help="inflation rounds (mirrored order)")
     ap.add_argument("-o", "--output", help="JSON (default build/bench/lab-RELEASE.json)")
-    ap.add_argument("--only", choices=("inflation", "lossless"), help="one section")
+    ap.add_argument("--only", choices=("inflation", "lossless", "metrics"), help="one section")
     args = ap.parse_args()
     release = platform.release()
     out = Path(args.output) if args.output else REPO / "build" / "bench" / f"lab-{release}.json"
@@ -315,6 +410,7 @@ def main() -> int:
     n_all = len(labutil.free_edu_devices())
     if n_all > 1:
         sections.append(("lossless_npf", lambda: lossless(n_all, lossless_window, work)))
+    sections.append(("metrics", lambda: metrics_overhead(lossless_window, work)))
     for name, fn in sections:
         if args.only and not name.startswith(args.only):
             continue

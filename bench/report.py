@@ -186,6 +186,33 @@ def lossless_verdict(kernel: str, section: dict) -> Verdict:
                    f"missing at {lossy['slice_us']} us ({lossy['rate_per_s']:.0f}/s)")
 
 
+def metrics_verdict(kernel: str, section: dict) -> Verdict:
+    """#17: a scrape every second costs the recorder no records at a rate it keeps
+    every record without scrapes."""
+    goal = (f"{kernel}: a Prometheus scrape every second costs vftrace serve no record at "
+            "the lossless rate")
+    if not section or "error" in section:
+        return Verdict(goal, "-", None, (section or {}).get("error", "not run"))
+    by_slice: dict[int, dict[bool, list]] = {}
+    for w in section["windows"]:
+        by_slice.setdefault(w["slice_us"], {}).setdefault(w["scraping"], []).append(w)
+    compared = None
+    for slice_us, arms in by_slice.items():        # slowest first: the fastest lossless one
+        if not any(w["missing"] for w in arms.get(False, [])):
+            compared = slice_us
+    if compared is None:
+        return Verdict(goal, "lossy without scrapes at every slice", None,
+                       "no lossless rate to compare at")
+    on = by_slice[compared].get(True, [])
+    lost_on = sum(w["missing"] for w in on)
+    rate = sum(w["rate_per_s"] for w in on) / len(on)
+    figure = (f"{lost_on} missing of {sum(w['switches'] for w in on)} switches with scrapes at "
+              f"{compared} us slices x {section['pfs']} PFs ({rate:.0f}/s)")
+    if lost_on or any(w["failures"] for w in on):
+        return Verdict(goal, figure, False, "records lost or scrapes failed while scraping")
+    return Verdict(goal, figure, True)
+
+
 def pipeline_verdict(pipeline: dict) -> Verdict:
     goal = f"user-space pipeline ({PIPELINE_CASE}) >= {PIPELINE_GOAL_PER_S // 1000}k records/s, one core"
     rate = (pipeline or {}).get(PIPELINE_CASE)
@@ -216,6 +243,8 @@ def verdicts(figures: dict) -> list[Verdict]:
         out.extend(depth_verdicts(kernel, lab.get("inflation")))
         out.extend(corrected_verdicts(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
+        if lab.get("metrics"):
+            out.append(metrics_verdict(kernel, lab.get("metrics")))
     out.append(pipeline_verdict(figures.get("pipeline")))
     out.append(dashboard_verdict(figures.get("dashboard")))
     return out
@@ -326,7 +355,34 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
         out += table(["slice us", "switches/s", "switches", "missing rows", "lossless"], rows)
         out += ["", f"Lowest lossless slice: {sec.get('lossless_slice_us') or '-'} us "
                 f"({_fmt(sec.get('lossless_rate_per_s'))} switches/s).", ""]
+    out += metrics_section(lab.get("metrics"))
     return out
+
+
+def metrics_section(sec: dict | None) -> list[str]:
+    if not sec:
+        return []
+    if "windows" not in sec:
+        return [f"Metrics endpoint: failed: {sec.get('error')}", ""]
+    rss = sec.get("rss_kb") or [None, None]
+    out = [f"Metrics endpoint: `vftrace serve` on {sec['pfs']} PFs, {sec['window_s']:g} s "
+           "windows with and without a scrape of /metrics every second (ABBA per slice), "
+           f"measured {sec.get('date', '-')}; serve's RSS {_fmt(rss[0])} kB at start, "
+           f"{_fmt(rss[1])} kB at the end (lost_total {sec.get('lost_total')}):", ""]
+    rows = []
+    for w in sec["windows"]:
+        d = sorted(w.get("scrape_s") or [])
+        r = sorted(w.get("read_s") or [])
+        rows.append([str(w["slice_us"]), "on" if w["scraping"] else "off",
+                     _fmt(w.get("rate_per_s")), str(w["switches"]), str(w["missing"]),
+                     str(w["scrapes"]),
+                     _fmt(1e3 * d[len(d) // 2], ".1f") if d else "-",
+                     _fmt(1e3 * d[-1], ".1f") if d else "-",
+                     _fmt(1e3 * r[-1], ".1f") if r else "-", str(len(w.get("failures") or []))])
+    out += table(["slice us", "scrapes", "switches/s", "switches", "missing rows",
+                  "scrapes made", "scrape p50 ms", "scrape max ms", "loop's read max ms",
+                  "failed"], rows)
+    return out + [""]
 
 
 def render(figures: dict, markdown: bool = True) -> str:

@@ -46,13 +46,15 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def lab_run(kernel: str, full: bool) -> dict | None:
-    """bench/lab_bench.py in one boot of ``kernel``; its JSON, or None."""
+def lab_run(kernel: str, full: bool, only: str | None = None) -> dict | None:
+    """bench/lab_bench.py in one boot of ``kernel`` (``only``: one of its sections); its
+    JSON, or None."""
     out = OUT / f"lab-{kernel}.json"
     out.unlink(missing_ok=True)
     cmd = ["flock", LAB_LOCK, str(REPO / ".venv" / "bin" / "vftrace"), "lab", "-k", kernel,
            "--pfs", "3", "-t", "3600" if full else "1500", "--", "python",
-           "bench/lab_bench.py", "-o", str(out.relative_to(REPO))] + (["--full"] if full else [])
+           "bench/lab_bench.py", "-o", str(out.relative_to(REPO))] + (["--full"] if full else []) \
+        + (["--only", only] if only else [])
     log(f"lab {kernel}: {' '.join(cmd)}")
     with open(OUT / f"lab-{kernel}.log", "w") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -91,6 +93,9 @@ def main() -> int:
                     help="only this lab kernel (repeatable; default: both)")
     ap.add_argument("--full", action="store_true", help="30 s lossless windows, 1M-record pipeline")
     ap.add_argument("--no-lab", action="store_true", help="host benches only")
+    ap.add_argument("--only", choices=("inflation", "lossless", "metrics"),
+                    help="one lab section, merged into the last run's figures (each section "
+                         "says when it was measured)")
     ap.add_argument("--keep", action="store_true", help="keep the other kernels' figures "
                     "from the last run (build/bench/figures.json)")
     ap.add_argument("--render-only", action="store_true",
@@ -104,15 +109,19 @@ def main() -> int:
     else:
         figures = {"machine": machine(), "full": args.full,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "kernels": {}}
-        if args.keep and figures_path.exists():
+        if (args.keep or args.only) and figures_path.exists():
             figures["kernels"] = json.loads(figures_path.read_text()).get("kernels", {})
         if not args.no_lab:
             for kernel in args.kernel or KERNELS:
-                lab = lab_run(kernel, args.full)
+                lab = lab_run(kernel, args.full, args.only)
                 if lab is not None:
+                    release = lab.get("kernel", kernel)
+                    if args.only:       # its sections into the last run's, the rest kept
+                        lab = {**figures["kernels"].get(release, {}),
+                               **{k: v for k, v in lab.items() if k.startswith(args.only)}}
                     figures["kernels"] = {k: v for k, v in figures["kernels"].items()
-                                          if k != lab.get("kernel", kernel)}
-                    figures["kernels"][lab.get("kernel", kernel)] = lab
+                                          if k != release}
+                    figures["kernels"][release] = lab
                     figures["kernels"] = dict(sorted(figures["kernels"].items()))
         figures["pipeline"], figures["dashboard"] = host_benches(quick=not args.full)
         figures_path.write_text(json.dumps(figures, indent=2))

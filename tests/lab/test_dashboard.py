@@ -7,10 +7,12 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
 from tests.lab import labutil, pfsched
+from tests.promserver import free_port
 from tracer.capture.files import read_capture
 
 pytestmark = pytest.mark.lab
@@ -30,10 +32,20 @@ def switches_shown(screen: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def scraped_switches(port: int) -> float:
+    """``sum(vftrace_switches_total)`` of one scrape of the dashboard's endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        body = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("vftrace_switches_total{"))
+
+
 def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
     session = f"vftrace-{os.getpid()}"
     capture = tmp_path / "live.csv"
-    cmd = shlex.join([sys.executable, "-m", "tracer.cli", "live", "--csv", str(capture)])
+    port = free_port()
+    cmd = shlex.join([sys.executable, "-m", "tracer.cli", "live", "--csv", str(capture),
+                      "--metrics", f"127.0.0.1:{port}"])
     with pfsched.loaded(1, slice_us=2000) as bdfs:
         stalls = tmp_path / "stalls.txt"        # the watchdog's dumps (tui/watchdog.py)
         tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
@@ -60,6 +72,17 @@ def test_live_dashboard_streams_switches_and_quits_on_q(tmp_path):
                 time.sleep(1)
                 later = switches_shown(pane(session))
             assert later > first, pane(session) + (stalls.read_text() if stalls.exists() else "")
+            # Scraped while it streams (the endpoint's read-outs run in the dashboard's
+            # reading thread): every scrape counts more switches, and the screen moves on.
+            counted = [scraped_switches(port) for _ in range(3) if time.sleep(1) is None]
+            assert counted[0] > 0 and counted == sorted(counted) and counted[-1] > counted[0], \
+                counted
+            shown = switches_shown(pane(session))
+            deadline = time.monotonic() + 30
+            while switches_shown(pane(session)) <= shown and time.monotonic() < deadline:
+                time.sleep(1)
+            assert switches_shown(pane(session)) > shown, "the screen stopped after scrapes:\n" \
+                + pane(session) + (stalls.read_text() if stalls.exists() else "")
             tmux("send-keys", "-t", session, "q")
             deadline = time.monotonic() + 60
             while not (tmp_path / "rc").exists() and time.monotonic() < deadline:

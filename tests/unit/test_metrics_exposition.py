@@ -37,6 +37,15 @@ def test_each_bound_counts_the_values_at_or_below_it(values):
             assert abs(got[LE[b]] - true) <= near, b
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1 << 40), min_size=1, max_size=200),
+       st.lists(st.integers(0, 1 << 40), min_size=1, max_size=50))
+def test_the_vectorised_count_is_count_above_s_complement(values, thresholds):
+    h = hist_of(values)
+    t = np.array(sorted(thresholds), dtype=np.int64)
+    assert h.counts_at_or_below(t).tolist() == [h.total - h.count_above(int(x)) for x in t]
+
+
 def test_bounds_are_e12_from_10ns_to_100ms_at_most_25_percent_apart():
     assert BOUNDS_NS[0] == 10 and BOUNDS_NS[-1] == 100_000_000
     assert max(b / a for a, b in zip(BOUNDS_NS, BOUNDS_NS[1:])) <= 1.25

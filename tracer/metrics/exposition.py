@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily, Metric)
 
@@ -50,16 +52,20 @@ class MetricsState:
     probe_cost_ns: dict[str, float] = field(default_factory=dict)    # hit type -> ns
     seq_gaps: dict[int, int] = field(default_factory=dict)
     stale: bool = False          # the owner did not answer in time: the previous state
+    read_seconds: float = 0.0    # what building this state took the owner's loop
 
 
 def cumulative(h: Histogram) -> list[tuple[str, float]]:
     """A histogram's ``le`` buckets (cumulative counts, seconds), +Inf last."""
-    return [(LE[b], h.total - h.count_above(b)) for b in BOUNDS_NS] + [("+Inf", h.total)]
+    counts = h.counts_at_or_below(_BOUNDS).tolist()
+    return [*zip(_LE, counts), ("+Inf", h.total)]
 
 
 # Each bound in seconds, as the shortest decimal ("1e-07", not 1.0000000000000001e-07),
 # so a query can name one: le="1e-07".
 LE = {b: repr(float(f"{b}e-9")) for b in BOUNDS_NS}
+_LE = [LE[b] for b in BOUNDS_NS]
+_BOUNDS = np.array(BOUNDS_NS, dtype=np.int64)
 
 
 def families(state: MetricsState) -> Iterator[Metric]:
@@ -68,6 +74,9 @@ def families(state: MetricsState) -> Iterator[Metric]:
                  [([], state.budget_ns / NS)])
     yield _gauge("metrics_stale", "1 when this scrape shows the previous state: the "
                  "recorder did not answer in time", [([], int(state.stale))])
+    yield _gauge("metrics_read_seconds", "what reading this scrape's state took the "
+                 "recorder's loop (no records were drained meanwhile)",
+                 [([], state.read_seconds)])
     yield from _durations(state)
     yield from _per_vf_counters(state)
     yield from _exits(state)

@@ -14,6 +14,7 @@ histograms into a state, for every front end.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from ..model.kernel_hist import KernelHist
@@ -49,8 +50,11 @@ class MetricsTap:
             self._cond.notify_all()
 
     def _publish(self) -> None:
+        t0 = time.monotonic()
         try:
             state = self.build()
+            # What answering cost the owner's loop (it drained no records meanwhile).
+            state.read_seconds = time.monotonic() - t0
         except Exception:           # a read-out failed: the previous state, marked stale
             self.build_errors += 1
             state = self._state and MetricsState(**{**self._state.__dict__, "stale": True})
