@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.pfsched import control  # noqa: E402
+from bench.scrape import Scraper  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
 from tracer.model.correction import Correction  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
@@ -299,42 +300,6 @@ def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
 
 METRICS_SLICES_US = (500, 200, 100)
 METRICS_PORT = 19435
-
-
-class Scraper:
-    """A Prometheus-like client: GET /metrics every ``every_s`` while ``on``; the time
-    each scrape took, and the failures."""
-
-    def __init__(self, url: str, every_s: float = 1.0) -> None:
-        self.url, self.every_s = url, every_s
-        self.on = threading.Event()
-        self.done = threading.Event()
-        self.durations: list[float] = []
-        self.reads: list[float] = []          # what each took the recorder's loop
-        self.failures: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import urllib.request
-        while not self.done.is_set():
-            if self.on.is_set():
-                t0 = time.monotonic()
-                try:
-                    with urllib.request.urlopen(self.url, timeout=30) as r:
-                        body = r.read().decode()
-                    self.durations.append(time.monotonic() - t0)
-                    m = re.search(r"^vftrace_metrics_read_seconds (\S+)$", body, re.M)
-                    if m:
-                        self.reads.append(float(m.group(1)))
-                except OSError as e:
-                    self.failures.append(str(e))
-            self.done.wait(self.every_s)
-
-    def take(self) -> tuple[list[float], list[float], list[str]]:
-        d, r, f = self.durations, self.reads, self.failures
-        self.durations, self.reads, self.failures = [], [], []
-        return d, r, f
 
 
 def rss_kb(pid: int) -> int | None:

@@ -31,10 +31,14 @@ sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
+from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
 
 LAB_LOCK = "/tmp/vftrace-lab.lock"
+
+
+METRICS_PORT = 19436
 
 
 def log(msg: str) -> None:
@@ -49,8 +53,9 @@ def rss_kb(pid: int) -> int:
 
 
 def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
-        sample_s: float = 10.0) -> dict:
-    """One soak; returns its figures (see ``report``)."""
+        sample_s: float = 10.0, scrape_s: float | None = None) -> dict:
+    """One soak; returns its figures (see ``report``).  With ``scrape_s`` the recorder is
+    ``vftrace serve`` (its capture too), its /metrics scraped that often throughout."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / f"soak-{labutil.kernel_release()}.csv"
     guests_json = out_dir / f"soak-{labutil.kernel_release()}.guests.json"
@@ -59,7 +64,14 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
     with pfsched.loaded(n_pfs, slice_us=slice_us, nr_vfs=4) as bdfs:
         pfsched.set_enabled(False)
         before = {b: pfsched.stats(b) for b in bdfs}
-        recorder, _ = start_recorder(csv, [])
+        if scrape_s:
+            recorder, _ = start_recorder(csv, ["--metrics", f"127.0.0.1:{METRICS_PORT}"],
+                                         command="serve")
+            scraper = Scraper(f"http://127.0.0.1:{METRICS_PORT}/metrics", scrape_s)
+            scraper.on.set()
+        else:
+            recorder, _ = start_recorder(csv, [])
+            scraper = None
         guests = None
         try:
             rss.append((0.0, rss_kb(recorder.pid)))
@@ -82,6 +94,8 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
         finally:
             if guests is not None and guests.poll() is None:
                 guests.kill()
+            if scraper is not None:
+                scraper.done.set()
             r_out, r_err = stop_process(recorder, signal.SIGINT, 300)
         pfsched.set_enabled(True)
     unloaded = not labutil.module_loaded("pf_sched")
@@ -91,11 +105,11 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                   meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
-                  csv=csv)
+                  csv=csv, scrapes=scraper and scraper.take())
 
 
 def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
-           recorder, guests, csv) -> dict:
+           recorder, guests, csv, scrapes=None) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
     stats.add_many(rows)
     snapshot = {g.key.pf: g for g in stats.snapshot().per_pf}
@@ -129,6 +143,9 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
                    "end": kb[-1] if kb else 0, "samples": rss},
         "recorder_exit": recorder[0], "recorder_said": recorder[1],
+        "scrapes": None if scrapes is None else {
+            "ok": len(scrapes[0]), "failed": len(scrapes[2]), "failures": scrapes[2][:3],
+            "max_s": max(scrapes[0], default=None), "loop_read_max_s": max(scrapes[1], default=None)},
         "guests_exit": guests[0], "guests_errors": guests[1].get("errors"),
         "guest_accesses": sum(v["accesses"] for v in guests[1].get("vms", [])),
         "guests_said": guests[2], "pf_sched_unloaded": unloaded, "capture": str(csv),
@@ -154,6 +171,9 @@ def render(f: dict) -> str:
     lines += [
         f"  recorder RSS: armed {mib['armed']:.1f} MiB, peak {mib['peak']:.1f} MiB, end"
         f" {mib['end']:.1f} MiB (growth {mib['end'] - mib['armed']:+.1f} MiB)",
+        *([f"  /metrics scrapes: {f['scrapes']['ok']} answered, {f['scrapes']['failed']} failed,"
+           f" slowest {f['scrapes']['max_s']:.2f} s (the recorder's loop: at most"
+           f" {f['scrapes']['loop_read_max_s'] or 0:.3f} s)"] if f.get("scrapes") else []),
         f"  guests: {f['guest_accesses']} accesses, exit {f['guests_exit']},"
         f" errors {f['guests_errors'] or 'none'}",
         f"  recorder exit {f['recorder_exit']}, capture complete {f['complete']},"
@@ -166,7 +186,8 @@ def boot(args: argparse.Namespace) -> int:
     """From the host: one lab boot per kernel, this script inside it."""
     inner = [str(REPO / ".venv/bin/python"), str(Path(__file__).resolve()),
              "--minutes", str(args.minutes), "--pfs", str(args.pfs), "--slice-us",
-             str(args.slice_us), "--vms", str(args.vms), "-o", str(args.output)]
+             str(args.slice_us), "--vms", str(args.vms), "--scrape-s", str(args.scrape_s),
+             "-o", str(args.output)]
     status = 0
     for kernel in args.kernel or ["6.12"]:
         cmd = ["flock", LAB_LOCK, str(REPO / ".venv/bin/vftrace"), "lab", "-k", kernel,
@@ -188,6 +209,9 @@ def main() -> int:
     p.add_argument("--pfs", type=int, default=3, help="PFs switching (default 3)")
     p.add_argument("--slice-us", type=int, default=200, help="pf_sched slice (default 200)")
     p.add_argument("--vms", type=int, default=2, help="mmap guest VMs (default 2)")
+    p.add_argument("--scrape-s", type=float, default=5.0,
+                   help="record with vftrace serve and scrape its /metrics this often "
+                        "(default 5; 0: vftrace record, no endpoint)")
     p.add_argument("-o", "--output", type=Path, default=REPO / "build" / "soak")
     args = p.parse_args()
     if args.boot:
@@ -195,7 +219,8 @@ def main() -> int:
     if os.geteuid() != 0 or not labutil.in_lab():
         print("soak: error: run inside the lab VM as root, or pass --boot", file=sys.stderr)
         return 2
-    figures = run(args.minutes * 60, args.pfs, args.slice_us, args.vms, args.output)
+    figures = run(args.minutes * 60, args.pfs, args.slice_us, args.vms, args.output,
+                  scrape_s=args.scrape_s or None)
     print(render(figures), flush=True)
     path = args.output / f"soak-{figures['kernel']}.json"
     path.write_text(json.dumps(figures, indent=1) + "\n")

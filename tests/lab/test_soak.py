@@ -1,6 +1,7 @@
-"""The soak's short form (bench/soak.py runs the long one): under load, with guests, every
-switch pf_sched made is a row or a counted loss, memory stays bounded, the statistics
-agree with the module's own, and pf_sched unloads afterwards."""
+"""The soak's short form (bench/soak.py runs the long one): `vftrace serve` under load,
+with guests and its /metrics scraped: every switch pf_sched made is a row or a counted
+loss, memory stays bounded, the statistics agree with the module's own, every scrape is
+answered, and pf_sched unloads afterwards."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,9 @@ RSS_GROWTH_KB = 64 * 1024
 
 
 def test_short_soak_keeps_every_switch_and_bounded_memory():
+    # The recorder is vftrace serve, scraped every 2 s as Prometheus would (more often).
     f = soak.run(seconds=60, n_pfs=2, slice_us=500, vms=2,
-                 out_dir=labutil.REPO / "build" / "lab-captures", sample_s=10)
+                 out_dir=labutil.REPO / "build" / "lab-captures", sample_s=10, scrape_s=2)
     print(soak.render(f))
     assert f["recorder_exit"] == 0 and f["complete"], f["recorder_said"]
     assert f["guests_exit"] == 0 and not f["guests_errors"], f["guests_said"]
@@ -31,5 +33,6 @@ def test_short_soak_keeps_every_switch_and_bounded_memory():
             assert pf["stats_count"] == pf["switches_made"] == pf["rows"], pf
             assert abs(pf["source_mean_ns_capture"] - pf["source_mean_ns_module"]) <= 1, pf
     assert f["rss_kb"]["end"] - f["rss_kb"]["armed"] < RSS_GROWTH_KB, f["rss_kb"]
+    assert f["scrapes"]["ok"] >= 3 and not f["scrapes"]["failed"], f["scrapes"]
     assert f["guest_accesses"] > 0
     assert f["pf_sched_unloaded"]

@@ -54,12 +54,13 @@ def _python() -> list[str]:
     return [sys.executable]
 
 
-def start_recorder(out: Path, extra: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """`vftrace record` until its probes are armed (it creates its --ready-file); its
-    stderr lines so far."""
+def start_recorder(out: Path, extra: list[str], command: str = "record"
+                   ) -> tuple[subprocess.Popen, list[str]]:
+    """`vftrace record` (or ``serve``) until its probes are armed (it creates its
+    --ready-file); its stderr lines so far."""
     ready = out.with_name(out.name + ".ready")
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([*_python(), "-m", "tracer.cli", "record", "-o", str(out), "-q",
+    proc = subprocess.Popen([*_python(), "-m", "tracer.cli", command, "-o", str(out), "-q",
                              "--ready-file", str(ready), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     said = b""
