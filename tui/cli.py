@@ -117,7 +117,7 @@ def _replay(args) -> int:
         return _show(source, budget_ns=args.budget_ns, pfs=pfs, vfs=vfs)
     from tracer.metrics.tap import TappedSource
     from tracer.model.stats import Stats
-    budget = args.budget_ns or source.metrics_meta().get("budget_ns") or 100
+    budget = args.budget_ns or source.meta.get("budget_ns") or 100
     tapped = TappedSource(source, Stats(budget, pfs=pfs, vfs=vfs))
     endpoint = start_endpoint(args, tapped.tap)
     try:

@@ -259,13 +259,11 @@ class ReplaySource:
             batch.status = f"end of capture ({self._count} switches)"
         return batch
 
-    def metrics_meta(self) -> dict:
-        return self.meta
-
-    def metrics_kernel(self) -> list | None:
-        """The capture's histograms of every switch: they hold the whole run, so they
-        count once the replay has reached its end (until then, the records so far)."""
-        return meta_kernel_histograms(self.meta) if self._done else None
+    def metrics_view(self) -> tuple[dict, list | None]:
+        """The meta, and the capture's histograms of every switch: they hold the whole
+        run, so they count once the replay has reached its end (until then, the records
+        so far)."""
+        return self.meta, meta_kernel_histograms(self.meta) if self._done else None
 
     def _due_horizon(self, timeout: float) -> int:
         """The newest trace time due by now; waits (up to ``timeout``) if none is due."""
@@ -543,12 +541,9 @@ class FollowSource:
             self.sleep(min(self.poll_s, timeout))
         return batch
 
-    def metrics_meta(self) -> dict:
-        return self.meta
-
-    def metrics_kernel(self) -> list | None:
-        """The recorder writes its histograms into the meta when it stops."""
-        return meta_kernel_histograms(self.meta)
+    def metrics_view(self) -> tuple[dict, list | None]:
+        """The meta, and its histograms of every switch (written when the recorder stops)."""
+        return self.meta, meta_kernel_histograms(self.meta)
 
     def stop(self, reason: str) -> None:
         self._switches.close()
@@ -557,6 +552,9 @@ class FollowSource:
 
 
 # --- the live engine -------------------------------------------------------------------
+
+METRICS_WAIT_S = 2.0      # a scrape's longest wait for the pump's read-out
+
 
 class LiveSource:
     """The BPF engine through ``tracer.record.session.Session`` (root only).
@@ -587,6 +585,10 @@ class LiveSource:
         self._finished = False
         self._stop_pump = threading.Event()
         self._pump: threading.Thread | None = None
+        self._metrics_cond = threading.Condition()     # metrics_view asks, the pump answers
+        self._metrics_asked = False
+        self._metrics_generation = 0
+        self._metrics_view: tuple[dict, list | None] = ({}, None)
 
     def _on_switch(self, rec: SwitchRecord) -> None:
         self._polled.switches.append(rec)        # under _session_lock: inside poll or stop
@@ -629,6 +631,7 @@ class LiveSource:
                 except Exception as e:           # must not die silently with the probes on
                     reason = f"error: {type(e).__name__}: {e}"
                     problems.append(f"reading the engine failed: {e}")
+                self._answer_metrics()
                 now = self.clock()
                 totals = reason is not None or now - self._last_totals >= self.totals_every_s
                 if reason is not None:
@@ -649,13 +652,35 @@ class LiveSource:
             if reason is not None:
                 return
 
-    def metrics_meta(self) -> dict:
-        with self._session_lock:              # between two polls of the pump
-            return self.session.current_meta()
+    def metrics_view(self) -> tuple[dict, list | None]:
+        """The session's meta as it stands and the kernel's histograms, read by the pump
+        between two polls (it owns the engine): asked for here, answered within a turn.
+        Not by taking ``_session_lock`` here: the pump re-takes it at once after each
+        poll, and a waiter on it starved for seconds (lab, 6.1: every scrape stale)."""
+        with self._metrics_cond:
+            if not self._finished:
+                wanted = self._metrics_generation + 1
+                self._metrics_asked = True
+                self._metrics_cond.wait_for(lambda: self._metrics_generation >= wanted
+                                            or self._finished, timeout=METRICS_WAIT_S)
+                if self._metrics_generation >= wanted or not self._finished:
+                    return self._metrics_view     # answered, or the last one (timed out)
+        with self._session_lock:      # no pump any more: the stop's final meta, once done
+            return self.session.current_meta(), self.session.kernel_histograms()
 
-    def metrics_kernel(self) -> list | None:
-        with self._session_lock:
-            return self.session.kernel_histograms()
+    def _answer_metrics(self) -> None:
+        """In the pump, holding ``_session_lock``: the read-out metrics_view asked for."""
+        if not self._metrics_asked:
+            return
+        try:
+            view = self.session.current_meta(), self.session.kernel_histograms()
+        except Exception:              # the previous view; the tap marks it stale
+            view = self._metrics_view
+        with self._metrics_cond:
+            self._metrics_view = view
+            self._metrics_asked = False
+            self._metrics_generation += 1
+            self._metrics_cond.notify_all()
 
     def read(self, timeout: float) -> Batch:
         with self._cond:
@@ -667,6 +692,8 @@ class LiveSource:
     def _stop_locked(self, reason: str) -> None:
         if not self._finished:
             self._finished = True
+            with self._metrics_cond:           # a waiting metrics_view reads the final meta
+                self._metrics_cond.notify_all()
             self.session.stop(reason)       # workload, then probes, then the capture
 
     def stop(self, reason: str) -> None:

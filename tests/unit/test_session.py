@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -401,3 +402,51 @@ def test_the_dashboards_reader_never_waits_behind_a_blocking_poll(tmp_path, even
     assert got.switches[0].seq == 1
     live.stop("quit")
     assert_order(events)
+
+
+def test_live_metrics_are_read_by_the_pump_and_every_scrape_counts_more(tmp_path, events,
+                                                                         monkeypatch):
+    """--metrics on live: the dashboard's reading thread feeds the endpoint's statistics
+    and asks the pump (the engine's owner) for the meta and kernel histograms; a scrape
+    gets a fresh answer within a turn of the pump, never a stale one, while the pump
+    keeps polling (it re-takes its lock at once after each poll)."""
+    from tracer.metrics.exposition import families
+    from tracer.metrics.tap import TappedSource
+    from tracer.model.stats import Stats
+    def busy_poll(self, timeout_ms):   # a poll that keeps the CPU, as a loaded engine's
+        for _ in range(self.per_poll):
+            self.seq += 1
+            self.on_switch(switch(self.seq, pf=self.seq % 2))
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+
+    monkeypatch.setattr(FakeEngine, "poll", busy_poll)
+    tapped = TappedSource(LiveSource(make_session(tmp_path, workload=SLEEPER)), Stats(100))
+    tapped.start()
+    stop = threading.Event()
+
+    def reader():                     # the dashboard's reading thread
+        while not stop.is_set():
+            tapped.read(0.05)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        counts = []
+        for _ in range(4):
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            state = tapped.tap.state()
+            assert time.monotonic() - t0 < 1.5 and not state.stale
+            got = {s.name: s.value for f in families(state) for s in f.samples
+                   if s.name in ("vftrace_switches_total", "vftrace_lost_records_total")}
+            counts.append(sum(g.count for g in state.vfs.values()))
+            assert got["vftrace_lost_records_total"] >= 0
+        assert counts == sorted(counts) and counts[-1] > counts[0], counts
+        assert state.exits and state.exits[0]["count"] == 3       # the engine's, via the pump
+    finally:
+        stop.set()
+        t.join()
+        tapped.stop("test over")
+    assert not tapped.tap.state().stale                           # the final state, at once

@@ -130,8 +130,8 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
 class TappedSource:
     """A dashboard source (tui/sources.py: ``read`` -> a batch of switches) whose
     switches also feed the metrics' own statistics core, in the reading thread, which
-    answers the scrapes.  ``source.metrics_meta()`` and ``source.metrics_kernel()`` give
-    the rest of the state; when the source finishes, its final state is kept for good."""
+    answers the scrapes.  ``source.metrics_view()`` gives the rest of the state (its meta
+    and kernel histograms); when the source finishes, its final state is kept for good."""
 
     def __init__(self, source, stats: Stats) -> None:
         self.source, self.stats = source, stats
@@ -139,7 +139,8 @@ class TappedSource:
         self.finished = False
 
     def _build(self) -> MetricsState:
-        return state_from(self.stats, self.source.metrics_meta(), self.source.metrics_kernel())
+        meta, kernel = self.source.metrics_view()
+        return state_from(self.stats, meta, kernel)
 
     def __getattr__(self, name):            # everything else is the source's
         return getattr(self.source, name)
@@ -148,7 +149,7 @@ class TappedSource:
         header = self.source.start()
         if self.stats.correction is None:       # the capture's, or the recording's
             from ..model.correction import Correction
-            self.stats.set_correction(Correction.from_meta(self.source.metrics_meta()))
+            self.stats.set_correction(Correction.from_meta(self.source.metrics_view()[0]))
         return header
 
     def read(self, timeout: float):
