@@ -382,7 +382,10 @@ def metrics_section(sec: dict | None) -> list[str]:
     out += table(["slice us", "scrapes", "switches/s", "switches", "missing rows",
                   "scrapes made", "scrape p50 ms", "scrape max ms", "loop's read max ms",
                   "failed"], rows)
-    return out + [""]
+    return out + ["", "A scrape begun at the end of an \"on\" window can end in the next, so an "
+                  "\"off\" window can show one.  The loop's read is what the recorder's own "
+                  "loop spent answering (`vftrace_metrics_read_seconds`); the rest of a "
+                  "scrape is rendering in the HTTP thread.", ""]
 
 
 def render(figures: dict, markdown: bool = True) -> str:
