@@ -151,3 +151,20 @@ def test_a_failing_read_out_keeps_the_previous_state():
     threading.Timer(0.05, tap.service).start()
     again = tap.state()
     assert again.budget_ns == 1 and again.stale and tap.build_errors == 1
+
+
+def test_addresses_parse_as_documented_and_bad_ones_say_how_to_write_them():
+    from tracer.metrics.server import MetricsEndpoint, MetricsError, parse_address
+    import pytest
+    assert parse_address("127.0.0.1:9435") == ("127.0.0.1", 9435)
+    assert parse_address("9435") == ("127.0.0.1", 9435)          # a bare port: loopback
+    assert parse_address("[::1]:9435") == ("::1", 9435)
+    assert parse_address("localhost:0") == ("localhost", 0)
+    for bad, hint in (("::1:9435", "brackets"), (":9435", "HOST:PORT"), ("[::1]9435", "[IPV6]"),
+                      ("host:99999", "0 to 65535"), ("host:x", "0 to 65535")):
+        with pytest.raises(MetricsError, match=hint):
+            parse_address(bad)
+    tap = MetricsTap(lambda: MetricsState({}, 1, {}))
+    assert "warning" not in MetricsEndpoint("127.0.0.1:0", tap).notice()
+    assert "warning" not in MetricsEndpoint("[::1]:0", tap).notice()
+    assert "no authentication" in MetricsEndpoint("0.0.0.0:0", tap).notice()
