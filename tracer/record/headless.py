@@ -12,9 +12,9 @@ import time
 from ..capture.files import meta_path
 from ..kernel.engine import warn
 from ..model import group_columns as gc
-from ..model.correction import Correction
 from ..metrics.server import check_metrics_args, start_endpoint
 from ..metrics.tap import MetricsTap, state_from
+from ..model.correction import Correction
 from ..model.stats import Stats
 from .session import (RecordError, Session, TraceOptions, add_trace_options, check_output,
                       parse_ints, plan_for)
@@ -90,8 +90,8 @@ def main(args) -> int:
         try:
             meta = session.stop(reason)
         finally:
-            tap.close()                     # a scrape in flight gets the final state
             if endpoint is not None:
+                tap.close()                 # a scrape in flight gets the final state
                 endpoint.stop()
     print(format_summary(stats.snapshot(), meta))
     if (problem := session.workload_warning()) is not None:
