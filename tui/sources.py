@@ -21,6 +21,7 @@ from tracer.capture.files import (MAX_LINE_BYTES, CaptureError, call_from_fields
                             header_positions,
                             iter_calls, iter_capture, meta_path, read_meta, switch_from_fields)
 from tracer.errors import VftraceError
+from tracer.metrics.owner import OwnerRead
 from tracer.model import kernel_hist
 from tracer.model.schema import (CALL_COLUMNS, CALL_COLUMNS_ADDED, COLUMNS, COLUMNS_ADDED,
                                  DEFAULT_DEPTH, CallRecord, SwitchRecord, depth_of, unmeasured)
@@ -585,10 +586,9 @@ class LiveSource:
         self._finished = False
         self._stop_pump = threading.Event()
         self._pump: threading.Thread | None = None
-        self._metrics_cond = threading.Condition()     # metrics_view asks, the pump answers
-        self._metrics_asked = False
-        self._metrics_generation = 0
-        self._metrics_view: tuple[dict, list | None] = ({}, None)
+        # metrics_view asks, the pump (the engine's owner) answers between two polls
+        self._metrics = OwnerRead(lambda: (self.session.current_meta(),
+                                           self.session.kernel_histograms()), METRICS_WAIT_S)
 
     def _on_switch(self, rec: SwitchRecord) -> None:
         self._polled.switches.append(rec)        # under _session_lock: inside poll or stop
@@ -631,7 +631,7 @@ class LiveSource:
                 except Exception as e:           # must not die silently with the probes on
                     reason = f"error: {type(e).__name__}: {e}"
                     problems.append(f"reading the engine failed: {e}")
-                self._answer_metrics()
+                self._metrics.service()
                 now = self.clock()
                 totals = reason is not None or now - self._last_totals >= self.totals_every_s
                 if reason is not None:
@@ -657,30 +657,8 @@ class LiveSource:
         between two polls (it owns the engine): asked for here, answered within a turn.
         Not by taking ``_session_lock`` here: the pump re-takes it at once after each
         poll, and a waiter on it starved for seconds (lab, 6.1: every scrape stale)."""
-        with self._metrics_cond:
-            if not self._finished:
-                wanted = self._metrics_generation + 1
-                self._metrics_asked = True
-                self._metrics_cond.wait_for(lambda: self._metrics_generation >= wanted
-                                            or self._finished, timeout=METRICS_WAIT_S)
-                if self._metrics_generation >= wanted or not self._finished:
-                    return self._metrics_view     # answered, or the last one (timed out)
-        with self._session_lock:      # no pump any more: the stop's final meta, once done
-            return self.session.current_meta(), self.session.kernel_histograms()
-
-    def _answer_metrics(self) -> None:
-        """In the pump, holding ``_session_lock``: the read-out metrics_view asked for."""
-        if not self._metrics_asked:
-            return
-        try:
-            view = self.session.current_meta(), self.session.kernel_histograms()
-        except Exception:              # the previous view; the tap marks it stale
-            view = self._metrics_view
-        with self._metrics_cond:
-            self._metrics_view = view
-            self._metrics_asked = False
-            self._metrics_generation += 1
-            self._metrics_cond.notify_all()
+        view, _ = self._metrics.get()
+        return view or ({}, None)
 
     def read(self, timeout: float) -> Batch:
         with self._cond:
@@ -692,9 +670,10 @@ class LiveSource:
     def _stop_locked(self, reason: str) -> None:
         if not self._finished:
             self._finished = True
-            with self._metrics_cond:           # a waiting metrics_view reads the final meta
-                self._metrics_cond.notify_all()
-            self.session.stop(reason)       # workload, then probes, then the capture
+            try:
+                self.session.stop(reason)       # workload, then probes, then the capture
+            finally:
+                self._metrics.close()           # the final meta, for every later ask
 
     def stop(self, reason: str) -> None:
         self._stop_pump.set()

@@ -43,7 +43,6 @@ class MetricsState:
     budget_ns: int
     vfs: dict[tuple[int, int], VfHistograms]      # from the records (statistics core)
     kernel: list[KernelHist] | None = None         # every switch, where the source has them
-    kernel_slots_full: int = 0
     exits: list[dict] = field(default_factory=list)    # meta background.kvm_exits rows
     kvm_vendor: str | None = None
     lost: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, side) -> n
@@ -139,7 +138,7 @@ def _per_vf_counters(state: MetricsState) -> Iterator[Metric]:
     yield _counter("switches", "switches that closed (every one, from the kernel's "
                    "histograms, where the source has them)", labels, switches)
     yield _counter("switches_over_budget", "switches longer than the budget", labels, over)
-    per = [(name, col, help_, scale) for name, col, help_, scale in (
+    per = (
         ("switch_records", None, "switch records that reached user space", 1),
         ("switch_guest_exits", "kvm_exits", "KVM exits that began inside switch windows "
          "(from the records)", 1),
@@ -149,7 +148,7 @@ def _per_vf_counters(state: MetricsState) -> Iterator[Metric]:
          "switched-off VF, charged to the switch that released them", 1),
         ("blocked_seconds", "blocked_ns", "time those accesses waited", NS),
         ("unmap_bytes", "unmap_bytes", "bytes unmapped from the IOMMU in switches", 1),
-        ("map_bytes", "map_bytes", "bytes mapped into the IOMMU in switches", 1))]
+        ("map_bytes", "map_bytes", "bytes mapped into the IOMMU in switches", 1))
     for name, col, help_, scale in per:
         rows = [([str(pf), str(vf)], (g.count if col is None else g.sums[col]) / scale)
                 for (pf, vf), g in state.vfs.items()]

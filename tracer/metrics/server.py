@@ -163,11 +163,10 @@ class _Collector:
 
 
 def start_endpoint(args, tap: MetricsTap) -> MetricsEndpoint | None:
-    """The endpoint ``--metrics``/``--metrics-tls`` ask for (None without --metrics),
-    started, its address said on stderr."""
+    """The endpoint ``--metrics``/``--metrics-tls`` ask for (None without --metrics;
+    ``check_metrics_args`` has refused a lone --metrics-tls), started, its address said
+    on stderr."""
     if getattr(args, "metrics", None) is None:
-        if getattr(args, "metrics_tls", None):
-            raise MetricsError("--metrics-tls needs --metrics ADDR")
         return None
     endpoint = MetricsEndpoint(args.metrics, tap, tuple(args.metrics_tls) if args.metrics_tls
                                else None)

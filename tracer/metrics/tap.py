@@ -3,7 +3,7 @@
 The statistics core and the BPF engine are not thread-safe, and nothing on the record
 path takes a lock.  So a scrape (on an HTTP thread) asks, and the owner's loop, which
 already wakes every ~100 ms (``Session.poll``, the live pump, a replay's read), answers
-at its next turn with a ``MetricsState`` built by ``build``.  A scrape that waits longer
+at its next turn (``OwnerRead``) with a ``MetricsState``.  A scrape that waits longer
 than ``wait_s`` (the owner is busy starting up or stopping) gets the previous state,
 marked stale.  After ``close`` every scrape gets the final state at once.
 
@@ -13,70 +13,30 @@ histograms into a state, for every front end.
 """
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 
 from ..model.kernel_hist import KernelHist
 from ..model.stats import Stats
 from .exposition import MetricsState
+from .owner import WAIT_S, OwnerRead
 
-WAIT_S = 2.0
+class MetricsTap(OwnerRead[MetricsState]):
+    """The scrapes' OwnerRead: a state the owner was late with, or failed to build
+    anew, is the previous one marked stale; each says what building it took the owner."""
 
-
-class MetricsTap:
     def __init__(self, build: Callable[[], MetricsState], wait_s: float = WAIT_S) -> None:
-        self.build, self.wait_s = build, wait_s
-        self._cond = threading.Condition()
-        self._asked = False
-        self._generation = 0
-        self._state: MetricsState | None = None
-        self._closed = False
-        self.build_errors = 0
-
-    # -- the owner's side ---------------------------------------------------------------
-    def service(self) -> None:
-        """Called by the owner at every turn of its loop: builds a state if asked."""
-        if self._asked:              # a plain read: a missed turn only delays the answer
-            self._publish()
-
-    def close(self, final: Callable[[], MetricsState] | None = None) -> None:
-        """The owner stops: publish a last state (``final``, or ``build``) for good."""
-        if final is not None:
-            self.build = final
-        self._publish()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def _publish(self) -> None:
-        t0 = time.monotonic()
-        try:
-            state = self.build()
+        def timed() -> MetricsState:
+            t0 = time.monotonic()
+            state = build()
             # What answering cost the owner's loop (it drained no records meanwhile).
             state.read_seconds = time.monotonic() - t0
-        except Exception:           # a read-out failed: the previous state, marked stale
-            self.build_errors += 1
-            state = self._state and MetricsState(**{**self._state.__dict__, "stale": True})
-        with self._cond:
-            self._asked = False
-            self._state = state
-            self._generation += 1
-            self._cond.notify_all()
+            return state
+        super().__init__(timed, wait_s)
 
-    # -- the scrape's side --------------------------------------------------------------
     def state(self) -> MetricsState | None:
         """The owner's answer to this scrape, or the previous state marked stale."""
-        with self._cond:
-            if not self._closed:
-                wanted = self._generation + 1
-                self._asked = True
-                self._cond.wait_for(lambda: self._generation >= wanted or self._closed,
-                                    timeout=self.wait_s)
-                fresh = self._generation >= wanted
-            else:
-                fresh = True
-            state = self._state
+        state, fresh = self.get()
         if state is not None and not fresh:
             state = MetricsState(**{**state.__dict__, "stale": True})
         return state
@@ -95,8 +55,9 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
     meta = meta or {}
     # The recorder's filters (in the meta) and this reader's (the stats'): both apply.
     filters = meta.get("filters") or {}
-    pfs = [p for p in filters.get("pfs") or stats.pfs or ()
-           if stats.pfs is None or p in stats.pfs] if filters.get("pfs") or stats.pfs else None
+    pfs = set(filters["pfs"]) if filters.get("pfs") else None
+    if stats.pfs is not None:
+        pfs = set(stats.pfs) if pfs is None else pfs & set(stats.pfs)
     vfs = filters.get("vfs") or stats.vfs
     if kernel is not None:
         # The kernel keys by (pf, incoming vf): a VF filter also keeps a VF's outgoing
@@ -118,10 +79,9 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
              if isinstance(v, dict) and "median_ns" in v}
     costs = {t: float(v["median_ns"]) for t, v in (meta.get("probe_costs") or {}).items()
              if isinstance(v, dict) and "median_ns" in v}
-    slots_full = (meta.get("kernel_histograms") or {}).get("slots_full") or 0
     return MetricsState(
         info=info, budget_ns=stats.budget_ns, vfs=stats.vf_histograms(), kernel=kernel,
-        kernel_slots_full=int(slots_full), exits=list(bg.get("kvm_exits") or []),
+        exits=list(bg.get("kvm_exits") or []),
         kvm_vendor=meta.get("kvm_vendor"), lost=lost,
         kernel_drops={k: int(v) for k, v in (bg.get("kernel_drops") or {}).items()},
         floor_ns=floor, probe_cost_ns=costs, seq_gaps=stats.seq_gaps())
