@@ -18,7 +18,7 @@ SHORT_FLAGS = {
     "-D": "--depth",
     "-F": "--follow", "-i": "--interval", "-j": "--json", "-k": "--kernel", "-l": "--label",
     "-m": "--probe-mode", "-M": "--mode", "-n": "--pfs", "-o": "--output", "-p": "--pid",
-    "-P": "--pf-sched", "-q": "--quiet", "-r": "--record", "-s": "--switch",
+    "-P": "--pf-sched", "-q": "--quiet", "-r": "--record", "-s": "--switch", "-S": "--switches",
     "-t": "--timeout", "-x": "--speed",
 }
 

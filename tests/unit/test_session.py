@@ -44,10 +44,10 @@ class FakeEngine:
     fail_start = False
     per_poll = 3
 
-    def __init__(self, plan, *, budget_ns, on_switch, on_call=None):
+    def __init__(self, plan, *, budget_ns, on_switch, on_call=None, probe_costs=None):
         self.plan, self.on_switch, self.on_call = plan, on_switch, on_call
         self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
-        self.probe_costs = {}
+        self.probe_costs = probe_costs or {}
         self.warnings = ["a hook failed"]
         self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
                                          late_exit_ns=50, orphan_exits=0, unended_exits=1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 
 from . import layout
@@ -145,3 +146,170 @@ class CostCalibration:
             calibrating[ctypes.c_int(0)] = ctypes.c_uint32(0)
             self.bpf.detach_kprobe(event=self.bookend)
         return meta, warnings
+
+
+# --- on real switches ---------------------------------------------------------------------
+
+SWITCH_ROUNDS = 9
+SWITCH_ARM = 100             # accepted switches per arm
+ARM_TIMEOUT_S = 10.0         # an arm that sees fewer switches ends here (counted short)
+
+
+class SwitchCostCalibration:
+    """What one probe run costs a *real* switch: the source's own switches, with the
+    production hooks of one type detached (without) and attached (with), in ABBA rounds.
+
+    The synthetic calibration above times a hot loop of calls; a real switch runs its
+    probes once each between other work, so their code and maps are cold and each run
+    costs more (x3-x7 in the TCG lab).  Here the workload is the switch itself: the cost
+    of a type is (median switch with - median switch without) over the with-arm's runs
+    of that type per switch, per round; its median over rounds, its spread their p10-p90.  Which arm
+    a record belongs to is read from its own hit counts (0 runs of the type: without), so
+    a record still in the buffer when the hooks flip is never misfiled, and a switch the
+    flip cut in two (fewer runs than its arm's usual) is left out.
+
+    Use: ``cal = SwitchCostCalibration(plan)``; ``Engine(plan, on_switch=cal.collect)``;
+    ``engine.start()``; ``cal.run(engine)``.
+    """
+
+    def __init__(self, plan, *, rounds: int = SWITCH_ROUNDS, per_arm: int = SWITCH_ARM,
+                 arm_timeout_s: float = ARM_TIMEOUT_S) -> None:
+        self.plan, self.rounds, self.per_arm, self.arm_timeout_s = \
+            plan, rounds, per_arm, arm_timeout_s
+        self._arm: list[tuple[int, tuple[int, int, int]]] | None = None
+
+    def collect(self, rec) -> None:
+        """The engine's ``on_switch``: keeps (the corrected base, hits) while an arm runs."""
+        if self._arm is not None:
+            base = rec.source_ns if rec.source_ns > 0 else rec.switch_ns
+            self._arm.append((base, (rec.fentry_hits, rec.kprobe_hits, rec.entry_hits)))
+
+    # -- which hooks are of a type, and flipping them --------------------------------
+    def hooks(self, hit_type: str) -> list[tuple[object, str]]:
+        """(choice, function) of every hook whose runs count as ``hit_type``."""
+        from .probes import FENTRY, KPROBE
+        mode, timed = {"fentry": (FENTRY, True), "kprobe": (KPROBE, True),
+                       "entry": (KPROBE, False)}[hit_type]
+        return [(c, fn) for c in self.plan.choices
+                if c.mode == mode and c.hook.timed == timed for fn in c.functions]
+
+    def _flip(self, bpf, hit_type: str, on: bool) -> None:
+        from .probes import KRETPROBE_MAXACTIVE
+        for choice, fn in self.hooks(hit_type):
+            if hit_type == "fentry":
+                if on:
+                    bpf.attach_kfunc(fn_name=fn.encode())
+                    bpf.attach_kretfunc(fn_name=fn.encode())
+                else:
+                    bpf.detach_kretfunc(fn_name=fn.encode())
+                    bpf.detach_kfunc(fn_name=fn.encode())
+                continue
+            name = choice.hook.kprobe
+            if on:
+                bpf.attach_kprobe(event=fn, fn_name=f"kp_{name}")
+                if choice.hook.timed:
+                    bpf.attach_kretprobe(event=fn, fn_name=f"krp_{name}",
+                                         maxactive=self.plan.map_sizes.get(
+                                             "KRETPROBE_MAXACTIVE", KRETPROBE_MAXACTIVE))
+            else:
+                if choice.hook.timed:
+                    bpf.detach_kretprobe(event=fn)
+                bpf.detach_kprobe(event=fn)
+
+    # -- measuring ------------------------------------------------------------------
+    def _flip_and_discard(self, engine, hit_type: str, on: bool) -> None:
+        """Flip, then drop what the buffer holds: a flip takes seconds under emulation
+        (every attach patches kernel text), and the switches made meanwhile ran some of
+        the hooks only; left in, they outnumbered the arm's whole ones (lab, 2 PFs)."""
+        self._flip(engine.bpf, hit_type, on)
+        engine.poll(0)
+
+    def _run_arm(self, engine, index: int, with_probe: bool, short: list[int]) -> list:
+        self._arm = []
+        deadline = time.monotonic() + self.arm_timeout_s
+        while time.monotonic() < deadline:
+            engine.poll(50)
+            if sum(1 for _, h in self._arm if (h[index] > 0) == with_probe) >= self.per_arm:
+                break
+        else:
+            short[0] += 1
+        got, self._arm = self._arm, None
+        return [(ns, h[index]) for ns, h in got if (h[index] > 0) == with_probe]
+
+    def run(self, engine, synthetic: dict | None = None,
+            progress=lambda msg: None) -> tuple[dict, list[str]]:
+        """(``probe_costs`` for a capture's meta, warnings).  A type no real switch ran
+        (kicks with no guest running) keeps its ``synthetic`` cost, said in its entry."""
+        warnings: list[str] = []
+        types = self.plan.hit_types()
+        meta: dict = {"method": "switches", "types": list(types), "rounds": self.rounds,
+                      "switches_per_arm": self.per_arm, "source": self.plan.source,
+                      "depth": self.plan.depth}
+        index = {"fentry": 0, "kprobe": 1, "entry": 2}
+        for hit_type in types:
+            run, short, used, detail = CostRun(), [0], 0, []
+            for r in range(self.rounds):
+                progress(f"{hit_type}: round {r + 1} of {self.rounds}")
+                self._flip_and_discard(engine, hit_type, False)
+                without = self._run_arm(engine, index[hit_type], False, short)
+                self._flip_and_discard(engine, hit_type, True)
+                with_ = self._run_arm(engine, index[hit_type], True, short)
+                if not with_ and without:
+                    break               # switches come, none runs this type: no guests?
+                with_ += self._run_arm(engine, index[hit_type], True, short)
+                self._flip_and_discard(engine, hit_type, False)
+                without += self._run_arm(engine, index[hit_type], False, short)
+                self._flip(engine.bpf, hit_type, True)          # as production has it
+                if not with_ or not without:
+                    continue
+                usual = statistics.mode(h for _, h in with_)
+                whole = [ns for ns, h in with_ if h == usual]
+                bare = [ns for ns, _ in without]
+                run.miscounted += len(with_) - len(whole)
+                used += len(whole) + len(bare)
+                run.per_round_ns.append((statistics.median(whole) -
+                                         statistics.median(bare)) / usual)
+                detail.append({"runs": usual, "cost_ns": round(run.per_round_ns[-1], 1),
+                               "with": quartiles(whole), "without": quartiles(bare)})
+            if not run.per_round_ns:
+                kept = (synthetic or {}).get(hit_type)
+                if kept:
+                    meta[hit_type] = {**kept, "method": "synthetic"}
+                warnings.append(f"probe costs: no switch ran a {hit_type} probe; "
+                                + ("its synthetic cost is kept" if kept else
+                                   f"{hit_type} hits left uncorrected"))
+                continue
+            meta[hit_type] = {**run.as_meta(), "method": "switches", "switches": used,
+                              "per_round": detail}
+            if short[0]:
+                warnings.append(f"probe costs: {short[0]} {hit_type} arms ended after "
+                                f"{self.arm_timeout_s:.0f} s with fewer than {self.per_arm} "
+                                "switches (is the source switching?)")
+        return meta, warnings
+
+
+def quartiles(values: list[float]) -> dict:
+    """p50 and p90 (nearest rank) and the count of one arm's switches."""
+    v = sorted(values)
+    return {"p50_ns": v[max(0, -(-len(v) // 2) - 1)], "p90_ns": v[max(0, -(-len(v) * 9 // 10) - 1)],
+            "n": len(v)}
+
+
+def held_out(entry: dict) -> dict | None:
+    """How well the cost corrects switches it was not measured on: for each round, the
+    with-arm's p50 and p90 less its runs times the median cost of the *other* rounds,
+    against the same round's switches with the hooks detached (interleaved within
+    seconds, so the lab's drift is out of it).  Relative errors: their median and range."""
+    rounds = (entry or {}).get("per_round") or []
+    if len(rounds) < 3:
+        return None
+    costs = [r["cost_ns"] for r in rounds]
+    out: dict = {}
+    for q in ("p50_ns", "p90_ns"):
+        errs = []
+        for i, r in enumerate(rounds):
+            others = costs[:i] + costs[i + 1:]
+            corrected = r["with"][q] - r["runs"] * statistics.median(others)
+            errs.append(corrected / r["without"][q] - 1)
+        out[q] = {"median": statistics.median(errs), "min": min(errs), "max": max(errs)}
+    return out

@@ -55,8 +55,12 @@ def program_text(plan: Plan, calib_tgid: int) -> str:
 
 class Engine:
     def __init__(self, plan: Plan, *, budget_ns: int, on_switch: Callable[[SwitchRecord], None],
-                 on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 250_000_000):
+                 on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 250_000_000,
+                 probe_costs: dict | None = None):
+        """``probe_costs``: costs measured on real switches beforehand (vftrace calibrate
+        --switches); given, the start-up cost calibration is skipped."""
         self.plan, self.budget_ns, self.on_call = plan, budget_ns, on_call
+        self.saved_costs = probe_costs
         self.assembler = Assembler(on_switch, hold_ns)
         self.kinds = layout.header().kinds()
         self.bpf = None
@@ -152,6 +156,12 @@ class Engine:
 
     def _measure_costs(self) -> None:
         """What each probe type costs a window (costs.py), for the corrected columns."""
+        if self.saved_costs is not None:
+            self.probe_costs = {**self.saved_costs, "types": list(self.plan.hit_types())}
+            if self.plan.cost_func and self.plan.cost_fentry:      # BCC attached it at load
+                self.bpf.detach_kretfunc(fn_name=self.plan.cost_func.encode())
+                self.bpf.detach_kfunc(fn_name=self.plan.cost_func.encode())
+            return
         if not self.plan.cost_func:
             # the types listed without a cost: the capture says it is not corrected
             self.probe_costs = {"types": list(self.plan.hit_types())}

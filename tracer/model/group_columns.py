@@ -171,7 +171,12 @@ def own_cost_line(g: GroupStats, meta: dict | None = None) -> str:
 def probe_costs_text(meta: dict | None) -> str:
     """``fentry 1.9us (1.6-2.4us), kprobe ...``: the calibrated cost per probe run."""
     pc = (meta or {}).get("probe_costs") or {}
+    # Where each was measured, once any was on real switches (calibrate --switches): the
+    # start-up calibration's hot loop of calls ran 3-7x cheaper per run in the lab.
+    where = {"switches": " on real switches", None: " in a hot loop"} \
+        if pc.get("method") == "switches" else {}
     parts = [f"{t} {fmt_ns(v['median_ns'])} ({fmt_ns(v['p10_ns'])}-{fmt_ns(v['p90_ns'])})"
+             + where.get(v.get("method") if v.get("method") == "switches" else None, "")
              for t in ("fentry", "kprobe", "entry")
              if isinstance(v := pc.get(t), dict) and {"median_ns", "p10_ns", "p90_ns"} <= v.keys()]
     return ", ".join(parts) or "none measured"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import VftraceError
+from ..model.schema import DEFAULT_DEPTH, DEPTHS
 
 COMMANDS: tuple[str, ...] = ("calibrate",)
 
@@ -30,6 +31,9 @@ EPILOG = """examples:
   sudo vftrace calibrate --json | jq .floor.fentry.median_ns
   sudo vftrace calibrate --probe-mode kprobe
   vftrace calibrate --capture cap.csv       # switch_ns vs the driver's own source_ns
+  sudo vftrace calibrate --switches -D iommu -o costs.json
+                                            # probe costs on real switches (hooks off/on)
+  sudo vftrace record -D iommu --costs costs.json -o cap.csv
 """
 
 
@@ -130,11 +134,26 @@ def add_parsers(sub) -> None:
                    "pf_sched if loaded, else an idle tracepoint pair)")
     p.add_argument("-C", "--capture", metavar="CAP.csv",
                    help="print the accuracy of this capture instead (no root needed)")
+    p.add_argument("-S", "--switches", action="store_true",
+                   help="measure what each probe type costs a real switch: the source's "
+                        "own switches with the hooks detached and attached in turn (needs "
+                        "a source that is switching; tens of seconds)")
+    p.add_argument("-D", "--depth", choices=DEPTHS, default=DEFAULT_DEPTH,
+                   help="with --switches: the --depth whose hooks are measured (default "
+                        f"{DEFAULT_DEPTH})")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="with --switches: save the costs here, for record/live/serve --costs")
 
 
 def run(args) -> int:
+    if args.output and not args.switches:
+        raise VftraceError("--output: only with --switches (it saves their probe costs)")
     if args.capture:
+        if args.switches:
+            raise VftraceError("--capture and --switches: give one")
         return _run_capture(Path(args.capture), args.json)
+    if args.switches:
+        return _run_switches(args)
     return _run_live(args)
 
 
@@ -199,3 +218,65 @@ def measure_floor(plan) -> tuple[dict, dict, list[str]]:
     finally:
         engine.close()
     return engine.floor.as_meta(), engine.probe_costs, engine.warnings
+
+
+def _run_switches(args) -> int:
+    """``--switches``: the probe costs of ``--depth``'s hooks on the source's own switches."""
+    import sys
+    from ..kernel.costs import SwitchCostCalibration, held_out
+    from ..kernel.engine import Engine
+    from ..model.group_columns import probe_costs_text
+    from . import costs_file
+    from .session import RecordError, TraceOptions, make_plan, require_bcc, require_root
+    out = Path(args.output) if args.output else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise VftraceError(f"--output {out}: not a file in an existing directory")
+    require_root()
+    require_bcc()
+    plan = make_plan(TraceOptions(switch=args.switch, probe_mode=args.probe_mode,
+                                  depth=args.depth))
+    if not plan.hit_types():
+        raise VftraceError(f"--depth {args.depth}: runs no probe inside a switch; nothing "
+                           "to calibrate")
+    cal = SwitchCostCalibration(plan)
+    engine = Engine(plan, budget_ns=100, on_switch=cal.collect)
+    say = (lambda msg: None) if args.json else \
+        (lambda msg: print(f"vftrace calibrate: {msg}", file=sys.stderr, flush=True))
+    try:
+        try:
+            engine.start()
+        except Exception as e:            # BCC reports compile/attach failures this way
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise RecordError(f"could not load the BPF program: {first}") from None
+        synthetic = engine.probe_costs
+        costs, warnings = cal.run(engine, synthetic, progress=say)
+        floor = engine.floor.as_meta()
+    finally:
+        engine.close()
+    warnings = engine.warnings + warnings
+    if not any(isinstance(v, dict) and v.get("method") == "switches" for v in costs.values()):
+        raise VftraceError("no switch ran a probe while calibrating: is the source switching "
+                           "(pf_sched up, or --switch)?")
+    if out is not None:
+        costs_file.save(out, plan, costs, floor)
+    checks = {t: held_out(v) for t, v in costs.items()
+              if isinstance(v, dict) and v.get("method") == "switches"}
+    if args.json:
+        print(json.dumps({"probe_costs": costs, "hot_loop": synthetic, "depth": plan.depth,
+                          "held_out": checks, "warnings": warnings,
+                          "saved": str(out) if out else None}, indent=2))
+        return 0
+    for w in warnings:
+        print(f"vftrace calibrate: warning: {w}")
+    print(f"probe costs at --depth {plan.depth}, per run (median, p10-p90): "
+          f"{probe_costs_text({'probe_costs': costs})}")
+    print(f"the start-up calibration's hot loop: {probe_costs_text({'probe_costs': synthetic})}")
+    for t, h in checks.items():
+        if h:
+            print(f"held-out check, {t}: each round's switches with the hooks, corrected with "
+                  f"the other rounds' cost, against its switches without: p50 "
+                  f"{h['p50_ns']['median']:+.1%} ({h['p50_ns']['min']:+.0%} to "
+                  f"{h['p50_ns']['max']:+.0%}), p90 {h['p90_ns']['median']:+.1%}")
+    if out is not None:
+        print(f"saved to {out}: use it with vftrace record --costs {out}")
+    return 0

@@ -36,6 +36,7 @@ from ..metrics.server import add_metrics_options
 from ..model import exit_reasons, kernel_hist
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
 from ..model.schema import DEFAULT_DEPTH, DEPTHS, CallRecord, SwitchRecord
+from . import costs_file
 from .instances import Registration
 from ..pfsched import control
 from ..pfsched.watch import PfWatch
@@ -68,6 +69,10 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                              "the default).  Shallower costs the switch less; the columns "
                              "it does not hook are left empty")
     parser.add_argument("-c", "--calls", help="also write one row per timed call to this CSV")
+    parser.add_argument("--costs", metavar="FILE",
+                        help="probe costs measured on real switches (vftrace calibrate "
+                             "--switches -o FILE) for the corrected columns, instead of "
+                             "the start-up calibration's")
     parser.add_argument("--hist-pairs", type=int, default=HIST_PAIRS, metavar="N",
                         help=f"(PF, VF) pairs the kernel keeps histograms of every switch for "
                              f"(default {HIST_PAIRS}; ~552 KB of kernel memory each; pairs "
@@ -203,6 +208,7 @@ class TraceOptions:
     ebpf: bool = False
     ready_file: Path | None = None
     workload: list[str] | None = None
+    costs: dict | None = None          # --costs FILE's probe costs (costs_file.load)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command: str = "record") -> TraceOptions:
@@ -226,11 +232,12 @@ class TraceOptions:
         if attr is not None:
             check_capture_output(getattr(args, attr, None), flag,
                                  {"--calls": calls, "--ready-file": ready_file})
+        costs = costs_file.load(args.costs) if getattr(args, "costs", None) else None
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
                    probe_mode=args.probe_mode, depth=args.depth, calls=calls,
                    perf_buffer=args.perf_buffer, hist_pairs=args.hist_pairs,
                    duration=duration, ebpf=args.ebpf,
-                   ready_file=ready_file,
+                   ready_file=ready_file, costs=costs,
                    workload=workload_argv(getattr(args, "cmd", None), command))
 
     def filters(self) -> dict:
@@ -293,6 +300,8 @@ def plan_for(opts: TraceOptions) -> probes.Plan | None:
     if not opts.ebpf:
         require_root()
     plan = make_plan(opts)
+    if opts.costs is not None:
+        costs_file.check(opts.costs, plan.hit_types())
     if plan.source == "pf_sched":
         check_filters(opts, control.layout())
     if opts.ebpf:
@@ -412,7 +421,7 @@ class Session:
             self.signal_stop = SignalStop()
         self.engine = self._engine_factory(
             self.plan, budget_ns=self.opts.budget_ns, on_switch=self._switch,
-            on_call=self._call if self.opts.calls else None)
+            on_call=self._call if self.opts.calls else None, probe_costs=self.opts.costs)
         t0 = self.clock()
         try:
             self.engine.start()
