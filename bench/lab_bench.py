@@ -144,6 +144,37 @@ def corrected_figures(meta: dict, rows: list) -> dict | None:
             "probe_costs": meta.get("probe_costs")}
 
 
+# The probe costs each vftrace case records with: measured on pf_sched's own switches
+# first (vftrace calibrate --switches at that case's depth and probe mode).
+SWITCH_COSTS = {"fentry": ["-D", "guests"], "kprobe": ["-D", "guests", "-m", "kprobe"],
+                "iommu": ["-D", "iommu"], "mmu": ["-D", "mmu"]}
+
+
+# Each vftrace case's capture (inflation-KEY.csv), and whose costs a stopped one uses.
+CAPTURES = {"vftrace fentry": "fentry", "vftrace kprobe": "kprobe", "vftrace window": "window",
+            "vftrace iommu": "iommu", "vftrace mmu": "mmu", "vftrace reader stopped": "stopped",
+            "vftrace iommu reader stopped": "iommu-stopped"}
+COSTS_OF = {"stopped": "fentry", "iommu-stopped": "iommu"}
+
+
+def switch_costs(path: Path, argv: list[str]) -> dict:
+    """``vftrace calibrate --switches``'s JSON (its costs, the hot loop's, the held-out
+    check) and its file at ``path``; an error is kept, not raised."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", "calibrate", "--switches", "--json",
+                        "-o", str(path), *argv], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    out = json.loads(r.stdout)
+    out["file"], out["seconds"] = str(path), round(time.monotonic() - t0, 1)
+    return out
+
+
+def costs_args(costs: dict, key: str) -> list[str]:
+    c = costs.get(key) or {}
+    return ["--costs", c["file"]] if c.get("file") else []
+
+
 def startup_figures(tool: Tool) -> dict:
     said = re.search(r"start-up ([\d.]+) s", "".join(tool.lines))
     return {"to_armed_s": tool.ready_s, "engine_startup_s": float(said.group(1)) if said else None}
@@ -160,19 +191,27 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
     """Each case ``rounds`` times in mirrored order (A B C .. C B A) with untraced windows
     between the rounds, so slow drift of the emulated machine falls on every case alike."""
     cases = [("none", "nothing", None)]
+    costs: dict[str, dict] = {}         # calibrate --switches per capture, run first
     for mode in ("fentry", "kprobe"):
         cases.append((f"vftrace {mode}", f"vftrace's program at --depth guests (all of it), "
                       f"hooks in {mode} mode",
-                      lambda m=mode: vftrace(out_dir / f"inflation-{m}.csv", "--probe-mode", m)))
+                      lambda m=mode: vftrace(out_dir / f"inflation-{m}.csv", "--probe-mode", m,
+                                             *costs_args(costs, m))))
     for depth, what in DEPTH_CASES:
         cases.append((f"vftrace {depth}", f"vftrace --depth {depth} (fentry): {what}",
-                      lambda d=depth: vftrace(out_dir / f"inflation-{d}.csv", "--depth", d)))
+                      lambda d=depth: vftrace(out_dir / f"inflation-{d}.csv", "--depth", d,
+                                              *costs_args(costs, d))))
     # The same as "vftrace fentry" with its reader stopped (SIGSTOP once armed): under TCG
     # the lab has one emulation thread, so a reader busy draining records would slow
     # pf_sched in a way the rivals' (which read nothing per switch) do not.
     cases.append(("vftrace reader stopped", "vftrace --depth guests (fentry), its user-space "
                   "reader stopped once armed (records pile up in the ring buffer)",
-                  lambda: stopped(vftrace(out_dir / "inflation-stopped.csv"))))
+                  lambda: stopped(vftrace(out_dir / "inflation-stopped.csv",
+                                          *costs_args(costs, "fentry")))))
+    cases.append(("vftrace iommu reader stopped", "vftrace --depth iommu (fentry), its reader "
+                  "stopped once armed",
+                  lambda: stopped(vftrace(out_dir / "inflation-iommu-stopped.csv", "--depth",
+                                          "iommu", *costs_args(costs, "iommu")))))
     if Path(FUNCLATENCY).exists():
         cases.append(("funclatency", "BCC funclatency -r '^iommu_(un)?map$': kprobe+kretprobe "
                       "on iommu_map and iommu_unmap",
@@ -190,6 +229,9 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
     extra: dict = {}
     with pfsched.loaded(1, slice_us=INFLATION_SLICE_US, nr_vfs=NR_VFS) as bdfs:
         time.sleep(1)
+        for key, argv in SWITCH_COSTS.items():
+            log(f"calibrate --switches for {key}")
+            costs[key] = switch_costs(out_dir / f"costs-{key}.json", argv)
         for name, attaches, start in order:
             log(f"inflation: {name}")
             try:
@@ -205,12 +247,17 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
             if status[0] not in (0, -signal.SIGINT):
                 row["error"] = f"exit {status[0]}: " + " ".join(status[2].strip().splitlines()[-1:])
             windows.append(row)
-            mode = name.split()[-1]
-            if name.startswith("vftrace ") and mode not in extra and tool is not None \
-                    and mode != "stopped":
+            mode = CAPTURES.get(name)
+            if mode is not None and mode not in extra and tool is not None:
                 meta, rows, _ = read_capture(out_dir / f"inflation-{mode}.csv")
+                hot = (costs.get(COSTS_OF.get(mode, mode)) or {}).get("hot_loop")
                 extra[mode] = {"floor_ns": meta.get("floor_ns"), "startup": startup_figures(tool),
                                "corrected": corrected_figures(meta, rows),
+                               "corrected_hot_loop": hot and corrected_figures(
+                                   {**meta, "probe_costs": {**hot, "types":
+                                                            meta["probe_costs"].get("types")}},
+                                   rows),
+                               "switch_costs": costs.get(COSTS_OF.get(mode, mode)),
                                "probe_modes": meta.get("probe_modes"), "records": len(rows),
                                "lost_total": meta.get("lost_total")}
     return {"slice_us": INFLATION_SLICE_US, "window_s": window, "rounds": rounds,

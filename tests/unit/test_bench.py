@@ -105,7 +105,9 @@ def test_depth_verdicts_against_the_goal_and_the_rivals():
     window, iommu, guests = report.depth_verdicts(
         "k", lab(window=106.0, iommu=145.0, fentry=151.0)["inflation"])
     assert window.met is False and "missed by x0.01" in window.note
+    assert "outside pf_sched's timed region" in window.note       # the reason, and the fix
     assert iommu.met is False and "missed by x0.05" in iommu.note
+    assert "reader" in iommu.note and "#16" in iommu.note
     assert guests.met is False
     old = report.depth_verdicts("k", lab(window=None, iommu=None)["inflation"])
     assert [v.met for v in old] == [None, None, True]
@@ -115,15 +117,26 @@ def test_depth_verdicts_against_the_goal_and_the_rivals():
 
 
 def test_corrected_verdicts_hold_every_depth_to_the_untraced_p50_and_p90():
-    p50, p90 = report.corrected_verdicts("k", lab()["inflation"])
+    p50, p90, *held = report.corrected_verdicts("k", lab()["inflation"])
+    assert [v.met for v in held] == [None, None]         # no calibrate --switches figures
     assert p50.met is True and "guests +5%" in p50.figure and "untraced 100 ns" in p50.figure
     assert p90.met is True
-    p50, p90 = report.corrected_verdicts("k", lab(corr_p50=115)["inflation"])
+    p50, p90, *_ = report.corrected_verdicts("k", lab(corr_p50=115)["inflation"])
     assert p50.met is False and "missed at guests" in p50.note and "guests +15%" in p50.figure
     assert p90.met is True           # 230 against 200: +15%, inside ±20%
     none = lab()["inflation"]
     none["vftrace"] = {}
-    assert [v.met for v in report.corrected_verdicts("k", none)] == [None, None]
+    assert [v.met for v in report.corrected_verdicts("k", none)] == [None] * 4
+
+
+def test_held_out_verdicts_read_the_switch_calibrations_rounds():
+    infl = lab()["inflation"]
+    check = {"p50_ns": {"median": 0.04, "min": -0.1, "max": 0.2},
+             "p90_ns": {"median": -0.25, "min": -0.3, "max": 0.1}}
+    infl["vftrace"]["iommu"]["switch_costs"] = {"held_out": {"fentry": check}}
+    p50, p90 = report.held_out_verdicts("k", infl)
+    assert p50.met is True and "iommu fentry +4.0%" in p50.figure
+    assert p90.met is False and "missed at iommu fentry" in p90.note
 
 
 def test_lossless_verdict_names_the_first_lossy_slice():
@@ -151,7 +164,8 @@ def test_render_has_machine_goals_and_every_section():
     assert "Test CPU 3000" in text and "6.12.9" in text and "TCG" in text
     assert "2026-01-01" in text and "do not edit by hand" in text
     goal_lines = [l for l in text.splitlines() if l.startswith("| ") and "6.12.9:" in l]
-    assert len(goal_lines) == 7            # inflation, three depths, corrected x2, lossless
+    assert len(goal_lines) == 9            # inflation, three depths, corrected x2 (and
+    #                                        held out x2), lossless
     assert "| vftrace kprobe" in text and "| 20 " in text and "drift check" in text      # inflation and lossless rows
     assert "MISSED" in text and "| decode+stats+csv" in text
     assert "CPU 31% of one core" in text
