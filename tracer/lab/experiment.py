@@ -142,11 +142,11 @@ def set_unmap_mode(mode: str) -> None:
 
 
 def run_case(out_dir: Path, mode: str, unmap_mode: str, *, vms: int, vcpus: int,
-             duration: float) -> CaseResult:
+             duration: float, record_args: list[str] | None = None) -> CaseResult:
     set_unmap_mode(unmap_mode)
     csv_path = out_dir / f"{mode}-{unmap_mode}.csv"
     guests, _, _ = record_with_guests(csv_path, mode=mode, vms=vms, vcpus=vcpus,
-                                      duration=duration)
+                                      duration=duration, record_args=record_args)
     meta, records, problems = read_capture(csv_path)
     return CaseResult(mode, unmap_mode, csv_path, meta, records, guests, problems)
 
@@ -242,13 +242,33 @@ def conclusion(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def switch_costs(out_dir: Path) -> list[str]:
+    """``vftrace calibrate --switches`` on pf_sched's switches before any guest runs (a
+    flip patches kernel text, which must not happen under a running nested guest), for
+    the cases' ``--costs``; if it cannot, the cases keep the start-up calibration's."""
+    path = out_dir / "costs.json"
+    print("experiment: measuring probe costs on pf_sched's switches (calibrate --switches)",
+          file=sys.stderr, flush=True)
+    r = subprocess.run([*_python(), "-m", "tracer.cli", "calibrate", "--switches", "-o",
+                        str(path)], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        print("experiment: warning: calibrate --switches failed ("
+              + (r.stderr.strip().splitlines() or ["no output"])[-1]
+              + "); corrected values use the start-up calibration's costs", file=sys.stderr)
+        return []
+    print(r.stdout.strip(), file=sys.stderr)
+    return ["--costs", str(path)]
+
+
 def compare(out_dir: Path, *, vms: int, vcpus: int, duration: float) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    costs = switch_costs(out_dir)
     for mode, unmap_mode in CASES:
         print(f"experiment: {mode}/{unmap_mode}: recording {duration:g} s with {vms} VM(s) x "
               f"{vcpus} vCPU(s)", file=sys.stderr, flush=True)
-        case = run_case(out_dir, mode, unmap_mode, vms=vms, vcpus=vcpus, duration=duration)
+        case = run_case(out_dir, mode, unmap_mode, vms=vms, vcpus=vcpus, duration=duration,
+                        record_args=costs)
         for p in case.problems:
             print(f"experiment: {case.csv.name}: {p}", file=sys.stderr)
         rows.append(compare_row(case))
