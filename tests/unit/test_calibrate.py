@@ -14,6 +14,8 @@ from tracer.errors import VftraceError
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.record import calibrate
 
+from .fake_bpf import AttachTracker
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL = DATA / "small.csv"
 
@@ -134,7 +136,7 @@ class Table:
         pass
 
 
-class CalibBPF:
+class CalibBPF(AttachTracker):
     """The kernel side of calibration: each time the engine zeroes ``calib_count`` for a
     probe mode, the next run's samples land in ``calib`` and its count in
     ``calib_count`` (the calls seen, which can exceed the slots).  Attachments of the
@@ -144,7 +146,7 @@ class CalibBPF:
         self.runs = list(runs)
         self.count, self.slots = Table([None]), Table()
         self.count.on_set = self._next_run
-        self.attached = {("kfunc", CALIB), ("kretfunc", CALIB)}
+        super().__init__({("kfunc", CALIB), ("kretfunc", CALIB)})
         self.cleaned = False
 
     def _next_run(self, index: int, value: int) -> None:
@@ -154,24 +156,6 @@ class CalibBPF:
 
     def __getitem__(self, name: str) -> Table:
         return {"calib_count": self.count, "calib": self.slots}.get(name) or Table([0])
-
-    def attach_kprobe(self, event, fn_name):
-        self.attached.add(("kprobe", event))
-
-    def attach_kretprobe(self, event, fn_name, maxactive=0):
-        self.attached.add(("kretprobe", event))
-
-    def detach_kprobe(self, event):
-        self.attached.remove(("kprobe", event))
-
-    def detach_kretprobe(self, event):
-        self.attached.remove(("kretprobe", event))
-
-    def detach_kfunc(self, fn_name):
-        self.attached.remove(("kfunc", fn_name.decode()))
-
-    def detach_kretfunc(self, fn_name):
-        self.attached.remove(("kretfunc", fn_name.decode()))
 
     def ring_buffer_consume(self):
         pass

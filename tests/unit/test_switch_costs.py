@@ -17,6 +17,8 @@ from tracer.model.correction import Correction
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.record import costs_file
 
+from .fake_bpf import AttachTracker
+
 HOOK = {h.name: h for h in HOOKS}
 
 
@@ -24,37 +26,6 @@ def iommu_plan(mode=FENTRY) -> Plan:
     return Plan("pf_sched", "raw_tp", depth="iommu", choices=[
         Choice(HOOK["iommu_map"], mode, ("iommu_map",)),
         Choice(HOOK["iommu_unmap"], mode, ("iommu_unmap",))])
-
-
-class FakeBpf:
-    """What is attached, as BCC's attach/detach calls leave it."""
-
-    def __init__(self, attached):
-        self.attached = set(attached)
-
-    def attach_kfunc(self, fn_name):
-        self.attached.add(("fentry", fn_name.decode()))
-
-    def attach_kretfunc(self, fn_name):
-        self.attached.add(("fexit", fn_name.decode()))
-
-    def detach_kfunc(self, fn_name):
-        self.attached.remove(("fentry", fn_name.decode()))
-
-    def detach_kretfunc(self, fn_name):
-        self.attached.remove(("fexit", fn_name.decode()))
-
-    def attach_kprobe(self, event, fn_name):
-        self.attached.add(("kprobe", event))
-
-    def attach_kretprobe(self, event, fn_name, maxactive=0):
-        self.attached.add(("kretprobe", event))
-
-    def detach_kprobe(self, event):
-        self.attached.remove(("kprobe", event))
-
-    def detach_kretprobe(self, event):
-        self.attached.remove(("kretprobe", event))
 
 
 class SwitchingEngine:
@@ -70,7 +41,8 @@ class SwitchingEngine:
 
     def poll(self, _ms):
         self.t += 1
-        runs = sum(1 for k, _ in self.bpf.attached if k == self.kind)
+        runs = sum(1 for k, _ in self.bpf.attached if k == {"fentry": "kfunc"}.get(self.kind,
+                                                                                  self.kind))
         if self.rng.random() < 0.05:
             runs = 1                                   # cut in two by a flip
         base = 50_000 + 10 * self.t + self.rng.gauss(0, 3_000)
@@ -84,13 +56,20 @@ class SwitchingEngine:
         self.stale = rec
 
 
+PAIRS = {"fentry": ("kfunc", "kretfunc"), "kprobe": ("kprobe", "kretprobe")}
+
+
+def calibrated(kind="fentry", cost=7_000, rounds=9, per_arm=60, hot=None):
+    """A calibration of the iommu pairs in ``kind`` mode on the fake switching source."""
+    plan = iommu_plan(FENTRY if kind == "fentry" else KPROBE)
+    cal = SwitchCostCalibration(plan, rounds=rounds, per_arm=per_arm)
+    bpf = AttachTracker({(k, f) for k in PAIRS[kind] for f in ("iommu_map", "iommu_unmap")})
+    engine = SwitchingEngine(bpf, cal, cost=cost, kind=kind)
+    return plan, bpf, *cal.run(engine, hot)
+
+
 def test_switch_costs_find_the_cost_per_run_despite_drift_and_cut_switches():
-    plan = iommu_plan()
-    cal = SwitchCostCalibration(plan, rounds=9, per_arm=60)
-    bpf = FakeBpf({(k, f) for k in ("fentry", "fexit") for f in ("iommu_map", "iommu_unmap")})
-    engine = SwitchingEngine(bpf, cal, cost=7_000)
-    engine.bpf = bpf
-    costs, warnings = cal.run(engine)
+    plan, bpf, costs, warnings = calibrated(rounds=9, per_arm=60)
     assert not warnings
     f = costs["fentry"]
     assert f["method"] == "switches" and costs["method"] == "switches"
@@ -100,20 +79,14 @@ def test_switch_costs_find_the_cost_per_run_despite_drift_and_cut_switches():
     assert f["miscounted"] > 0                          # the cut switches were left out
     assert f["switches"] + f["miscounted"] >= 9 * 4 * 60
     # production's hooks are attached again afterwards
-    assert bpf.attached == {(k, f) for k in ("fentry", "fexit")
-                            for f in ("iommu_map", "iommu_unmap")}
+    assert bpf.attached == {(k, f) for k in PAIRS["fentry"] for f in ("iommu_map", "iommu_unmap")}
     # and the correction takes exactly that off
     corr = Correction.from_meta({"probe_costs": costs, "probe_modes": plan.modes()})
     assert corr.own((2, 0, 0))[0] == pytest.approx(2 * f["median_ns"])
 
 
 def test_kprobe_pairs_are_flipped_with_their_return_probes():
-    plan = iommu_plan(KPROBE)
-    cal = SwitchCostCalibration(plan, rounds=3, per_arm=30)
-    bpf = FakeBpf({(k, f) for k in ("kprobe", "kretprobe") for f in ("iommu_map", "iommu_unmap")})
-    engine = SwitchingEngine(bpf, cal, cost=9_000, kind="kprobe")
-    engine.bpf = bpf
-    costs, _ = cal.run(engine)
+    _, bpf, costs, _ = calibrated("kprobe", cost=9_000, rounds=3, per_arm=30)
     assert costs["kprobe"]["median_ns"] == pytest.approx(9_000, rel=0.15)
     assert len(bpf.attached) == 4
 
@@ -122,9 +95,8 @@ def test_a_type_no_switch_runs_keeps_its_hot_loop_cost_and_says_so():
     plan = Plan("pf_sched", "raw_tp", depth="guests", choices=[
         Choice(HOOK["vcpu_kick"], KPROBE, ("kvm_vcpu_kick",))])     # no guests: never runs
     cal = SwitchCostCalibration(plan, rounds=2, per_arm=5, arm_timeout_s=0.05)
-    bpf = FakeBpf({("kprobe", "kvm_vcpu_kick")})
+    bpf = AttachTracker({("kprobe", "kvm_vcpu_kick")})
     engine = SwitchingEngine(bpf, cal, cost=1_000, kind="none")
-    engine.bpf = bpf
     hot = {"entry": {"median_ns": 1200, "p10_ns": 1000, "p90_ns": 1500}}
     costs, warnings = cal.run(engine, hot)
     assert costs["entry"] == {**hot["entry"], "method": "synthetic"}
@@ -192,12 +164,7 @@ def test_flag_misuse_is_one_line_and_exit_2(argv, message, capsys):
 
 def test_held_out_rounds_say_how_well_the_cost_corrects_switches_it_did_not_see():
     from tracer.kernel.costs import held_out
-    plan = iommu_plan()
-    cal = SwitchCostCalibration(plan, rounds=7, per_arm=80)
-    bpf = FakeBpf({(k, f) for k in ("fentry", "fexit") for f in ("iommu_map", "iommu_unmap")})
-    engine = SwitchingEngine(bpf, cal, cost=7_000)
-    engine.bpf = bpf
-    costs, _ = cal.run(engine)
+    _, _, costs, _ = calibrated(rounds=7, per_arm=80)
     check = held_out(costs["fentry"])
     assert len(costs["fentry"]["per_round"]) == 7
     # the source adds exactly runs x cost: corrected matches detached within the noise
