@@ -175,3 +175,15 @@ def test_held_out_rounds_say_how_well_the_cost_corrects_switches_it_did_not_see(
                                              for r in costs["fentry"]["per_round"]]}
     assert held_out(half)["p50_ns"]["median"] > 0.07
     assert held_out({"per_round": costs["fentry"]["per_round"][:2]}) is None
+
+
+def test_the_costs_text_says_where_each_cost_was_measured():
+    from tracer.model.group_columns import probe_costs_text
+    one = {"median_ns": 20100, "p10_ns": 4140, "p90_ns": 29700}
+    text = probe_costs_text({"probe_costs": {"method": "switches",
+                                             "fentry": {**one, "method": "switches"},
+                                             "entry": {**one, "method": "synthetic"}}})
+    assert text == ("fentry 20.1us (4.14us-29.7us) on real switches, "
+                    "entry 20.1us (4.14us-29.7us) in a hot loop")
+    # start-up costs (every capture before --costs) read as they always have
+    assert probe_costs_text({"probe_costs": {"fentry": one}}) == "fentry 20.1us (4.14us-29.7us)"
