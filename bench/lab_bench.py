@@ -261,6 +261,7 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
                                "probe_modes": meta.get("probe_modes"), "records": len(rows),
                                "lost_total": meta.get("lost_total")}
     return {"slice_us": INFLATION_SLICE_US, "window_s": window, "rounds": rounds,
+            "cpus": os.cpu_count(),
             "windows": windows, "cases": combine(windows, {c[0]: c[1] for c in cases}),
             "vftrace": extra}
 

@@ -384,9 +384,11 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
     out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}.", ""]
     infl = lab.get("inflation") or {}
     if "cases" in infl:
+        cpus = f", {infl['cpus']} vCPU(s)" if infl.get("cpus") else ""
         out += [f"Inflation: pf_sched self-timed switch (mean ns of every switch in the case's "
-                f"windows), 1 PF, slice {infl['slice_us']} us, {infl.get('rounds', 1)} round(s) "
-                f"of consecutive {infl['window_s']:g} s windows in one boot, mirrored order.", ""]
+                f"windows), 1 PF{cpus}, slice {infl['slice_us']} us, {infl.get('rounds', 1)} "
+                f"round(s) of consecutive {infl['window_s']:g} s windows in one boot, mirrored "
+                "order.", ""]
         rows = [[r["case"], _fmt(r.get("mean_ns")), _fmt(r.get("ratio"), ".2f"),
                  _fmt(r.get("p50_ns")), _fmt(r.get("p90_ns")),
                  str(r.get("switches", "-")), _fmt(r.get("ready_s"), ".1f"),

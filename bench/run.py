@@ -51,8 +51,11 @@ def lab_run(kernel: str, full: bool, only: str | None = None) -> dict | None:
     JSON, or None."""
     out = OUT / f"lab-{kernel}.json"
     out.unlink(missing_ok=True)
+    # One vCPU: the lab's TCG runs every vCPU on one host thread, so a second one adds no
+    # capacity, only a way for the reader's work to stretch pf_sched's emulated switch
+    # (the thread serves the other vCPU while the switch's clock runs on).
     cmd = ["flock", LAB_LOCK, str(REPO / ".venv" / "bin" / "vftrace"), "lab", "-k", kernel,
-           "--pfs", "3", "-t", "3600" if full else "1500", "--", "python",
+           "--pfs", "3", "--cpus", "1", "-t", "3600" if full else "1500", "--", "python",
            "bench/lab_bench.py", "-o", str(out.relative_to(REPO))] + (["--full"] if full else []) \
         + (["--only", only] if only else [])
     log(f"lab {kernel}: {' '.join(cmd)}")
