@@ -128,6 +128,31 @@ def vftrace(out: Path, *extra: str) -> Tool:
                 "recording", "stderr")
 
 
+def corrected_rounds(mine: dict) -> None:
+    """A capture key's corrected figures: each round's, and all its rounds' window rows
+    pooled (the figure held against the untraced windows, pooled alike), with its own
+    costs and with the start-up hot loop's.  The rows and meta are dropped after."""
+    hot = (mine.get("switch_costs") or {}).get("hot_loop")
+    pooled: list = []
+    for r in mine["rounds"]:
+        meta, rows = r.pop("meta"), r.pop("rows")
+        r["corrected"] = corrected_figures(meta, rows)
+        r["window_rows"] = len(rows)
+        pooled += rows
+    mine["corrected"] = corrected_figures(meta, pooled)
+    mine["corrected_hot_loop"] = hot and corrected_figures(
+        {**meta, "probe_costs": {**hot, "types": meta["probe_costs"].get("types")}}, pooled)
+    mine["floor_ns"] = meta.get("floor_ns")
+
+
+def in_window(rows: list, seq_ranges: dict[str, list[int]]) -> list:
+    """The rows of the switches pf_sched made inside a measured window (its seq range per
+    PF): a capture also holds the switches made while its recorder started and stopped,
+    when the reader is busiest, which the window's untraced twin has no counterpart of."""
+    bounds = {int(pf): (lo, hi) for pf, (lo, hi) in seq_ranges.items()}
+    return [r for r in rows if r.pf in bounds and bounds[r.pf][0] < r.seq <= bounds[r.pf][1]]
+
+
 def corrected_figures(meta: dict, rows: list) -> dict | None:
     """The capture's switch time with vftrace's own cost taken off (correction.py): p50
     and p90 with their uncertainty, the raw ones, the share that was vftrace's own and
@@ -192,34 +217,33 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
     between the rounds, so slow drift of the emulated machine falls on every case alike."""
     cases = [("none", "nothing", None)]
     costs: dict[str, dict] = {}         # calibrate --switches per capture, run first
+    # vftrace's cases start with their capture's path: one per round (inflation-KEY-rN.csv)
     for mode in ("fentry", "kprobe"):
         cases.append((f"vftrace {mode}", f"vftrace's program at --depth guests (all of it), "
                       f"hooks in {mode} mode",
-                      lambda m=mode: vftrace(out_dir / f"inflation-{m}.csv", "--probe-mode", m,
-                                             *costs_args(costs, m))))
+                      lambda csv, m=mode: vftrace(csv, "--probe-mode", m, *costs_args(costs, m))))
     for depth, what in DEPTH_CASES:
         cases.append((f"vftrace {depth}", f"vftrace --depth {depth} (fentry): {what}",
-                      lambda d=depth: vftrace(out_dir / f"inflation-{d}.csv", "--depth", d,
-                                              *costs_args(costs, d))))
+                      lambda csv, d=depth: vftrace(csv, "--depth", d, *costs_args(costs, d))))
     # The same as "vftrace fentry" with its reader stopped (SIGSTOP once armed): under TCG
     # the lab has one emulation thread, so a reader busy draining records would slow
     # pf_sched in a way the rivals' (which read nothing per switch) do not.
     cases.append(("vftrace reader stopped", "vftrace --depth guests (fentry), its user-space "
                   "reader stopped once armed (records pile up in the ring buffer)",
-                  lambda: stopped(vftrace(out_dir / "inflation-stopped.csv",
-                                          *costs_args(costs, "fentry")))))
+                  lambda csv: stopped(vftrace(csv, *costs_args(costs, "fentry")))))
     cases.append(("vftrace iommu reader stopped", "vftrace --depth iommu (fentry), its reader "
                   "stopped once armed",
-                  lambda: stopped(vftrace(out_dir / "inflation-iommu-stopped.csv", "--depth",
-                                          "iommu", *costs_args(costs, "iommu")))))
+                  lambda csv: stopped(vftrace(csv, "--depth", "iommu",
+                                              *costs_args(costs, "iommu")))))
     if Path(FUNCLATENCY).exists():
         cases.append(("funclatency", "BCC funclatency -r '^iommu_(un)?map$': kprobe+kretprobe "
                       "on iommu_map and iommu_unmap",
-                      lambda: Tool([FUNCLATENCY, "-r", "^iommu_(un)?map$"], "Tracing", "stdout")))
+                      lambda _csv: Tool([FUNCLATENCY, "-r", "^iommu_(un)?map$"], "Tracing",
+                                        "stdout")))
     if Path(BPFTRACE).exists():
         cases.append(("bpftrace", "bpftrace kprobe+kretprobe on iommu_map and iommu_unmap, "
-                      "@ns hist", lambda: Tool([BPFTRACE, "-B", "line", "-e", BPFTRACE_SCRIPT],
-                                               "Attaching", "stdout")))
+                      "@ns hist", lambda _csv: Tool([BPFTRACE, "-B", "line", "-e",
+                                                     BPFTRACE_SCRIPT], "Attaching", "stdout")))
     order: list[tuple] = []
     for r in range(rounds):
         traced = cases[1:] if r % 2 == 0 else cases[:0:-1]
@@ -234,8 +258,11 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
             costs[key] = switch_costs(out_dir / f"costs-{key}.json", argv)
         for name, attaches, start in order:
             log(f"inflation: {name}")
+            mode = CAPTURES.get(name)
+            seen = sum(1 for w in windows if w["case"] == name)
+            csv = out_dir / f"inflation-{mode}-r{seen + 1}.csv"
             try:
-                tool = start() if start else None
+                tool = start(csv) if start else None
             except RuntimeError as e:            # a tool that cannot attach: say so, go on
                 windows.append({"case": name, "error": str(e)[-300:]})
                 continue
@@ -247,19 +274,16 @@ def inflation(window: float, out_dir: Path, rounds: int = 2) -> dict:
             if status[0] not in (0, -signal.SIGINT):
                 row["error"] = f"exit {status[0]}: " + " ".join(status[2].strip().splitlines()[-1:])
             windows.append(row)
-            mode = CAPTURES.get(name)
-            if mode is not None and mode not in extra and tool is not None:
-                meta, rows, _ = read_capture(out_dir / f"inflation-{mode}.csv")
-                hot = (costs.get(COSTS_OF.get(mode, mode)) or {}).get("hot_loop")
-                extra[mode] = {"floor_ns": meta.get("floor_ns"), "startup": startup_figures(tool),
-                               "corrected": corrected_figures(meta, rows),
-                               "corrected_hot_loop": hot and corrected_figures(
-                                   {**meta, "probe_costs": {**hot, "types":
-                                                            meta["probe_costs"].get("types")}},
-                                   rows),
-                               "switch_costs": costs.get(COSTS_OF.get(mode, mode)),
-                               "probe_modes": meta.get("probe_modes"), "records": len(rows),
-                               "lost_total": meta.get("lost_total")}
+            if mode is not None and tool is not None and "error" not in row:
+                meta, rows, _ = read_capture(csv)
+                mine = extra.setdefault(mode, {"rounds": [], "startup": startup_figures(tool),
+                                               "switch_costs": costs.get(COSTS_OF.get(mode, mode)),
+                                               "probe_modes": meta.get("probe_modes")})
+                mine["rounds"].append({"csv": csv.name, "meta": meta,
+                                       "rows": in_window(rows, row["seq"]),
+                                       "records": len(rows), "lost_total": meta.get("lost_total")})
+    for mode, mine in extra.items():
+        corrected_rounds(mine)
     return {"slice_us": INFLATION_SLICE_US, "window_s": window, "rounds": rounds,
             "cpus": os.cpu_count(),
             "windows": windows, "cases": combine(windows, {c[0]: c[1] for c in cases}),

@@ -413,7 +413,9 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
         drift = untraced_spread(infl)
         if drift:
             out += [f"Untraced windows (drift check): {drift}.", ""]
-        out += ["Corrected against untraced: each vftrace case's first capture, its "
+        out += ["Corrected against untraced: each vftrace case's captures, the switches "
+                "of its measured windows (every round's, pooled; `per round` gives each "
+                "round's corrected p50 alone), their "
                 "switch time with vftrace's own cost taken off (pf_sched's own timing of the "
                 "switch, less the probe runs counted in its window times their calibrated "
                 "costs), against the untraced windows' p50/p90 above.  The costs are those "
@@ -430,7 +432,10 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
             hits = c.get("hits_per_switch") or {}
             costs = c.get("probe_costs") or {}
             st = v.get("startup") or {}
+            per_round = ", ".join(_fmt((r.get("corrected") or {}).get("p50_ns"))
+                                  for r in v.get("rounds") or [])
             rows.append([key, _fmt(c.get("raw_p50_ns")), _fmt(c.get("p50_ns")),
+                         per_round or "-",
                          _fmt(c.get("p90_ns")), _fmt(c.get("err_ns")), _fmt(hot_p50),
                          _fmt(100 * c["own_share"], ".0f") + "%" if "own_share" in c else "-",
                          ", ".join(f"{t} {n:.1f}" for t, n in hits.items() if n) or "0",
@@ -439,9 +444,14 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
                                                                            "entry")
                                    if isinstance(costs.get(t), dict)) or "-",
                          _fmt(st.get("to_armed_s"), ".1f")])
-        out += table(["capture", "raw p50 ns", "corr p50 ns", "corr p90 ns", "± ns",
-                      "hot-loop p50 ns", "own", "probe runs/switch",
+        out += table(["capture", "raw p50 ns", "corr p50 ns", "per round", "corr p90 ns",
+                      "± ns", "hot-loop p50 ns", "own", "probe runs/switch",
                       "cost per run ns (p10-p90)", "armed s"], rows)
+        notes = sorted({r["note"] for v in (infl.get("vftrace") or {}).values()
+                        for r in v.get("rounds") or [] if r.get("note")})
+        if notes:
+            out += ["", "Not pooled in this run: `corr p50` is the last round's alone. "
+                    + " ".join(f"{n}." for n in notes)]
         out += ["", *held_out_lines(infl)]
         out += ["", *implied_costs(infl)]
         out += ["", "The earlier accuracy goal (median switch_ns - source_ns within one "
