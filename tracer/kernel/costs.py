@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import layout
+from .probes import FENTRY, KPROBE, KRETPROBE_MAXACTIVE
 
 ROUNDS = 9
 WINDOWS = 11         # per arm of a round
@@ -163,10 +164,11 @@ class SwitchCostCalibration:
     probes once each between other work, so their code and maps are cold and each run
     costs more (x3-x7 in the TCG lab).  Here the workload is the switch itself: the cost
     of a type is (median switch with - median switch without) over the with-arm's runs
-    of that type per switch, per round; its median over rounds, its spread their p10-p90.  Which arm
-    a record belongs to is read from its own hit counts (0 runs of the type: without), so
-    a record still in the buffer when the hooks flip is never misfiled, and a switch the
-    flip cut in two (fewer runs than its arm's usual) is left out.
+    of that type per switch, per round; its median over rounds, its spread their
+    p10-p90.  Which arm a record belongs to is read from its own hit counts (0 runs of
+    the type: without), so a record still in the buffer when the hooks flip is never
+    misfiled, and a switch the flip cut in two (fewer runs than its arm's usual) is left
+    out.
 
     Use: ``cal = SwitchCostCalibration(plan)``; ``Engine(plan, on_switch=cal.collect)``;
     ``engine.start()``; ``cal.run(engine)``.
@@ -187,14 +189,12 @@ class SwitchCostCalibration:
     # -- which hooks are of a type, and flipping them --------------------------------
     def hooks(self, hit_type: str) -> list[tuple[object, str]]:
         """(choice, function) of every hook whose runs count as ``hit_type``."""
-        from .probes import FENTRY, KPROBE
         mode, timed = {"fentry": (FENTRY, True), "kprobe": (KPROBE, True),
                        "entry": (KPROBE, False)}[hit_type]
         return [(c, fn) for c in self.plan.choices
                 if c.mode == mode and c.hook.timed == timed for fn in c.functions]
 
     def _flip(self, bpf, hit_type: str, on: bool) -> None:
-        from .probes import KRETPROBE_MAXACTIVE
         for choice, fn in self.hooks(hit_type):
             if hit_type == "fentry":
                 if on:
