@@ -187,3 +187,13 @@ def test_the_costs_text_says_where_each_cost_was_measured():
                     "entry 20.1us (4.14us-29.7us) in a hot loop")
     # start-up costs (every capture before --costs) read as they always have
     assert probe_costs_text({"probe_costs": {"fentry": one}}) == "fentry 20.1us (4.14us-29.7us)"
+
+
+def test_calibrate_output_is_checked_before_anything_loads(tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for target, message in ((tmp_path / "link", "is a symlink"),
+                            (tmp_path / "no" / "c.json", "does not exist"),
+                            (tmp_path, "is a directory")):
+        assert cli.main(["calibrate", "--switches", "-o", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

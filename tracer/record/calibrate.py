@@ -223,14 +223,13 @@ def measure_floor(plan) -> tuple[dict, dict, list[str]]:
 def _run_switches(args) -> int:
     """``--switches``: the probe costs of ``--depth``'s hooks on the source's own switches."""
     import sys
+    from ..capture.output import check_output
     from ..kernel.costs import SwitchCostCalibration, held_out
     from ..kernel.engine import Engine
     from ..model.group_columns import probe_costs_text
     from . import costs_file
     from .session import RecordError, TraceOptions, make_plan, require_bcc, require_root
-    out = Path(args.output) if args.output else None
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise VftraceError(f"--output {out}: not a file in an existing directory")
+    out = check_output(args.output, "--output")        # before anything loads
     require_root()
     require_bcc()
     plan = make_plan(TraceOptions(switch=args.switch, probe_mode=args.probe_mode,

@@ -13,17 +13,20 @@ import platform
 import time
 from pathlib import Path
 
+from ..capture.output import atomic_output
 from ..errors import VftraceError
 
 FORMAT = "vftrace-probe-costs/1"
 
 
 def save(path: Path, plan, probe_costs: dict, floor: dict) -> None:
-    path.write_text(json.dumps({
-        "format": FORMAT, "kernel": platform.release(), "host": platform.node(),
-        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "depth": plan.depth, "probe_modes": plan.modes(), "floor_ns": floor,
-        "probe_costs": probe_costs}, indent=2) + "\n")
+    """Written whole or not at all, never through a symlink (capture/output.py)."""
+    with atomic_output(path) as f:
+        f.write(json.dumps({
+            "format": FORMAT, "kernel": platform.release(), "host": platform.node(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "depth": plan.depth, "probe_modes": plan.modes(), "floor_ns": floor,
+            "probe_costs": probe_costs}, indent=2) + "\n")
 
 
 def load(path_arg: str, flag: str = "--costs") -> dict:
