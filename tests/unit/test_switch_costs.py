@@ -62,7 +62,7 @@ PAIRS = {"fentry": ("kfunc", "kretfunc"), "kprobe": ("kprobe", "kretprobe")}
 def calibrated(kind="fentry", cost=7_000, rounds=9, per_arm=60, hot=None):
     """A calibration of the iommu pairs in ``kind`` mode on the fake switching source."""
     plan = iommu_plan(FENTRY if kind == "fentry" else KPROBE)
-    cal = SwitchCostCalibration(plan, rounds=rounds, per_arm=per_arm)
+    cal = SwitchCostCalibration(plan, rounds=rounds, per_arm=per_arm, read_every_s=0)
     bpf = AttachTracker({(k, f) for k in PAIRS[kind] for f in ("iommu_map", "iommu_unmap")})
     engine = SwitchingEngine(bpf, cal, cost=cost, kind=kind)
     return plan, bpf, *cal.run(engine, hot)
@@ -94,7 +94,8 @@ def test_kprobe_pairs_are_flipped_with_their_return_probes():
 def test_a_type_no_switch_runs_keeps_its_hot_loop_cost_and_says_so():
     plan = Plan("pf_sched", "raw_tp", depth="guests", choices=[
         Choice(HOOK["vcpu_kick"], KPROBE, ("kvm_vcpu_kick",))])     # no guests: never runs
-    cal = SwitchCostCalibration(plan, rounds=2, per_arm=5, arm_timeout_s=0.05)
+    cal = SwitchCostCalibration(plan, rounds=2, per_arm=5, arm_timeout_s=0.05,
+                                read_every_s=0.01)
     bpf = AttachTracker({("kprobe", "kvm_vcpu_kick")})
     engine = SwitchingEngine(bpf, cal, cost=1_000, kind="none")
     hot = {"entry": {"median_ns": 1200, "p10_ns": 1000, "p90_ns": 1500}}
