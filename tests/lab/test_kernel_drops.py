@@ -124,7 +124,10 @@ def test_returns_that_never_ran_are_counted_as_the_kernel_counts_them(monkeypatc
     # (the guests' teardown: munmap, MMU notifiers) has none.  Lab runs: 787 of 789 (6.1),
     # 1003 of 1015 (6.12).  The kretprobes go on only once the start-up calibrations are
     # done: a miss before arming is the kernel's and never ours (it was ~10% of them).
-    assert missed * 0.95 - 4 * PFS <= drops["unfinished"] <= missed, (missed, drops)
+    # kprobe_profile is read before the recorder stops (stopping detaches the probes and
+    # their lines), so a miss in between is ours and not in ``missed``: CI, 6.1, counted
+    # 1124 against 1120 read.  Same slack on both sides.
+    assert missed * 0.95 - 4 * PFS <= drops["unfinished"] <= missed + 4 * PFS, (missed, drops)
 
 
 def test_a_begin_on_a_task_whose_window_is_open_drops_that_window_and_counts_it():
