@@ -76,9 +76,14 @@ def switch_costs(pfs, tmp_path_factory):
     assert fentry["method"] == "switches" and fentry["median_ns"] > 0, fentry
     # every round's with-arm ran both calls: pf_sched maps and unmaps once per switch
     assert all(r["runs"] == 2 for r in fentry["per_round"]), fentry["per_round"]
+    # Drift-free: each round's with-hooks switches, corrected with the other rounds'
+    # cost, against the same round's switches without the hooks (held out, in one
+    # seconds-long round).  Lab runs: -5.4%, -2.1%, -2.2%, +9.1% (p50 medians).
+    check = costs.held_out(fentry)
+    assert abs(check["p50_ns"]["median"]) <= 0.25, check
     print(f"calibrate --switches: fentry {fentry['median_ns']} ns per run (p10-p90 "
           f"{fentry['p10_ns']}-{fentry['p90_ns']}) on {fentry['switches']} switches; hot "
-          f"loop {out['hot_loop'].get('fentry')}; held out {costs.held_out(fentry)}")
+          f"loop {out['hot_loop'].get('fentry')}; held out {check}")
     return path
 
 
@@ -136,13 +141,13 @@ def test_each_depth_attaches_exactly_its_hooks_and_records_every_switch(pfs, dep
         assert own.switch.p50 >= 0.5 * untraced - slack, (own, untraced)
     assert own.switch.p50 <= raw + slack, (own, raw)
     if extra:
-        # Costs measured on real switches explain the probes' inflation: the corrected
-        # p50 lies between the untraced switches measured before and after (the lab
-        # drifts 30% in a minute), give or take its stated uncertainty and 15%.  The hot
-        # loop's costs, 3-7x too low in the lab, left it 26% above (6.12, by hand).
+        # Held to the untraced switches only by the bounds above: the lab's own drift
+        # between two untraced windows a minute apart (up to 2x in BENCHMARKS.md) is larger
+        # than any tighter bound.  Tried: corrected p50 within 15% (and its uncertainty) of
+        # the untraced before/after passed 4 runs of 6 by hand and failed 2 at +53%/+73%
+        # (a recording whose raw p50 doubled).  The drift-free check is the calibration's
+        # own held-out one, in the switch_costs fixture.
         assert meta["probe_costs"]["method"] == "switches", meta["probe_costs"]
-        assert 0.85 * untraced - slack <= own.switch.p50 <= 1.15 * highest + slack, \
-            (own, untraced, highest)
     print(f"depth {depth}: untraced p50 {untraced:.0f}-{highest:.0f} ns; pf_sched's own p50 "
           f"here {raw} ns; "
           f"corrected p50 {own.switch.p50} ±{own.err_ns:.0f} ns ({own.share:.0%} own)")
