@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import layout
-from .probes import FENTRY, KPROBE, KRETPROBE_MAXACTIVE
+from .probes import FENTRY, KPROBE
 
 ROUNDS = 9
 WINDOWS = 11         # per arm of a round
@@ -211,8 +211,7 @@ class SwitchCostCalibration:
                 bpf.attach_kprobe(event=fn, fn_name=f"kp_{name}")
                 if choice.hook.timed:
                     bpf.attach_kretprobe(event=fn, fn_name=f"krp_{name}",
-                                         maxactive=self.plan.map_sizes.get(
-                                             "KRETPROBE_MAXACTIVE", KRETPROBE_MAXACTIVE))
+                                         maxactive=self.plan.kretprobe_maxactive())
             else:
                 if choice.hook.timed:
                     bpf.detach_kretprobe(event=fn)
@@ -276,7 +275,7 @@ class SwitchCostCalibration:
                 run.per_round_ns.append((statistics.median(whole) -
                                          statistics.median(bare)) / usual)
                 detail.append({"runs": usual, "cost_ns": round(run.per_round_ns[-1], 1),
-                               "with": quartiles(whole), "without": quartiles(bare)})
+                               "with": arm_figures(whole), "without": arm_figures(bare)})
             if not run.per_round_ns:
                 kept = (synthetic or {}).get(hit_type)
                 if kept:
@@ -294,7 +293,7 @@ class SwitchCostCalibration:
         return meta, warnings
 
 
-def quartiles(values: list[float]) -> dict:
+def arm_figures(values: list[float]) -> dict:
     """p50 and p90 (nearest rank) and the count of one arm's switches."""
     v = sorted(values)
     return {"p50_ns": v[max(0, -(-len(v) // 2) - 1)], "p90_ns": v[max(0, -(-len(v) * 9 // 10) - 1)],

@@ -113,8 +113,7 @@ class Engine:
                 if choice.hook.timed:
                     self.bpf.attach_kretprobe(
                         event=fn, fn_name=f"krp_{name}",
-                        maxactive=self.plan.map_sizes.get("KRETPROBE_MAXACTIVE",
-                                                          probes.KRETPROBE_MAXACTIVE))
+                        maxactive=self.plan.kretprobe_maxactive())
                 attached.append(fn)
             except Exception as e:          # BCC raises bare Exception on attach failure
                 self.warnings.append(f"{choice.hook.name}: kprobe on {fn} failed ({e}); skipped")

@@ -106,6 +106,10 @@ class Plan:
                                  if self.have_access_tp else ABSENT if guests else OFF)
         return out
 
+    def kretprobe_maxactive(self) -> int:
+        """Instances per kretprobe: a test build's, else KRETPROBE_MAXACTIVE."""
+        return self.map_sizes.get("KRETPROBE_MAXACTIVE", KRETPROBE_MAXACTIVE)
+
     def hit_types(self) -> tuple[str, ...]:
         """The probe types whose runs land in a window at this plan (the types the cost
         calibration measures): fentry and kprobe pairs of timed hooks, entry kprobes."""
