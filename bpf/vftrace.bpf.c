@@ -29,6 +29,7 @@
  *   <HOOK>_MODE    MODE_ABSENT | MODE_FENTRY | MODE_KPROBE per hook below
  *   SYNC_FUNC      the IOMMU driver's iotlb_sync (fentry only; kprobes attach by name)
  *   HAVE_KVM_TP, HAVE_ACCESS_TP, USE_RINGBUF, EMIT_CALLS, RINGBUF_PAGES
+ *   WAKE_BATCH     1: ring-buffer wake-ups batched (see ring_flags), 0: the kernel's own
  *   CALIB_FUNC, CALIB_MODE, CALIB_TGID: the floor's near-empty function, and who calls it
  *   COST_FUNC, COST_FENTRY: the cost calibration's near-empty function, and whether an
  *                  fentry pair of the production handlers is compiled for it
@@ -182,11 +183,14 @@ BPF_F_TABLE("array", u32, u64, hist_buckets, VFT_HIST_CELLS * VFT_HIST_BUCKETS,
 BPF_F_TABLE("array", u32, struct vft_hist_sum, hist_sums, VFT_HIST_CELLS, HIST_MAP_FLAGS);
 
 #if USE_RINGBUF
+#define JOINS_PAGES 64
 BPF_RINGBUF_OUTPUT(switches, RINGBUF_PAGES);
-BPF_RINGBUF_OUTPUT(joins, 64);        /* a zap can release every guest vCPU at once */
+BPF_RINGBUF_OUTPUT(joins, JOINS_PAGES);  /* a zap can release every guest vCPU at once */
 #if EMIT_CALLS
 BPF_RINGBUF_OUTPUT(calls, RINGBUF_PAGES);
 #endif
+/* Records emitted per CPU and ring (VFT_RING_*), for batching the reader's wake-ups. */
+BPF_PERCPU_ARRAY(emitted, u64, VFT_NR_RINGS);
 #else
 BPF_PERF_OUTPUT(switches);
 BPF_PERF_OUTPUT(joins);
@@ -267,11 +271,34 @@ static __always_inline void hist_add(struct vft_switch *rec)
 	}
 }
 
+#if USE_RINGBUF
+/* The kernel's default wakes the reader for every record it has caught up with: one
+ * wake-up, and under TCG one stolen emulation thread, per switch.  With WAKE_BATCH a
+ * record wakes the reader only as each CPU's every (ring / 8)-th record, so it is woken
+ * before the ring is a quarter full (two CPUs) and otherwise by its poll timeout, which
+ * is the 100 ms a trickle may wait (tracer/kernel/ringread.py). */
+#define RING_SLOT(size) (((size) + 8 + 7) & ~7)     /* 8-byte header, 8-byte aligned */
+static __always_inline u64 ring_flags(u32 ring, u32 pages, u32 size)
+{
+#if WAKE_BATCH
+	u64 *n = emitted.lookup(&ring);
+	u64 every = (u64)pages * PAGE_SIZE / RING_SLOT(size) / 8;
+	if (!n || every < 2)
+		return 0;
+	*n += 1;
+	return *n % every ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+#else
+	return 0;
+#endif
+}
+#endif
+
 /* One function per buffer: BCC rewrites table methods, which it cannot inside macros. */
 static __always_inline void emit_switch(void *ctx, struct vft_switch *rec)
 {
 #if USE_RINGBUF
-	if (switches.ringbuf_output(rec, sizeof(*rec), 0))
+	if (switches.ringbuf_output(rec, sizeof(*rec),
+				    ring_flags(VFT_RING_SWITCHES, RINGBUF_PAGES, sizeof(*rec))))
 #else
 	if (switches.perf_submit(ctx, rec, sizeof(*rec)))
 #endif
@@ -285,7 +312,8 @@ static __always_inline void emit_join(void *ctx, u32 kind, u32 pf, s32 vf, u64 s
 	struct vft_join j = { .seq = seq, .ns = ns, .t_ns = t_ns, .kind = kind, .pf = pf,
 			      .vf = vf, .pid = id >> 32, .cpu = bpf_get_smp_processor_id() };
 #if USE_RINGBUF
-	if (joins.ringbuf_output(&j, sizeof(j), 0))
+	if (joins.ringbuf_output(&j, sizeof(j),
+				 ring_flags(VFT_RING_JOINS, JOINS_PAGES, sizeof(j))))
 #else
 	if (joins.perf_submit(ctx, &j, sizeof(j)))
 #endif
@@ -726,7 +754,8 @@ static __always_inline void emit_call(void *ctx, u32 kind, u64 start, u64 ns, u6
 	c.vcpu = vcpu;
 	c.pf = pf;
 #if USE_RINGBUF
-	if (calls.ringbuf_output(&c, sizeof(c), 0))
+	if (calls.ringbuf_output(&c, sizeof(c),
+				 ring_flags(VFT_RING_CALLS, RINGBUF_PAGES, sizeof(c))))
 #else
 	if (calls.perf_submit(ctx, &c, sizeof(c)))
 #endif

@@ -26,6 +26,11 @@
 #define VFT_LOST_CALL 1
 #define VFT_LOST_JOIN 2
 #define VFT_NR_LOST 3
+/* the ring buffers, for their per-CPU emit counts (wake-up batching) */
+#define VFT_RING_SWITCHES 0
+#define VFT_RING_JOINS 1
+#define VFT_RING_CALLS 2
+#define VFT_NR_RINGS 3
 
 /*
  * Indexes of the per-CPU counters of what the kernel side could not keep, other than

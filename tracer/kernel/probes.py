@@ -89,6 +89,8 @@ class Plan:
     have_kvm_tp: bool = False
     have_access_tp: bool = False
     ringbuf: bool = True
+    wake_batch: bool = True                       # ring-buffer wake-ups batched (ring_flags)
+    mapped_reader: bool = True                    # rings read from their pages (ringread)
     hist_mmap: bool = True                        # the kernel histograms' array mappable
     hist_slots: int = 32                          # (pf, vf) pairs with kernel histograms
     emit_calls: bool = False
@@ -138,7 +140,7 @@ class Plan:
         else:
             src = 3 if self.source.startswith("func:") else 4
         d = {"SWITCH_SRC": src, "USE_RINGBUF": int(self.ringbuf), "EMIT_CALLS": int(self.emit_calls),
-             "RINGBUF_PAGES": self.ringbuf_pages, "HAVE_KVM_TP": int(self.have_kvm_tp),
+             "RINGBUF_PAGES": self.ringbuf_pages, "WAKE_BATCH": int(self.wake_batch), "HAVE_KVM_TP": int(self.have_kvm_tp),
              "HAVE_ACCESS_TP": int(self.have_access_tp), "CALIB_TGID": calib_tgid,
              "HIST_MAP_FLAGS": BPF_F_MMAPABLE if self.hist_mmap else 0,
              "VFT_HIST_SLOTS": self.hist_slots,
@@ -288,7 +290,8 @@ def map_size_overrides(env: dict[str, str] | os._Environ = os.environ) -> dict[s
 
 
 def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool = True,
-         emit_calls: bool = False, depth: str = DEFAULT_DEPTH, hist_slots: int = 32) -> Plan:
+         mapped_reader: bool = True, emit_calls: bool = False, depth: str = DEFAULT_DEPTH,
+         hist_slots: int = 32) -> Plan:
     if requested not in ("auto", FENTRY, KPROBE):
         raise ProbeError(f"--probe-mode {requested}: give auto, fentry or kprobe")
     if depth not in DEPTHS:
@@ -296,7 +299,8 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     source, source_mode = parse_source(spec, offer)
     if requested == KPROBE and source_mode == FENTRY:
         source_mode = KPROBE
-    p = Plan(source, source_mode, ringbuf=ringbuf, hist_mmap=offer.mmapable_array,
+    p = Plan(source, source_mode, ringbuf=ringbuf, mapped_reader=mapped_reader,
+             hist_mmap=offer.mmapable_array,
              hist_slots=hist_slots,
              emit_calls=emit_calls,
              map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset,
