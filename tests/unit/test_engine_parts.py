@@ -201,8 +201,8 @@ def test_a_call_read_in_the_last_drain_has_its_exit_join_read_too(monkeypatch):
     final drain: CI, 6.12, wrote a 59 ms exit's call row and missed 59 ms in its switch)."""
     from tracer.kernel.engine import Engine
     got, calls = [], []
-    eng = Engine(probes.plan(None, "auto", offer(), emit_calls=True), budget_ns=1,
-                 on_switch=got.append, on_call=calls.append)
+    eng = Engine(probes.plan(None, "auto", offer(), emit_calls=True, mapped_reader=False),
+                 budget_ns=1, on_switch=got.append, on_call=calls.append)
     rings = eng.bpf = Rings()
     monkeypatch.setattr(Engine, "_on_join", lambda self, d: self.assembler.exit_end(0, 1, d))
     monkeypatch.setattr(Engine, "_on_call", lambda self, d: calls.append(d))

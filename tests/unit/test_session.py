@@ -49,6 +49,7 @@ class FakeEngine:
         self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
         self.probe_costs = probe_costs or {}
         self.warnings = ["a hook failed"]
+        self.reader, self.reader_note = "callback", None
         self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
                                          late_exit_ns=50, orphan_exits=0, unended_exits=1,
                                          flush=lambda: None)
@@ -342,7 +343,7 @@ def test_record_and_live_share_the_trace_options():
                                      "-b", "7", "-m", "kprobe", "-c", "c.csv"])
     live = build_parser().parse_args(["live", "-s", "func:f", "--pf", "1", "-b", "7", "-m",
                                       "kprobe", "-c", "c.csv"])
-    names = ("switch", "pf", "vf", "pid", "budget_ns", "probe_mode", "calls", "perf_buffer",
+    names = ("switch", "pf", "vf", "pid", "budget_ns", "probe_mode", "calls", "perf_buffer", "callback_reader",
              "ebpf", "ready_file", "cmd")
     assert {n: getattr(rec, n) for n in names} == {n: getattr(live, n) for n in names}
     assert Path(TraceOptions.from_args(live, "live").calls) == Path("c.csv")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
-from . import costs, layout, probes, proginfo
+from . import costs, layout, probes, proginfo, ringread
 from .assemble import Assembler
 from .histograms import HistogramReader
 from ..paths import bpf_dir
@@ -73,6 +73,10 @@ class Engine:
         # Records with a value no capture can hold (above int64: a wrapped negative that a
         # kernel-side guard missed): counted, never written (the reader would refuse it).
         self.out_of_range = 0
+        self.rings: ringread.MappedRings | None = None      # else BCC's callbacks
+        self.reader = "perf" if not plan.ringbuf else "callback"   # which reader ran (meta)
+        self.reader_note: str | None = None         # why the mapped reader did not
+        self.unreadable = 0         # ring records of a size not ours, skipped (a bug if any)
 
     # -- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +201,12 @@ class Engine:
         names = [("joins", self._on_join), ("switches", self._on_switch)]
         if self.plan.emit_calls:
             names.insert(0, ("calls", self._on_call))
+        if self.plan.ringbuf:
+            self.reader_note = ("BCC's callback reader asked for (--callback-reader)"
+                                if not self.plan.mapped_reader else ringread.supported())
+            if self.reader_note is None:
+                self._map_rings([name for name, _ in names])
+                return
         for name, cb in names:
             if self.plan.ringbuf:
                 # An int back: BCC's wrapper otherwise raises and catches a TypeError
@@ -207,10 +217,30 @@ class Engine:
                                          page_cnt=self.plan.ringbuf_pages // 4 or 8,
                                          lost_cb=self._on_perf_lost)
 
+    def _map_rings(self, names: list[str]) -> None:
+        """The rings read from their pages, a batch at a time (ringread)."""
+        structs = {"switches": "vft_switch", "joins": "vft_join", "calls": "vft_call"}
+        handlers = {"switches": self._on_switches, "joins": self._on_joins,
+                    "calls": self._on_calls}
+        rings = []
+        for name in names:
+            table = self.bpf[name]
+            size = ctypes.sizeof(layout.header().structs[structs[name]])
+            rings.append((table.map_fd, ringread.RingPages(table.map_fd, table.max_entries, size),
+                          handlers[name]))
+        self.rings = ringread.MappedRings(rings)
+        self.reader = "mapped"
+
     # -- running ------------------------------------------------------------------------
     def poll(self, timeout_ms: int = 100) -> None:
-        if self.plan.ringbuf:
+        """Wait up to ``timeout_ms`` for records and hand over what the buffers hold.
+        Ring wake-ups are batched in the kernel (ring_flags): the buffers are read after
+        the wait whether it was woken or not, so a trickle is never older than that."""
+        if self.rings is not None:
+            self.rings.poll(timeout_ms)
+        elif self.plan.ringbuf:
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
         self.assembler.tick()
@@ -238,8 +268,30 @@ class Engine:
     def _join_exit(self) -> int:
         return layout.header().constants["VFT_JOIN_EXIT"]
 
+    # A record read one at a time (BCC's callbacks: ``data`` is its address) or a batch
+    # of them (the mapped reader: ring slots back to back) takes the same path from its
+    # decoded values on.
+    @cached_property
+    def _read_switches(self):
+        return layout.header().batch_reader("vft_switch", (*SWITCH_READ, "exits_pending"))
+
+    @cached_property
+    def _read_calls(self):
+        return layout.header().batch_reader("vft_call", CALL_READ)
+
+    @cached_property
+    def _read_joins(self):
+        return layout.header().batch_reader("vft_join", ("kind", "pf", "seq", "ns"))
+
     def _on_switch(self, data) -> None:
-        *values, pending = self._read_switch(data)
+        self._switch(self._read_switch(data))
+
+    def _on_switches(self, batch: bytes) -> None:
+        for values in self._read_switches(batch):
+            self._switch(values)
+
+    def _switch(self, values: tuple) -> None:
+        *values, pending = values
         self.samples += 1
         if max(values) > INT64_MAX:
             self.out_of_range += 1
@@ -248,7 +300,14 @@ class Engine:
         self.assembler.switch_values(tuple(values), pending)
 
     def _on_join(self, data) -> None:
-        kind, pf, seq, ns = self._read_join(data)
+        self._join(self._read_join(data))
+
+    def _on_joins(self, batch: bytes) -> None:
+        for values in self._read_joins(batch):
+            self._join(values)
+
+    def _join(self, values: tuple) -> None:
+        kind, pf, seq, ns = values
         if ns > INT64_MAX or seq > INT64_MAX:
             self.out_of_range += 1
             return
@@ -259,14 +318,22 @@ class Engine:
 
     def _on_call(self, data) -> None:
         if self.on_call:
-            kind, *values = self._read_call(data)
-            if values[CALL_PF - 1] == self._cost_pf:
-                return                  # a cost calibration's call (tracer/kernel/costs.py)
-            if max(values) > INT64_MAX:
-                self.out_of_range += 1
-                return
-            values[CALL_SEQ - 1] = values[CALL_SEQ - 1] or None       # 0: outside switches
-            self.on_call(CallRecord(self.kinds.get(kind) or str(kind), *values))
+            self._call(self._read_call(data))
+
+    def _on_calls(self, batch: bytes) -> None:
+        if self.on_call:
+            for values in self._read_calls(batch):
+                self._call(values)
+
+    def _call(self, values: tuple) -> None:
+        kind, *values = values
+        if values[CALL_PF - 1] == self._cost_pf:
+            return                  # a cost calibration's call (tracer/kernel/costs.py)
+        if max(values) > INT64_MAX:
+            self.out_of_range += 1
+            return
+        values[CALL_SEQ - 1] = values[CALL_SEQ - 1] or None       # 0: outside switches
+        self.on_call(CallRecord(self.kinds.get(kind) or str(kind), *values))
 
     def _on_perf_lost(self, count: int) -> None:
         self.user_lost += count
@@ -367,7 +434,8 @@ class Engine:
         return {"calls_by_pid": calls, "irq_calls": self._irq_calls(), "kvm_exits": exits,
                 "negative_durations": self._negative_durations(),
                 "kernel_drops": self.kernel_drops(skipped), "skipped_runs": skipped,
-                "out_of_range_records": self.out_of_range}
+                "out_of_range_records": self.out_of_range,
+                "unreadable_ring_records": self.rings.foreign if self.rings else self.unreadable}
 
     def _per_kind(self, name: str) -> dict[int, list]:
         """A per-CPU array indexed by call kind: kind -> the per-CPU values."""
@@ -393,7 +461,9 @@ class Engine:
 
     def _drain_buffers(self) -> None:
         """Hand over what the buffers hold now, without waiting."""
-        if self.plan.ringbuf:
+        if self.rings is not None:
+            self.rings.consume()
+        elif self.plan.ringbuf:
             self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(0)
@@ -421,6 +491,10 @@ class Engine:
         if self.histograms is not None:
             self.histograms.close()
             self.histograms = None
+        if self.rings is not None:
+            self.unreadable = self.rings.foreign
+            self.rings.close()
+            self.rings = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

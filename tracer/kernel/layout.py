@@ -12,10 +12,12 @@ import ctypes
 import re
 import struct
 from functools import lru_cache
+from itertools import repeat
 from operator import itemgetter
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..paths import bpf_dir
+from . import ringread
 
 CTYPES = {"__u64": ctypes.c_uint64, "__s64": ctypes.c_int64, "__u32": ctypes.c_uint32,
           "__s32": ctypes.c_int32, "__u16": ctypes.c_uint16, "__s16": ctypes.c_int16,
@@ -66,7 +68,7 @@ class Header:
     def kinds(self) -> dict[int, str]:
         """Call kinds by number: VFT_IOMMU_MAP -> 'iommu_map'."""
         skip = ("VFT_NR_", "VFT_LOST_", "VFT_DROP_", "VFT_JOIN_", "VFT_MAX_",
-                "VFT_CALIB_SAMPLES", "VFT_COST_", "VFT_HIST_")
+                "VFT_CALIB_SAMPLES", "VFT_COST_", "VFT_HIST_", "VFT_RING_")
         return {v: k[4:].lower() for k, v in self.constants.items()
                 if not k.startswith(skip)}
 
@@ -94,24 +96,32 @@ class Header:
         assert packed.size == size, (struct_name, packed.size, size)
         return packed, tuple(names)
 
-    def reader(self, struct_name: str, names: Sequence[str], missing: int = 0) -> Reader:
-        """A function from one raw ``struct_name`` sample to the values of ``names``, in
-        that order; a name the struct lacks reads as ``missing``.  What ``decode`` +
-        ``getattr(rec, name, missing)`` give, without a ctypes object per record."""
+    def _picker(self, struct_name: str, names: Sequence[str]
+                ) -> tuple[struct.Struct, Callable[[tuple], tuple], bool]:
+        """The struct of ``struct_name``, a function picking ``names`` out of its
+        unpacked values, and whether those values need ``missing`` appended first (a
+        name the struct lacks picks that)."""
         packed, fields = self.record_struct(struct_name)
         arrays = {f for f, _ in self.structs[struct_name]._fields_} - set(fields)
         if arrays & set(names):
             raise ValueError(f"reader: {struct_name}: array fields are not read: "
                              f"{', '.join(sorted(arrays & set(names)))}")
+        if not names:
+            raise ValueError("reader: no field names given")
         position = {name: i for i, name in enumerate(fields)}
         absent = len(fields)                    # the index of the appended ``missing``
         picks = [position.get(name, absent) for name in names]
-        if not picks:
-            raise ValueError("reader: no field names given")
         pick = itemgetter(*picks)
         if len(picks) == 1:                     # itemgetter of one index gives no tuple
             one = pick
             pick = lambda values: (one(values),)        # noqa: E731
+        return packed, pick, absent in picks
+
+    def reader(self, struct_name: str, names: Sequence[str], missing: int = 0) -> Reader:
+        """A function from one raw ``struct_name`` sample to the values of ``names``, in
+        that order; a name the struct lacks reads as ``missing``.  What ``decode`` +
+        ``getattr(rec, name, missing)`` give, without a ctypes object per record."""
+        packed, pick, _ = self._picker(struct_name, names)
         unpack_from, pad = packed.unpack_from, (missing,)
         # BCC hands over an address: a ctypes array laid over it is a buffer unpack_from
         # reads in place (cheaper than copying it out with string_at, a foreign call).
@@ -123,6 +133,18 @@ class Header:
             return pick(unpack_from(data) + pad)
 
         return read
+
+    def batch_reader(self, struct_name: str, names: Sequence[str],
+                     missing: int = 0) -> Callable[[bytes], Iterable[tuple]]:
+        """``reader`` for a batch: from ring slots back to back (``ringread``: each an
+        8-byte header, the sample, padding) to the values of ``names`` per record, in
+        one ``iter_unpack`` pass, with no Python frame per record."""
+        packed, pick, padded = self._picker(struct_name, names)
+        iter_unpack = ringread.batch_struct(packed, packed.size).iter_unpack
+        if padded:
+            pad = (missing,)
+            return lambda batch: map(pick, map(tuple.__add__, iter_unpack(batch), repeat(pad)))
+        return lambda batch: map(pick, iter_unpack(batch))
 
 
 @lru_cache(maxsize=1)

@@ -79,6 +79,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                              "past it are counted and the every-switch line says not exact)")
     parser.add_argument("--perf-buffer", action="store_true",
                         help="use the perf buffer, not the ring buffer")
+    parser.add_argument("--callback-reader", action="store_true",
+                        help="read the ring buffers through BCC's per-record callback "
+                             "instead of their mapped pages (the fallback; slower)")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", metavar="PATH",
                         help="create this file once every probe is armed (for scripts "
@@ -203,6 +206,7 @@ class TraceOptions:
     depth: str = DEFAULT_DEPTH
     calls: Path | None = None
     perf_buffer: bool = False
+    callback_reader: bool = False
     hist_pairs: int = 32
     duration: float | None = None
     ebpf: bool = False
@@ -235,7 +239,8 @@ class TraceOptions:
         costs = costs_file.load(args.costs) if getattr(args, "costs", None) else None
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
                    probe_mode=args.probe_mode, depth=args.depth, calls=calls,
-                   perf_buffer=args.perf_buffer, hist_pairs=args.hist_pairs,
+                   perf_buffer=args.perf_buffer, callback_reader=args.callback_reader,
+                   hist_pairs=args.hist_pairs,
                    duration=duration, ebpf=args.ebpf,
                    ready_file=ready_file, costs=costs,
                    workload=workload_argv(getattr(args, "cmd", None), command))
@@ -265,6 +270,7 @@ def make_plan(opts: TraceOptions, offer: probes.KernelOffer | None = None) -> pr
         offer = offer or probes.KernelOffer.probe()
         return probes.plan(opts.switch, opts.probe_mode, offer,
                            ringbuf=not opts.perf_buffer and offer.ringbuf,
+                           mapped_reader=not opts.callback_reader,
                            emit_calls=opts.calls is not None, depth=opts.depth,
                            hist_slots=opts.hist_pairs)
     except probes.ProbeError as e:
@@ -474,7 +480,9 @@ class Session:
                 "probe_modes": plan.modes(), "floor_ns": engine.floor.as_meta(),
                 "probe_costs": engine.probe_costs,
                 "budget_ns": opts.budget_ns, "filters": opts.filters(),
-                "buffer": "ringbuf" if plan.ringbuf else "perf", "warnings": engine.warnings,
+                "buffer": "ringbuf" if plan.ringbuf else "perf",
+                "reader": engine.reader, "reader_note": engine.reader_note,
+                "warnings": engine.warnings,
                 "kvm_vendor": exit_reasons.vendor(),
                 "calls_file": opts.calls.name if opts.calls else None}
         if self.workload is not None:
