@@ -213,6 +213,38 @@ def test_perf_buffer_fallback_records_every_switch(pfs):
     assert len(rows) == sum(a["switches"] - before[b]["switches"] for b, a in after.items())
 
 
+def test_mapped_and_callback_readers_give_the_same_rows(pfs):
+    """Two recorders on the same switches: one reads its rings from their mapped pages
+    (the default), one through BCC's per-record callback (the fallback).  Each has its
+    own program and rings, so their timings differ by each other's probes, but what a
+    switch is (its seq, VFs, calls and bytes) must be the same row for row, and every
+    switch pf_sched made must be in both."""
+    pfsched.set_enabled(False)
+    mapped = Recorder("reader-mapped", "--depth", "iommu")
+    callback = Recorder("reader-callback", "--depth", "iommu", "--callback-reader")
+    before, after = window(pfs, lambda: time.sleep(3))
+    results = [r.stop() for r in (mapped, callback)]
+    pfsched.set_enabled(True)
+    keys = ("pf", "seq", "from_vf", "to_vf", "map_calls", "unmap_calls", "map_bytes",
+            "unmap_bytes")
+    made = sum(a["switches"] - before[b]["switches"] for b, a in after.items())
+    shapes = []
+    for (meta, rows, problems), reader in zip(results, ("mapped", "callback")):
+        assert not problems and meta["reader"] == reader, meta.get("reader_note")
+        assert meta["lost_total"] == 0 and meta["background"]["unreadable_ring_records"] == 0
+        # each saw the window's switches and possibly a few either side of it
+        assert len({(r.pf, r.seq) for r in rows}) == len(rows) >= made > 10
+        shapes.append({tuple(getattr(r, k) for k in keys) for r in rows})
+    both = shapes[0] & shapes[1]
+    assert len(both) >= made
+    for bdf, a in after.items():
+        window_seqs = range(before[bdf]["seq"] + 1, a["seq"] + 1)
+        for shape in shapes:
+            mine = {s for s in shape if s[0] == a["pf"] and s[1] in window_seqs}
+            assert {s for s in both if s[0] == a["pf"] and s[1] in window_seqs} == mine
+            assert len(mine) == len(window_seqs)
+
+
 def test_switch_tp_window_on_any_pair_of_tracepoints(pfs):
     pfsched.set_enabled(False)
     rec = Recorder("tp", "--switch", "tp:pf_sched:vf_switch_begin,pf_sched:vf_switch_end")
