@@ -207,6 +207,9 @@ class Engine:
             if self.reader_note is None:
                 self._map_rings([name for name, _ in names])
                 return
+            if self.plan.mapped_reader:
+                self.warnings.append(f"{self.reader_note}: BCC's per-record callback "
+                                     "reads the rings instead (slower, same records)")
         for name, cb in names:
             if self.plan.ringbuf:
                 # An int back: BCC's wrapper otherwise raises and catches a TypeError
