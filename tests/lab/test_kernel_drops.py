@@ -56,6 +56,7 @@ def test_each_full_map_is_counted_and_every_missing_switch_is_a_counted_drop(
     assert not problems, problems
     assert guests["returncode"] == 0 and not guests["errors"], guests
     assert meta["lost_total"] == 0, err
+    assert meta["background"]["unreadable_ring_records"] == 0     # the reader lost none
     assert any("test build" in w for w in meta["warnings"]), meta["warnings"]
     drops = meta["background"]["kernel_drops"]
     print(f"{build}: {len(rows)} rows, drops {drops}")

@@ -95,8 +95,10 @@ class RingPages:
                     self.position += good * self.stride
                     continue
             header = int(self._words[at // 4])
-            if header & BUSY:
+            if header & BUSY or (header == self.record_size and not n):
                 break                   # still being written: the next read takes it
+            if header == self.record_size:
+                continue                # committed since the scan saw it busy: take it now
             self.foreign += 1
             self.position += slot_bytes(header & ~(BUSY | DISCARD))
         if chunks or self.position != int(self._consumer[0]):
