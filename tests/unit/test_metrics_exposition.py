@@ -91,7 +91,8 @@ def test_switches_come_from_the_kernel_histograms_when_there_are_any():
 def test_losses_exits_and_info_from_a_meta():
     meta = {"version": "9", "probe_modes": {"switch": "raw_tp", "iommu_map": "fentry"},
             "lost_by_kind": {"switch": 3, "call": 4},
-            "background": {"out_of_range_records": 2, "kernel_drops": {"no_slot": 1},
+            "background": {"out_of_range_records": 2, "unreadable_ring_records": 7,
+                           "kernel_drops": {"no_slot": 1},
                            "kvm_exits": [{"pid": 1, "vcpu": 0, "reason": 48, "in_window": 1,
                                           "count": 5, "ns": 2000},
                                          {"pid": 2, "vcpu": 0, "reason": 48, "in_window": 1,
@@ -100,6 +101,7 @@ def test_losses_exits_and_info_from_a_meta():
     got = samples(state_from(Stats(100), meta, None))
     assert got[("vftrace_lost_records_total", (("kind", "switch"), ("side", "kernel")))] == 3
     assert got[("vftrace_lost_records_total", (("kind", "out_of_range"), ("side", "user")))] == 2
+    assert got[("vftrace_lost_records_total", (("kind", "unreadable"), ("side", "user")))] == 7
     assert got[("vftrace_kernel_drops_total", (("what", "no_slot"),))] == 1
     assert got[("vftrace_guest_exits_total", (("reason", "EPT_VIOLATION"), ("window", "in")))] == 6
     assert got[("vftrace_probe_floor_seconds", (("mode", "fentry"),))] == 50e-9

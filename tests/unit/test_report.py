@@ -389,15 +389,17 @@ def test_interrupt_context_calls_and_negative_durations_are_reported(tmp_path, c
                                "iotlb_sync": {"count": 3, "bytes": 0},
                                "iommu_map": {"count": 0, "bytes": 0}}
     background["negative_durations"] = {"switch": 2}
+    background["unreadable_ring_records"] = 4
     cap = copy_capture(tmp_path, background=background)
     assert main(["report", str(cap)]) == 0
     text = capsys.readouterr().out
     assert "6 calls made in interrupt context (iommu_unmap 3, iotlb_sync 3)" in text
     assert "WARNING: 2 durations came out negative (switch 2)" in text
+    assert "WARNING: 4 ring-buffer records were of a size the reader did not expect" in text
     notes = run_json(capsys, str(cap))["captures"][0]["notes"]
     assert any(not n["warning"] and "interrupt context" in n["text"] for n in notes)
     assert any(n["warning"] and "negative" in n["text"] for n in notes)
     plain = copy_capture(tmp_path, name="plain")             # the shipped capture: neither
     assert main(["report", str(plain)]) == 0
     text = capsys.readouterr().out
-    assert "interrupt context" not in text and "negative" not in text
+    assert "interrupt context" not in text and "negative" not in text and "ring-buffer" not in text

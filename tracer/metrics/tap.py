@@ -75,6 +75,8 @@ def state_from(stats: Stats, meta: dict, kernel: list[KernelHist] | None) -> Met
     lost.setdefault(("switch", "kernel"), 0)
     if bg.get("out_of_range_records"):
         lost[("out_of_range", "user")] = int(bg["out_of_range_records"])
+    if bg.get("unreadable_ring_records"):
+        lost[("unreadable", "user")] = int(bg["unreadable_ring_records"])
     floor = {m: float(v["median_ns"]) for m, v in (meta.get("floor_ns") or {}).items()
              if isinstance(v, dict) and "median_ns" in v}
     costs = {t: float(v["median_ns"]) for t, v in (meta.get("probe_costs") or {}).items()

@@ -197,6 +197,10 @@ def notes(cap: Capture) -> list[Note]:
     if isinstance(unwritable, int) and unwritable > 0:
         out.append(Note(True, f"{unwritable} records held a value above int64 (a wrapped "
                               "negative the kernel side did not catch) and were discarded"))
+    unreadable = background.get("unreadable_ring_records")
+    if isinstance(unreadable, int) and unreadable > 0:
+        out.append(Note(True, f"{unreadable} ring-buffer records were of a size the reader "
+                              "did not expect and were skipped: those records are missing"))
     for w in _of_type(m.get("warnings"), list):
         out.append(Note(False, f"recorder: {w}"))
     filters = {k: v for k, v in _of_type(m.get("filters"), dict).items() if v}
@@ -209,7 +213,7 @@ def notes(cap: Capture) -> list[Note]:
 
 def context_line(cap: Capture) -> str:
     m = cap.meta
-    bits = [f"{key} {m[key]}" for key in ("kernel", "host", "switch_source", "buffer")
+    bits = [f"{key} {m[key]}" for key in ("kernel", "host", "switch_source", "buffer", "reader")
             if m.get(key)]
     bits.append(f"depth {cap.depth}")
     if m.get("start_time"):
