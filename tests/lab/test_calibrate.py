@@ -1,5 +1,7 @@
 """vftrace calibrate in the lab: a floor per probe mode measured on the calls vftrace
-made, and the README's claim that fentry/fexit cost less than kprobe/kretprobe."""
+made.  Which mode is cheaper is a speed claim, so it lives in the benchmark (BENCHMARKS.md's
+per-run costs, with their spread), not here: under TCG one run's medians of the two modes
+have come out either way round (900 vs 870 ns on 6.1 once)."""
 from __future__ import annotations
 
 import json
@@ -19,10 +21,6 @@ def calibrate(*args: str) -> dict:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def spread(f: dict) -> str:
-    return f"{f['median_ns']} ns (p10-p90 {f['p10_ns']}-{f['p90_ns']}, {f['samples']} samples)"
 
 
 def check_floor(out: dict, modes) -> None:
@@ -50,17 +48,6 @@ def both_modes() -> dict:
 def test_floor_per_mode_with_pf_sched(both_modes):
     assert set(both_modes["calib_modes"]) >= {"fentry", "kprobe"}
     check_floor(both_modes, both_modes["calib_modes"])
-
-
-def test_fentry_floor_is_below_the_kprobe_floor(both_modes):
-    """The README's reason to prefer fentry/fexit: a BPF trampoline pair costs less than a
-    kprobe+kretprobe pair.  Compared by medians of one run (each over ~3000 calls), which
-    TCG's noise moves far less than the tails: in the lab runs so far fentry's median was
-    ~300-480 ns and kprobe's ~550-800 ns (BENCHMARKS.md: 480 vs 790 on 6.1, 360 vs 591
-    on 6.12)."""
-    fentry, kprobe = both_modes["floor"]["fentry"], both_modes["floor"]["kprobe"]
-    assert fentry["median_ns"] < kprobe["median_ns"], \
-        f"fentry {spread(fentry)} is not cheaper than kprobe {spread(kprobe)}"
 
 
 def test_kprobe_only_and_no_switch_source_loaded():
