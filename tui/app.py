@@ -238,7 +238,7 @@ class VftraceApp(App):
             self.model.guests.vendor = batch.header.kvm_vendor
         self.model.fold(batch, now=self.clock())
         if self.paused:
-            self.held += len(batch.switches)
+            self.held += batch.switch_count()
         self._dirty = self._plot_dirty = self._tables_dirty = True
 
     def request_quit(self, reason: str = "quit") -> None:

@@ -85,6 +85,8 @@ class DashboardModel:
         if batch.header is not None:
             self.account(batch.header.meta)
         rows = to_rows(batch.switches)
+        if batch.switch_rows:
+            rows = np.concatenate([rows, *batch.switch_rows])
         if rows.shape[0]:
             self.store.append(rows)
             self.stats.add_rows(rows, now=now)          # the same numbers, read once

@@ -67,6 +67,8 @@ class Batch:
     """What one read (or several, coalesced) brought.  ``lost_per_cpu`` and
     ``guest_totals`` are cumulative: a later value replaces an earlier one."""
     switches: list[SwitchRecord] = field(default_factory=list)
+    # switches as int64 arrays in COLUMNS order (the live engine's batches), after those
+    switch_rows: list = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     guest_totals: dict | None = None
     lost_per_cpu: dict[int, int] | None = None
@@ -80,9 +82,10 @@ class Batch:
     def merge(self, later: Batch) -> None:
         """Fold ``later`` into this batch (the worker coalesces bursts this way)."""
         if later.restart:
-            self.switches, self.calls, self.restart = [], [], True
+            self.switches, self.switch_rows, self.calls, self.restart = [], [], [], True
             self.problems, self.bad_lines = [], 0
         self.switches.extend(later.switches)
+        self.switch_rows.extend(later.switch_rows)
         self.calls.extend(later.calls)
         for name in ("guest_totals", "lost_per_cpu", "status", "header"):
             if getattr(later, name) is not None:
@@ -94,6 +97,9 @@ class Batch:
 
     def is_empty(self) -> bool:
         return self == Batch()
+
+    def switch_count(self) -> int:
+        return len(self.switches) + sum(r.shape[0] for r in self.switch_rows)
 
 
 class Source(Protocol):
@@ -572,7 +578,7 @@ class LiveSource:
     def __init__(self, session, *, totals_every_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.session = session
-        self.session.on_switch = self._on_switch
+        self.session.on_switch_rows = self._on_switch_rows
         self.session.on_call = self._on_call
         out = session.output
         self.description = "live" + (f" -> {out.name}" if out is not None else "")
@@ -590,8 +596,8 @@ class LiveSource:
         self._metrics = OwnerRead(lambda: (self.session.current_meta(),
                                            self.session.kernel_histograms()), METRICS_WAIT_S)
 
-    def _on_switch(self, rec: SwitchRecord) -> None:
-        self._polled.switches.append(rec)        # under _session_lock: inside poll or stop
+    def _on_switch_rows(self, rows) -> None:
+        self._polled.switch_rows.append(rows)    # under _session_lock: inside poll or stop
 
     def _on_call(self, rec: CallRecord) -> None:
         self._polled.calls.append(rec)

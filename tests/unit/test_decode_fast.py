@@ -302,6 +302,50 @@ def test_write_and_write_many_give_what_the_csv_module_writes(tmp_path):
     assert (tmp_path / "many.csv").read_bytes() == expect
 
 
+CORRECTED_META = {
+    "probe_costs": {"types": ["fentry", "kprobe", "entry"],
+                    "fentry": {"median_ns": 41.5, "p10_ns": 30, "p90_ns": 61},
+                    "kprobe": {"median_ns": 93, "p10_ns": 70, "p90_ns": 133},
+                    "entry": {"median_ns": 7, "p10_ns": 5, "p90_ns": 12}},
+    "floor_ns": {"fentry": {"median_ns": 20, "p10_ns": 10, "p90_ns": 31},
+                 "kprobe": {"median_ns": 55, "p10_ns": 40, "p90_ns": 90}},
+    "probe_modes": {"iommu_map": "fentry", "iommu_unmap": "kprobe"},
+    "unmeasured": ["mmu_ns", "mmu_notifier_ns"]}
+
+
+@pytest.mark.parametrize("meta", [{}, CORRECTED_META], ids=["uncorrected", "corrected"])
+def test_write_rows_gives_what_write_gives(tmp_path, meta):
+    """The live path's batches (int64 rows, one format operation per batch) against one
+    record at a time: the same bytes, corrected and unmeasured columns included."""
+    recs = random_records(5000, seed=4)
+    for r in recs[::7]:                     # a handful of hit counts, as real windows have
+        r.fentry_hits, r.kprobe_hits, r.entry_hits = r.seq % 5, r.seq % 3, r.seq % 2
+    recs[0].from_vf = -1
+    one = CaptureWriter(tmp_path / "one.csv", dict(meta))
+    rows = CaptureWriter(tmp_path / "rows.csv", dict(meta))
+    for r in recs:
+        one.write(r)
+    array = to_rows(recs)
+    for start in (0, 1, 700, 3000):         # batches of any size, one of a single row
+        rows.write_rows(array[start:{0: 1, 1: 700, 700: 3000, 3000: None}[start]])
+    one.close()
+    rows.close()
+    assert (tmp_path / "rows.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert rows.records == one.records == 5000 == rows.meta["records"]
+
+
+def test_correction_of_many_rows_is_the_correction_of_each():
+    from tracer.model.correction import Correction
+    corr = Correction.from_meta(CORRECTED_META)
+    recs = random_records(3000, seed=6)
+    for r in recs:
+        r.fentry_hits, r.kprobe_hits, r.entry_hits = r.seq % 4, r.seq % 3, r.pf
+        r.source_ns = 0 if r.seq % 2 else r.source_ns
+    array = to_rows(recs)
+    got = corr.value_rows({c: array[:, i] for i, c in enumerate(COLUMNS)})
+    assert got.tolist() == [list(corr.values(r)) for r in recs]
+
+
 def test_rows_stay_in_order_while_the_timer_thread_flushes(tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "FLUSH_S", 0.0005)       # flush as often as it can
     recs = random_records(60_000, seed=4)

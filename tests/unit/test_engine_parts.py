@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracer.kernel import layout, probes
 from tracer.kernel.assemble import Assembler
@@ -354,3 +356,57 @@ def test_record_bad_input_is_one_line(args, says, tmp_path):
                        env={"PYTHONPATH": str(bpf_dir().parent), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert says in r.stderr
+
+
+def _ops():
+    """Random runs of what the engine feeds an assembler: batches of switches (per-PF
+    seqs going up, some awaiting exit ends), joins for any (pf, seq), time passing."""
+    batch = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=1, max_size=6)
+    join = st.tuples(st.sampled_from(["release", "exit"]), st.integers(0, 2),
+                     st.integers(1, 30), st.integers(1, 1000))
+    return st.lists(st.one_of(st.tuples(st.just("batch"), batch),
+                              st.tuples(st.just("join"), join),
+                              st.tuples(st.just("wait"), st.integers(1, 700)),
+                              st.tuples(st.just("tick"), st.none())), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_ops())
+def test_batches_of_rows_give_what_switches_one_at_a_time_give(ops):
+    """The mapped reader hands the assembler arrays, BCC's callback one switch at a
+    time: the same records come out, in the same order, with the same joins and counts."""
+    import numpy as np
+    from tracer.kernel.assemble import records_of
+
+    clock = Clock()
+    one_out, rows_out = [], []
+    one = Assembler(one_out.append, hold_ns=100, clock=clock, max_hold_ns=400)
+    by_rows = Assembler(hold_ns=100, clock=clock, max_hold_ns=400,
+                        emit_rows=records_of(rows_out.append))
+    seqs = {0: 0, 1: 0, 2: 0}
+    for op, arg in ops:
+        if op == "batch":
+            values, pending = [], []
+            for pf, ends in arg:
+                seqs[pf] += 1
+                values.append(tuple(getattr(rec(pf, seqs[pf]), c) for c in COLUMNS))
+                pending.append(ends)
+            for v, p in zip(values, pending):
+                one.switch_values(v, p)
+            by_rows.switch_rows(np.array(values, np.int64), np.array(pending))
+        elif op == "join":
+            kind, pf, seq, ns = arg
+            for a in (one, by_rows):
+                (a.release if kind == "release" else a.exit_end)(pf, seq, ns)
+        elif op == "wait":
+            clock.t += arg
+        else:
+            one.tick()
+            by_rows.tick()
+        assert one_out == rows_out
+    one.flush()
+    by_rows.flush()
+    assert one_out == rows_out
+    counts = ("late_releases", "orphan_releases", "late_exits", "late_exit_ns",
+              "orphan_exits", "unended_exits")
+    assert [getattr(one, c) for c in counts] == [getattr(by_rows, c) for c in counts]

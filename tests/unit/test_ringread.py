@@ -68,8 +68,17 @@ class KernelRing:
 
 
 def random_samples(cls, n: int, rng: random.Random) -> list[bytes]:
+    """Random bytes; most u64 fields kept within int64 (so most records fit a column)."""
     size = ctypes.sizeof(cls)
-    return [rng.randbytes(size) for _ in range(n)]
+    wide = [getattr(cls, f).offset for f, t in cls._fields_ if t is ctypes.c_uint64]
+    out = []
+    for _ in range(n):
+        raw = bytearray(rng.randbytes(size))
+        for at in wide:
+            if rng.random() < 0.97:
+                raw[at + 7] &= 0x7F
+        out.append(bytes(raw))
+    return out
 
 
 def decode_each(name: str, names, samples: list[bytes]) -> list[tuple]:
@@ -94,13 +103,21 @@ def test_batches_decode_as_the_struct_decoder_across_wrap_around(seed, start_slo
     ring = KernelRing(data_bytes, start=start_slots * ringread.slot_bytes(size) + 2**40)
     pages = ring.reader(size)
     batch_read = HEADER.batch_reader(struct_name, names)
+    columns = HEADER.batch_columns(struct_name, names)
     for n in chunks:
         samples = random_samples(cls, n, rng)
         for s in samples:
             ring.output(s)
         batch = pages.read()
         assert len(batch) == n * pages.stride
-        assert list(batch_read(batch)) == decode_each(struct_name, names, samples)
+        expected = decode_each(struct_name, names, samples)
+        assert list(batch_read(batch)) == expected
+        # the columnar decoder: the same values, a record that int64 cannot hold masked
+        rows, unfit = columns(batch)
+        assert rows.shape == (n, len(names)) and unfit.tolist() == [
+            max(values) > 2**63 - 1 for values in expected]
+        assert [r for r, bad in zip(rows.tolist(), unfit.tolist()) if not bad] == [
+            list(values) for values in expected if max(values) <= 2**63 - 1]
         assert ring.consumed() == ring.head          # the space is handed back
     assert pages.foreign == 0
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from tracer.capture.files import read_capture
@@ -26,6 +27,7 @@ from tracer.record import headless, session as session_mod
 from tracer.record.procgroup import group_members
 from tracer.record.session import RecordError, Session, TraceOptions, Workload
 from tui.sources import Batch, LiveSource
+from tui.store import to_rows
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -44,8 +46,10 @@ class FakeEngine:
     fail_start = False
     per_poll = 3
 
-    def __init__(self, plan, *, budget_ns, on_switch, on_call=None, probe_costs=None):
-        self.plan, self.on_switch, self.on_call = plan, on_switch, on_call
+    def __init__(self, plan, *, budget_ns, on_switch_rows, on_call=None, probe_costs=None):
+        self.plan, self.on_call = plan, on_call
+        # the engine hands over batches of rows; one switch is a batch of one here
+        self.on_switch = lambda rec: on_switch_rows(to_rows([rec]))
         self.floor = SimpleNamespace(as_meta=lambda: {"function": "f"}, modes={})
         self.probe_costs = probe_costs or {}
         self.warnings = ["a hook failed"]
@@ -195,7 +199,9 @@ def test_quitting_the_dashboard_stops_the_workload_before_the_probes(tmp_path, e
     live = LiveSource(make_session(tmp_path, workload=SLEEPER))
     live.start()
     batch = live.read(0.05)
-    assert batch.switches and all(isinstance(r, SwitchRecord) for r in batch.switches)
+    # the live engine's switches come as int64 rows, a batch at a time
+    assert batch.switch_count() and not batch.switches
+    assert all(r.dtype == np.int64 and r.shape[1] == len(COLUMNS) for r in batch.switch_rows)
     live.stop("quit")
     assert_order(events)
     meta = live.session.meta
@@ -392,15 +398,15 @@ def test_the_dashboards_reader_never_waits_behind_a_blocking_poll(tmp_path, even
     try:
         batch = live.read(0.05)                 # the pump is inside poll right now
         assert not release.is_set(), "read() waited for the poll to end"
-        assert batch.switches == []             # the record is handed over after the poll
+        assert batch.switch_count() == 0        # the record is handed over after the poll
     finally:
         timer.cancel()
         release.set()
     got, deadline = Batch(), time.monotonic() + 10
-    while not got.switches:
+    while not got.switch_count():
         assert time.monotonic() < deadline
         got.merge(live.read(0.05))
-    assert got.switches[0].seq == 1
+    assert got.switch_rows[0][0, COLUMNS.index("seq")] == 1
     live.stop("quit")
     assert_order(events)
 

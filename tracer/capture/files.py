@@ -25,12 +25,14 @@ from operator import attrgetter
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+import numpy as np
+
 from tracer import __version__
 from tracer.errors import VftraceError
 from tracer.model.schema import (CALL_COLUMNS, CALL_COLUMNS_ADDED, COLUMNS, COLUMNS_ADDED,
                                  INT64_MAX, INT64_MIN, MAY_BE_UNMEASURED, CallRecord,
                                  SwitchRecord, unmeasured)
-from tracer.model.correction import CORRECTED_COLUMNS, Correction
+from tracer.model.correction import CORRECTED_COLUMNS, HIT_COLUMNS, Correction
 from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_filtered_out
 
 FLUSH_S = 0.5
@@ -185,7 +187,7 @@ class _CsvSink:
             raise CaptureError(f"{self.path}: a row is not all integers ({e}); "
                                f"{len(rows)} rows dropped") from None
         self._emit(text)
-        self.records += len(rows)
+        self.records += text.count("\n")      # a queued item may be a block of lines
 
     def _emit(self, text: str) -> None:
         try:
@@ -241,6 +243,9 @@ def switch_row_format(unmeasured: Iterable[str] = (), corrected: bool | None = N
 
 
 _SWITCH_ROW_FORMAT = switch_row_format()
+_CORRECTION_INPUTS = {c: COLUMNS.index(c) for c in (
+    *HIT_COLUMNS, "map_calls", "unmap_calls", "source_ns", "switch_ns", "revoke_ns",
+    "grant_ns", "unmap_ns", "map_ns")}
 _switch_row = attrgetter(*COLUMNS)
 
 
@@ -287,6 +292,7 @@ class CaptureWriter(_CsvSink):
         # Rows are queued already formatted (write()): a str is not tracked by the
         # garbage collector, a tuple is (2048 queued ones set off three collections).
         self._format = _join_switch_lines
+        self._queued_lines = 0          # write_rows' lines since its last flush
         try:
             write_json_atomic(self.meta_path, self.meta)
         except BaseException:
@@ -319,6 +325,22 @@ class CaptureWriter(_CsvSink):
 
     def write_many(self, recs: Iterable[SwitchRecord]) -> None:
         self._add_rows(map(self._line, recs))
+
+    def write_rows(self, rows: np.ndarray) -> None:
+        """Many switches as an int64 array in ``COLUMNS`` order: the lines ``write``
+        gives them, formatted as one block (one format operation for the batch)."""
+        n = rows.shape[0]
+        if not n:
+            return
+        if self._correction is not None:
+            corrected = self._correction.value_rows(
+                {c: rows[:, i] for c, i in _CORRECTION_INPUTS.items()})
+            rows = np.hstack((rows, corrected))
+        self._rows.append((self._row_format * n) % tuple(rows.ravel().tolist()))
+        self._queued_lines += n
+        if self._queued_lines >= FLUSH_ROWS:
+            self._queued_lines = 0
+            self.flush()
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of

@@ -18,39 +18,72 @@ A switch is given up on (``max_hold_ns``) only in ``tick()``, which the engine c
 a poll has read every buffer: a reader that was starved for longer than that (a loaded
 lab VM) first reads the ends already waiting in the joins buffer.  While records are
 being read, only switches with all their ends are passed on, to keep memory bounded.
+
+Switches are held as arrays of rows (``COLUMNS`` order, int64), a batch of them at a time
+as the mapped ring reader hands them over, and passed on the same way (``emit_rows``), so
+no Python runs per switch unless a consumer asks for records (``emit``).  Joins are few
+(guests' blocked accesses and long exits) and stay a dict by (pf, seq).
 """
 from __future__ import annotations
 
-import operator
 import time
-from collections import OrderedDict
+from collections import deque
 from typing import Callable
+
+import numpy as np
 
 from ..model.schema import COLUMNS, SwitchRecord
 
 PF, SEQ = COLUMNS.index("pf"), COLUMNS.index("seq")
-# What a held switch gathers: [blocked accesses, their wait ns, late exits, their ns]
-RELEASES, RELEASE_NS, EXITS, EXIT_NS = range(4)
+EXIT_NS = COLUMNS.index("exit_ns")
+BLOCKED, BLOCKED_NS = COLUMNS.index("blocked_accesses"), COLUMNS.index("blocked_ns")
+# What a switch gathers from its joins: [blocked accesses, their wait ns, exits, their ns]
+RELEASES, RELEASE_NS, EXITS, EXIT_TOTAL_NS = range(4)
 
 MAX_PENDING_JOINS = 65536
 
 
-class Assembler:
-    """Held switches are plain tuples of their column values (the garbage collector does
-    not track tuples of ints, and ~50k are held at 200k records/s); the record is built
-    when it is passed on.  Joins for a held switch add up beside it."""
+def records_of(emit: Callable[[SwitchRecord], None]) -> Callable[[np.ndarray], None]:
+    """An ``emit_rows`` for a consumer of records: one SwitchRecord per row."""
+    def emit_rows(rows: np.ndarray) -> None:
+        for values in rows.tolist():
+            emit(SwitchRecord(*values))
+    return emit_rows
 
-    def __init__(self, emit: Callable[[SwitchRecord], None], hold_ns: int = 250_000_000,
+
+class _Held:
+    """One batch of held switches: their rows, when each arrived, and how many of each
+    one's exit ends are still to come."""
+    __slots__ = ("rows", "arrived", "pending")
+
+    def __init__(self, rows: np.ndarray, arrived: np.ndarray, pending: np.ndarray):
+        self.rows, self.arrived, self.pending = rows, arrived, pending
+
+
+class Assembler:
+    """Held switches are batches of rows, oldest first; a batch is passed on whole or
+    split where a switch still waits for its exits' ends.  Joins add up by (pf, seq)
+    whether their switch is held or still to come, and are added to its row when it is
+    passed on."""
+
+    def __init__(self, emit: Callable[[SwitchRecord], None] | None = None,
+                 hold_ns: int = 250_000_000,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 max_hold_ns: int = 2_000_000_000):
-        self.emit, self.hold_ns, self.clock = emit, hold_ns, clock
+                 max_hold_ns: int = 2_000_000_000, *,
+                 emit_rows: Callable[[np.ndarray], None] | None = None):
+        if (emit is None) == (emit_rows is None):
+            raise ValueError("Assembler: give emit (records) or emit_rows (arrays)")
+        self.emit_rows = emit_rows if emit_rows is not None else records_of(emit)
+        self.hold_ns, self.clock = hold_ns, clock
         self.max_hold_ns = max(max_hold_ns, hold_ns)
-        # key -> (arrival, column values, exit ends still to come)
-        self.held: OrderedDict[tuple[int, int], tuple[int, tuple, int]] = OrderedDict()
-        self.joined: dict[tuple[int, int], list[int]] = {}    # held key -> RELEASES...
-        self.early: dict[tuple[int, int], list[int]] = {}     # joins before their record
+        self.held: deque[_Held] = deque()
+        self.held_rows = 0
+        self._staged: list[tuple] = []          # switch_values' rows, not batched yet
+        self._staged_at: list[int] = []
+        self._staged_pending: list[int] = []
+        self.joins: dict[tuple[int, int], list[int]] = {}   # (pf, seq) -> RELEASES...
         self.late_releases = 0      # their record had already been passed on
-        self.orphan_releases = 0    # releases never matched (early table overflow, or end)
+        self.orphan_releases = 0    # releases never matched (table overflow, or end)
         self.late_exits = 0         # exit ends whose record had already been passed on
         self.late_exit_ns = 0
         self.orphan_exits = 0       # exit ends never matched
@@ -58,25 +91,48 @@ class Assembler:
         self.last_emitted: dict[int, int] = {}                 # pf -> newest seq passed on
         self.next_due: int | None = None                       # when the oldest is due
 
+    # -- switches -----------------------------------------------------------------------
     def switch(self, rec: SwitchRecord) -> None:
-        self.switch_values(_column_values(rec))
+        self.switch_values(tuple(getattr(rec, c) for c in COLUMNS))
 
     def switch_values(self, values: tuple, exits_pending: int = 0) -> None:
         """One switch as its column values (``COLUMNS`` order), and how many of its
-        exits' ends are still to come as joins."""
-        key = (values[PF], values[SEQ])
+        exits' ends are still to come as joins (the per-record readers' entry)."""
         now = self.clock()
-        if key in self.held:        # the same switch twice (a source reusing its seq):
-            self._pass_on(key)      # both are kept, the first with its joins so far
-        early = self.early.pop(key, None)
-        if early:
-            self.joined[key] = early
-        self.held[key] = (now, values, exits_pending)
+        self._staged.append(values)
+        self._staged_at.append(now)
+        self._staged_pending.append(exits_pending)
+        self._arrived(now)
+
+    def switch_rows(self, rows: np.ndarray, exits_pending: np.ndarray) -> None:
+        """A batch of switches: an (n, len(COLUMNS)) int64 array, and each one's exit
+        ends still to come."""
+        if not rows.shape[0]:
+            return
+        self._batch_staged()
+        now = self.clock()
+        self._hold(rows, np.full(rows.shape[0], now, np.int64),
+                   exits_pending.astype(np.int64, copy=False))
+        self._arrived(now)
+
+    def _arrived(self, now: int) -> None:
         if self.next_due is None:
             self.next_due = now + self.hold_ns
         if now >= self.next_due:
             self._pass_on_due(now, give_up=False)
 
+    def _hold(self, rows: np.ndarray, arrived: np.ndarray, pending: np.ndarray) -> None:
+        self.held.append(_Held(rows, arrived, pending))
+        self.held_rows += rows.shape[0]
+
+    def _batch_staged(self) -> None:
+        if self._staged:
+            rows = np.array(self._staged, np.int64).reshape(len(self._staged), len(COLUMNS))
+            self._hold(rows, np.array(self._staged_at, np.int64),
+                       np.array(self._staged_pending, np.int64))
+            self._staged, self._staged_at, self._staged_pending = [], [], []
+
+    # -- joins --------------------------------------------------------------------------
     def release(self, pf: int, seq: int, wait_ns: int) -> None:
         """A guest access switch (pf, seq) released after blocking ``wait_ns``."""
         if not self._join((pf, seq), 1, wait_ns, 0, 0):
@@ -91,36 +147,38 @@ class Assembler:
     def _join(self, key: tuple[int, int], releases: int, release_ns: int, exits: int,
               exit_ns: int) -> bool:
         """Add to switch ``key``, held or still to come; False when it was passed on."""
-        extra = self.joined.get(key) if key in self.held else self.early.get(key)
+        extra = self.joins.get(key)
         if extra is None:
-            if key not in self.held:
-                if self.emitted_past(*key):
-                    return False
-                if len(self.early) >= MAX_PENDING_JOINS:
-                    _, dropped = self.early.popitem()
-                    self._orphaned(dropped)
-                extra = self.early[key] = [0, 0, 0, 0]
-            else:
-                extra = self.joined[key] = [0, 0, 0, 0]
+            if self.emitted_past(*key):
+                return False
+            if len(self.joins) >= MAX_PENDING_JOINS + self.held_rows + len(self._staged):
+                _, dropped = self.joins.popitem()
+                self._orphaned(dropped)
+            extra = self.joins[key] = [0, 0, 0, 0]
         extra[RELEASES] += releases
         extra[RELEASE_NS] += release_ns
         extra[EXITS] += exits
-        extra[EXIT_NS] += exit_ns
+        extra[EXIT_TOTAL_NS] += exit_ns
         return True
 
     def _orphaned(self, extra: list[int]) -> None:
         self.orphan_releases += extra[RELEASES]
         self.orphan_exits += extra[EXITS]
 
+    def _ends_in(self, rows: np.ndarray, i: int) -> int:
+        extra = self.joins.get((int(rows[i, PF]), int(rows[i, SEQ])))
+        return 0 if extra is None else extra[EXITS]
+
     def awaiting_exit_ends(self) -> int:
         """How many held switches still wait for ends of their exits."""
-        joined = self.joined
-        return sum(1 for key, (_, _, pending) in self.held.items()
-                   if pending and (key not in joined or joined[key][EXITS] < pending))
+        self._batch_staged()
+        return sum(1 for h in self.held for i in np.flatnonzero(h.pending).tolist()
+                   if self._ends_in(h.rows, i) < h.pending[i])
 
     def emitted_past(self, pf: int, seq: int) -> bool:
         return seq <= self.last_emitted.get(pf, 0)
 
+    # -- passing on ---------------------------------------------------------------------
     def tick(self) -> None:
         """Pass on what is due; call it only when every buffer has been read."""
         if self.next_due is not None:
@@ -131,45 +189,75 @@ class Assembler:
     def _pass_on_due(self, now: int, give_up: bool) -> None:
         """Pass on, oldest first (the capture stays in order), what has been held
         ``hold_ns`` and has its exit ends, or (``give_up``) has waited ``max_hold_ns``."""
-        held = self.held
-        while held:
-            key = next(iter(held))
-            arrived, _, pending = held[key]
-            age = now - arrived
-            if age < self.hold_ns:
-                self.next_due = arrived + self.hold_ns
-                return
-            if pending and (age < self.max_hold_ns or not give_up):
-                extra = self.joined.get(key)
-                if extra is None or extra[EXITS] < pending:
-                    self.next_due = now                 # look again at the next call
-                    return
-            self._pass_on(key)
-        self.next_due = None
+        self._batch_staged()
+        out = []
+        while self.held:
+            h = self.held[0]
+            total = h.rows.shape[0]
+            n = int(np.searchsorted(h.arrived, now - self.hold_ns, side="right"))
+            waiting = False
+            for i in np.flatnonzero(h.pending[:n]).tolist():
+                if ((now - int(h.arrived[i]) < self.max_hold_ns or not give_up)
+                        and self._ends_in(h.rows, i) < h.pending[i]):
+                    n, waiting = i, True
+                    break
+            if n:
+                out.append(self._take(h, n))
+            if n < total:           # h's first switch (now at 0) is not due, or waits
+                self.next_due = now if waiting else int(h.arrived[0]) + self.hold_ns
+                break
+        else:
+            self.next_due = None
+        if out:
+            self._emit(out)
+
+    def _take(self, h: _Held, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` of ``h``'s switches, out of the held ones."""
+        if n == h.rows.shape[0]:
+            self.held.popleft()
+            taken = (h.rows, h.pending)
+        else:
+            taken = (h.rows[:n], h.pending[:n])
+            h.rows, h.arrived, h.pending = h.rows[n:], h.arrived[n:], h.pending[n:]
+        self.held_rows -= n
+        return taken
 
     def flush(self) -> None:
-        while self.held:
-            self._pass_on(next(iter(self.held)))
+        self._batch_staged()
+        out = [self._take(self.held[0], self.held[0].rows.shape[0])
+               for _ in range(len(self.held))]
+        if out:
+            self._emit(out)
         self.next_due = None
-        for extra in self.early.values():
+        for extra in self.joins.values():
             self._orphaned(extra)
-        self.early.clear()
+        self.joins.clear()
 
-    def _pass_on(self, key) -> None:
-        _, values, pending = self.held.pop(key)
-        rec = SwitchRecord(*values)
-        extra = self.joined.pop(key, None)
-        if extra is not None:
-            rec.blocked_accesses += extra[RELEASES]
-            rec.blocked_ns += extra[RELEASE_NS]
-            rec.exit_ns += extra[EXIT_NS]
-            pending -= extra[EXITS]
-        if pending > 0:
-            self.unended_exits += pending
-        pf, seq = key
-        if seq > self.last_emitted.get(pf, 0):
-            self.last_emitted[pf] = seq
-        self.emit(rec)
+    def _emit(self, taken: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        rows = np.concatenate([r for r, _ in taken]) if len(taken) > 1 else taken[0][0]
+        pending = np.concatenate([p for _, p in taken]) if len(taken) > 1 else taken[0][1]
+        if self.joins:
+            rows = rows.copy()      # a view of the reader's batch: add to our own
+            unended = self._add_joins(rows, pending)
+        else:
+            unended = int(pending.sum())
+        self.unended_exits += unended
+        for pf in np.unique(rows[:, PF]).tolist():
+            newest = int(rows[rows[:, PF] == pf, SEQ].max())
+            if newest > self.last_emitted.get(pf, 0):
+                self.last_emitted[pf] = newest
+        self.emit_rows(rows)
 
-
-_column_values = operator.attrgetter(*COLUMNS)       # a record's values, COLUMNS order
+    def _add_joins(self, rows: np.ndarray, pending: np.ndarray) -> int:
+        """Add the joins of ``rows``' switches to them; the exit ends still missing."""
+        seqs = np.fromiter((seq for _, seq in self.joins), np.int64, len(self.joins))
+        missing = pending.copy()
+        for i in np.flatnonzero(np.isin(rows[:, SEQ], seqs)).tolist():
+            extra = self.joins.pop((int(rows[i, PF]), int(rows[i, SEQ])), None)
+            if extra is None:
+                continue
+            rows[i, BLOCKED] += extra[RELEASES]
+            rows[i, BLOCKED_NS] += extra[RELEASE_NS]
+            rows[i, EXIT_NS] += extra[EXIT_TOTAL_NS]
+            missing[i] -= extra[EXITS]
+        return int(missing[missing > 0].sum())

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
+import numpy as np
+
 from . import costs, layout, probes, proginfo, ringread
 from .assemble import Assembler
 from .histograms import HistogramReader
@@ -54,14 +56,18 @@ def program_text(plan: Plan, calib_tgid: int) -> str:
 
 
 class Engine:
-    def __init__(self, plan: Plan, *, budget_ns: int, on_switch: Callable[[SwitchRecord], None],
+    def __init__(self, plan: Plan, *, budget_ns: int,
+                 on_switch: Callable[[SwitchRecord], None] | None = None,
                  on_call: Callable[[CallRecord], None] | None = None, hold_ns: int = 250_000_000,
-                 probe_costs: dict | None = None):
-        """``probe_costs``: costs measured on real switches beforehand (vftrace calibrate
+                 probe_costs: dict | None = None,
+                 on_switch_rows: Callable[[np.ndarray], None] | None = None):
+        """Switches go to ``on_switch`` one record at a time, or to ``on_switch_rows`` a
+        batch at a time (an int64 array, ``COLUMNS`` order: no Python per switch).
+        ``probe_costs``: costs measured on real switches beforehand (vftrace calibrate
         --switches); given, the start-up cost calibration is skipped."""
         self.plan, self.budget_ns, self.on_call = plan, budget_ns, on_call
         self.saved_costs = probe_costs
-        self.assembler = Assembler(on_switch, hold_ns)
+        self.assembler = Assembler(on_switch, hold_ns, emit_rows=on_switch_rows)
         self.kinds = layout.header().kinds()
         self.bpf = None
         self.histograms: HistogramReader | None = None
@@ -275,8 +281,9 @@ class Engine:
     # of them (the mapped reader: ring slots back to back) takes the same path from its
     # decoded values on.
     @cached_property
-    def _read_switches(self):
-        return layout.header().batch_reader("vft_switch", (*SWITCH_READ, "exits_pending"))
+    def _switch_columns(self):
+        # every column (over_budget and blocked_* read as 0), then exits_pending
+        return layout.header().batch_columns("vft_switch", (*COLUMNS, "exits_pending"))
 
     @cached_property
     def _read_calls(self):
@@ -290,8 +297,15 @@ class Engine:
         self._switch(self._read_switch(data))
 
     def _on_switches(self, batch: bytes) -> None:
-        for values in self._read_switches(batch):
-            self._switch(values)
+        """A batch from the mapped reader: decoded, checked and held as arrays."""
+        cols, unfit = self._switch_columns(batch)
+        self.samples += cols.shape[0]
+        if unfit.any():
+            self.out_of_range += int(unfit.sum())
+            cols = cols[~unfit]
+        rows = cols[:, :len(COLUMNS)]
+        rows[:, OVER_BUDGET] = rows[:, SWITCH_NS] > self.budget_ns
+        self.assembler.switch_rows(rows, cols[:, len(COLUMNS)])
 
     def _switch(self, values: tuple) -> None:
         *values, pending = values

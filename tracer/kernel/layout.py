@@ -16,6 +16,8 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from ..paths import bpf_dir
 from . import ringread
 
@@ -25,6 +27,8 @@ CTYPES = {"__u64": ctypes.c_uint64, "__s64": ctypes.c_int64, "__u32": ctypes.c_u
 # struct codes with standard sizes ("=": native byte order, as the kernel wrote it)
 STRUCT_CODES = {"__u64": "Q", "__s64": "q", "__u32": "I", "__s32": "i", "__u16": "H",
                 "__s16": "h", "__u8": "B", "__s8": "b"}
+NUMPY_CODES = {"__u64": "u8", "__s64": "i8", "__u32": "u4", "__s32": "i4", "__u16": "u2",
+               "__s16": "i2", "__u8": "u1", "__s8": "i1"}
 STRUCT_RE = re.compile(r"struct\s+(vft_\w+)\s*\{(.*?)\};", re.S)
 FIELD_RE = re.compile(r"^\s*(__[us]\d+)\s+(\w+)(?:\[(\w+)\])?\s*;")
 DEFINE_RE = re.compile(r"^#define\s+(VFT_\w+)\s+(\d+)\s*(?:/\*.*\*/\s*)?$", re.M)
@@ -145,6 +149,42 @@ class Header:
             pad = (missing,)
             return lambda batch: map(pick, map(tuple.__add__, iter_unpack(batch), repeat(pad)))
         return lambda batch: map(pick, iter_unpack(batch))
+
+    def batch_columns(self, struct_name: str, names: Sequence[str]
+                      ) -> Callable[[bytes], tuple[np.ndarray, np.ndarray]]:
+        """The columnar twin of ``batch_reader``: from ring slots back to back to an
+        (n, len(names)) int64 array, one column per name (a name the struct lacks is a
+        column of 0), by one numpy view of the slots: no Python per record.  Also a
+        mask of the records with an unsigned value above int64's range (a column
+        cannot hold it: the caller counts and drops them)."""
+        packed, _ = self.record_struct(struct_name)
+        cls = self.structs[struct_name]
+        types = self.field_types[struct_name]
+        arrays = {f for f, _ in cls._fields_} - set(types)
+        if arrays & set(names):
+            raise ValueError(f"batch_columns: {struct_name}: array fields are not read: "
+                             f"{', '.join(sorted(arrays & set(names)))}")
+        known = [n for n in dict.fromkeys(names) if n in types]
+        dtype = np.dtype({"names": known,
+                          "formats": ["=" + NUMPY_CODES[types[n]] for n in known],
+                          "offsets": [ringread.HEADER_BYTES + getattr(cls, n).offset
+                                      for n in known],
+                          "itemsize": ringread.slot_bytes(packed.size)})
+        where = [(j, n) for j, n in enumerate(names) if n in types]
+        wide = [n for n in known if types[n] == "__u64"]
+        limit = np.uint64(2**63 - 1)
+
+        def read(batch) -> tuple[np.ndarray, np.ndarray]:
+            slots = np.frombuffer(batch, dtype)
+            out = np.zeros((slots.shape[0], len(names)), np.int64)
+            for j, n in where:
+                out[:, j] = slots[n]        # a u64 above the range wraps: masked below
+            unfit = np.zeros(slots.shape[0], bool)
+            for n in wide:
+                unfit |= slots[n] > limit
+            return out, unfit
+
+        return read
 
 
 @lru_cache(maxsize=1)

@@ -118,6 +118,8 @@ class TappedSource:
         batch = self.source.read(timeout)
         if batch.switches:
             self.stats.add_many(batch.switches)
+        for rows in batch.switch_rows:          # the live engine's batches
+            self.stats.add_rows(rows)
         if batch.finished and not self.finished:
             self.finished = True
             self.tap.close()

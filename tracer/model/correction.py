@@ -130,6 +130,24 @@ class Correction:
                 rec.unmap_ns - u_own, u_err, rec.map_ns - m_own, m_err)
 
     # -- many records (numpy arrays by column name) ----------------------------------
+    def value_rows(self, cols: dict):
+        """``values`` of many records at once: an (n, len(CORRECTED_COLUMNS)) int64
+        array from their columns (int64 arrays by name), the same numbers."""
+        import numpy as np
+        keys = np.stack([cols[c] for c in (*HIT_COLUMNS, "map_calls", "unmap_calls")], axis=1)
+        out = np.empty((keys.shape[0], len(CORRECTED_COLUMNS)), np.int64)
+        if not keys.shape[0]:
+            return out
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        terms = np.array([self.terms(*k) for k in uniq.tolist()], np.int64)[inverse.ravel()]
+        src = cols["source_ns"]
+        bases = (np.where(src > 0, src, cols["switch_ns"]), cols["revoke_ns"], cols["grant_ns"],
+                 cols["unmap_ns"], cols["map_ns"])
+        for i, base in enumerate(bases):
+            out[:, 2 * i] = base - terms[:, 2 * i]
+            out[:, 2 * i + 1] = terms[:, 2 * i + 1]
+        return out
+
     def switch_arrays(self, cols: dict):
         """(corrected switch, uncertainty) as float arrays for columns ``cols``
         (``switch_ns``, ``source_ns`` and the three hit counts)."""

@@ -41,7 +41,7 @@ def main(args) -> int:
 
     stats = Stats(budget_ns=opts.budget_ns, pfs=opts.pfs, vfs=opts.vfs)   # sees every switch
     session = Session(opts, plan, tool=f"vftrace {args.command}", output=out,
-                      on_switch=stats.add, signals=True)
+                      on_switch_rows=stats.add_rows, signals=True)
     tap = MetricsTap(lambda: state_from(stats, session.current_meta(),
                                         session.kernel_histograms()))
     # Listening before the probes are armed: a port in use is refused at once, not after

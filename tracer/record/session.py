@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .. import __version__
 from .procgroup import stop_group
 from ..capture import output
@@ -381,10 +383,12 @@ class Workload:
 class Session:
     """A recording from arming to detaching; see the module docstring for the order.
 
-    ``on_switch`` sees every switch, so the consumer's statistics (``Stats`` with
-    ``opts.switch_filter``) count seqs before filtering; the capture holds what the
-    filter keeps, and its meta says (``filtered_out``) what it left out, so a reader does
-    not count those as gaps.  ``on_call`` sees the calls --pid keeps.
+    ``on_switch`` (a record at a time) or ``on_switch_rows`` (an int64 array of them in
+    ``COLUMNS`` order, a batch at a time: what the engine hands over) sees every switch,
+    so the consumer's statistics (``Stats`` with ``opts.switch_filter``) count seqs before
+    filtering; the capture holds what the filter keeps, and its meta says
+    (``filtered_out``) what it left out, so a reader does not count those as gaps.
+    ``on_call`` sees the calls --pid keeps.
     ``engine_factory`` is ``Engine`` unless a test passes a fake one.
     """
 
@@ -394,9 +398,11 @@ class Session:
                  on_call: Callable[[CallRecord], None] | None = None,
                  engine_factory: Callable | None = None,
                  signals: bool = False, workload_stdio: dict | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_switch_rows: Callable[[np.ndarray], None] | None = None) -> None:
         self.opts, self.plan, self.tool, self.output = opts, plan, tool, output
         self.on_switch, self.on_call = on_switch, on_call
+        self.on_switch_rows = on_switch_rows
         self.clock = clock
         self.meta: dict = {}
         self.engine = None
@@ -426,7 +432,7 @@ class Session:
         if self._signals:
             self.signal_stop = SignalStop()
         self.engine = self._engine_factory(
-            self.plan, budget_ns=self.opts.budget_ns, on_switch=self._switch,
+            self.plan, budget_ns=self.opts.budget_ns, on_switch_rows=self._switch_rows,
             on_call=self._call if self.opts.calls else None, probe_costs=self.opts.costs)
         t0 = self.clock()
         try:
@@ -490,11 +496,19 @@ class Session:
         return meta
 
     # -- records ----------------------------------------------------------------------
-    def _switch(self, rec: SwitchRecord) -> None:
-        if self.gate.admit(rec) and self.capture is not None:
-            self.capture.write(rec)
-        if self.on_switch is not None:
-            self.on_switch(rec)
+    def _switch_rows(self, rows: np.ndarray) -> None:
+        """A batch of switches from the engine: the capture gets what the filter keeps,
+        the consumer every one."""
+        if self.capture is not None:
+            self.capture.write_rows(self.gate.rows(rows) if self.gate.filter.active else rows)
+        elif self.gate.filter.active:
+            self.gate.rows(rows)
+        if self.on_switch_rows is not None:
+            self.on_switch_rows(rows)
+        elif self.on_switch is not None:
+            on_switch = self.on_switch
+            for values in rows.tolist():
+                on_switch(SwitchRecord(*values))
 
     def _call(self, rec: CallRecord) -> None:
         if self.opts.keeps_call(rec):
