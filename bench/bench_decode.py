@@ -3,11 +3,19 @@
     .venv/bin/python bench/bench_decode.py [-n RECORDS]
 
 Raw ``struct vft_switch`` samples (laid out from bpf/vftrace.h with ctypes, as the
-kernel writes them) are made before timing starts, back to back in one buffer, and fed
-one at a time to the engine's own callback (``Engine._on_switch``: decode, the release
-assembler) as BCC's ring/perf buffer callback does: the address of the sample.  The
-records go to ``Stats.add`` and ``CaptureWriter.write`` as ``vftrace record`` wires them.
-Prints one line per case: ``<case> N records T s R k records/s``.
+kernel writes them) are made before timing starts, and fed to the engine's own entry
+points two ways:
+
+- ``callback``: one at a time to ``Engine._on_switch`` as BCC's ring buffer callback
+  does (the address of the sample): the fallback reader;
+- ``mapped``: as ring slots (header, sample, padding), ``RING_BATCH`` at a time, to
+  ``Engine._on_switches`` as the mapped reader does.
+
+Either way the engine hands over int64 rows, which go to ``Stats.add_rows`` and
+``CaptureWriter.write_rows`` as ``vftrace record`` wires them.
+
+The capture's meta has probe costs, so its corrected columns are computed, as a
+recording's are.  Prints one line per case: ``<case> N records T s R k records/s``.
 """
 from __future__ import annotations
 
@@ -58,9 +66,18 @@ def addresses(samples: ctypes.Array) -> range:
     return range(base, base + len(samples) * size, size)
 
 
-def engine(on_switch) -> Engine:
+# What a recording's meta says of vftrace's own cost (the corrected columns' input)
+META = {"probe_costs": {"types": ["fentry", "kprobe", "entry"],
+                        "fentry": {"median_ns": 45, "p10_ns": 30, "p90_ns": 60},
+                        "kprobe": {"median_ns": 90, "p10_ns": 70, "p90_ns": 130},
+                        "entry": {"median_ns": 8, "p10_ns": 5, "p90_ns": 12}},
+        "floor_ns": {"fentry": {"median_ns": 20, "p10_ns": 10, "p90_ns": 30}},
+        "probe_modes": {"iommu_map": "fentry", "iommu_unmap": "fentry"}}
+
+
+def engine(sink) -> Engine:
     """The live engine's decoding half; start() (BPF) is never called."""
-    return Engine(Plan("pf_sched", "raw_tp"), budget_ns=BUDGET_NS, on_switch=on_switch)
+    return Engine(Plan("pf_sched", "raw_tp"), budget_ns=BUDGET_NS, on_switch_rows=sink)
 
 
 def ring_batches(samples: ctypes.Array, batch: int = RING_BATCH) -> list[bytes]:
@@ -108,15 +125,15 @@ def main() -> int:
     samples = raw_samples(args.records)
     with tempfile.TemporaryDirectory() as tmp:
         def decode_only():
-            return (lambda rec: None), (lambda: None)
+            return (lambda _: None), (lambda: None)
 
         def full():
             stats = Stats(budget_ns=BUDGET_NS)
-            writer = CaptureWriter(Path(tmp) / "cap.csv", {})
+            writer = CaptureWriter(Path(tmp) / "cap.csv", dict(META))
 
-            def sink(rec):
-                stats.add(rec)
-                writer.write(rec)
+            def sink(rows):
+                stats.add_rows(rows)
+                writer.write_rows(rows)
 
             def finish():
                 writer.close()
@@ -125,7 +142,7 @@ def main() -> int:
 
         def with_stats():
             stats = Stats(budget_ns=BUDGET_NS)
-            return stats.add, stats.snapshot
+            return stats.add_rows, stats.snapshot
 
         batches = ring_batches(samples)
         for reader, feed, data in (("callback", feed_callback, None),

@@ -329,18 +329,20 @@ class CaptureWriter(_CsvSink):
     def write_rows(self, rows: np.ndarray) -> None:
         """Many switches as an int64 array in ``COLUMNS`` order: the lines ``write``
         gives them, formatted as one block (one format operation for the batch)."""
-        n = rows.shape[0]
-        if not n:
-            return
-        if self._correction is not None:
-            corrected = self._correction.value_rows(
-                {c: rows[:, i] for c, i in _CORRECTION_INPUTS.items()})
-            rows = np.hstack((rows, corrected))
-        self._rows.append((self._row_format * n) % tuple(rows.ravel().tolist()))
-        self._queued_lines += n
-        if self._queued_lines >= FLUSH_ROWS:
-            self._queued_lines = 0
-            self.flush()
+        for start in range(0, rows.shape[0], FLUSH_ROWS):
+            block = rows[start:start + FLUSH_ROWS]
+            n = block.shape[0]
+            if self._correction is not None:
+                full = np.empty((n, len(COLUMNS) + len(CORRECTED_COLUMNS)), np.int64)
+                full[:, :len(COLUMNS)] = block
+                full[:, len(COLUMNS):] = self._correction.value_rows(
+                    {c: block[:, i] for c, i in _CORRECTION_INPUTS.items()})
+                block = full
+            self._rows.append((self._row_format * n) % tuple(block.ravel().tolist()))
+            self._queued_lines += n
+            if self._queued_lines >= FLUSH_ROWS:
+                self._queued_lines = 0
+                self.flush()
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of

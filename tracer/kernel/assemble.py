@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import chain
 from typing import Callable
 
 import numpy as np
@@ -127,7 +128,9 @@ class Assembler:
 
     def _batch_staged(self) -> None:
         if self._staged:
-            rows = np.array(self._staged, np.int64).reshape(len(self._staged), len(COLUMNS))
+            n = len(self._staged)
+            rows = np.fromiter(chain.from_iterable(self._staged), np.int64,
+                               n * len(COLUMNS)).reshape(n, len(COLUMNS))
             self._hold(rows, np.array(self._staged_at, np.int64),
                        np.array(self._staged_pending, np.int64))
             self._staged, self._staged_at, self._staged_pending = [], [], []

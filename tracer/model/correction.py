@@ -138,7 +138,14 @@ class Correction:
         out = np.empty((keys.shape[0], len(CORRECTED_COLUMNS)), np.int64)
         if not keys.shape[0]:
             return out
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        if keys.min() >= 0 and keys.max() < 1 << 12:     # the usual: one int64 per key
+            packed = keys[:, 0].copy()
+            for i in range(1, keys.shape[1]):
+                packed |= keys[:, i] << (12 * i)
+            _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
+            uniq = keys[first]
+        else:
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         terms = np.array([self.terms(*k) for k in uniq.tolist()], np.int64)[inverse.ravel()]
         src = cols["source_ns"]
         bases = (np.where(src > 0, src, cols["switch_ns"]), cols["revoke_ns"], cols["grant_ns"],
