@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench_tui.py [--rate 10000] [--seconds 10]
 
-A synthetic source makes records at the given rate (2 PFs x 4 VFs, log-normal switch
-times, some KVM exit call rows) in the app's reading thread; the app folds them and
+A synthetic source makes switches at the given rate (2 PFs x 4 VFs, log-normal switch
+times, some KVM exit call rows) in the app's reading thread, as int64 rows, the form the
+live source hands over (the engine's batches); the app folds them and
 redraws at its usual rates (~10 Hz; its tables and plot ~2 Hz).  Prints the
 process CPU share (all threads: reader + UI), the records folded, and how long a key
 press takes to take effect while it runs.
@@ -12,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.model.schema import COLUMNS, CallRecord, SwitchRecord  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tracer.model.schema import COLUMNS, CallRecord  # noqa: E402
 from tui.app import VftraceApp  # noqa: E402
 from tui.sources import Batch, HeaderInfo  # noqa: E402
+
+
+COL = {name: i for i, name in enumerate(COLUMNS)}
 
 
 class SyntheticSource:
@@ -31,34 +36,44 @@ class SyntheticSource:
         self.rate = rate
         self.t0 = time.monotonic()
         self.made = 0
-        self.rng = random.Random(1)
+        self.rng = np.random.default_rng(1)
         self.seq = {0: 0, 1: 0}
 
     def start(self) -> HeaderInfo:
         return HeaderInfo(origin="synthetic", kernel="bench", switch_source="synthetic",
                           budget_ns=50_000, kvm_vendor="vmx")
 
-    def _record(self, now_ns: int) -> SwitchRecord:
-        pf = self.made % 2
-        self.seq[pf] += 1
-        vf = self.seq[pf] % 4
-        sw = int(self.rng.lognormvariate(10.5, 0.6))
-        values = dict.fromkeys(COLUMNS, 0)
-        values.update(seq=self.seq[pf], t_ns=now_ns, pf=pf, from_vf=(vf - 1) % 4, to_vf=vf,
-                      switch_ns=sw, revoke_ns=sw * 3 // 4, grant_ns=sw // 4, map_calls=1,
-                      unmap_calls=1, kvm_exits=self.made % 3, over_budget=int(sw > 50_000))
-        self.made += 1
-        return SwitchRecord(**values)
+    def _rows(self, n: int, now_ns: int) -> np.ndarray:
+        """``n`` switches as the live engine hands them over: int64 rows, COLUMNS order."""
+        rows = np.zeros((n, len(COLUMNS)), np.int64)
+        made = self.made + np.arange(n)
+        pf = made % 2
+        seq = np.empty(n, np.int64)
+        for p in (0, 1):                        # per-PF seqs going up, as pf_sched's
+            mine = pf == p
+            seq[mine] = self.seq[p] + 1 + np.arange(int(mine.sum()))
+            self.seq[p] += int(mine.sum())
+        vf = seq % 4
+        sw = self.rng.lognormal(10.5, 0.6, n).astype(np.int64)
+        for name, values in (("seq", seq), ("t_ns", now_ns), ("pf", pf),
+                             ("from_vf", (vf - 1) % 4), ("to_vf", vf), ("switch_ns", sw),
+                             ("revoke_ns", sw * 3 // 4), ("grant_ns", sw // 4),
+                             ("map_calls", 1), ("unmap_calls", 1), ("kvm_exits", made % 3),
+                             ("over_budget", sw > 50_000)):
+            rows[:, COL[name]] = values
+        self.made += n
+        return rows
 
     def read(self, timeout: float) -> Batch:
         time.sleep(min(timeout, 0.02))
         now = time.monotonic()
-        due = int((now - self.t0) * self.rate) - self.made
+        due = max(int((now - self.t0) * self.rate) - self.made, 0)
         now_ns = int(now * 1e9)
-        switches = [self._record(now_ns) for _ in range(max(due, 0))]
-        calls = [CallRecord("kvm_exit", now_ns, 900, 30, 4242, 0, r.seq if i % 5 else None,
-                            4243, i % 2, r.pf) for i, r in enumerate(switches[::10])]
-        return Batch(switches=switches, calls=calls)
+        rows = self._rows(due, now_ns)
+        calls = [CallRecord("kvm_exit", now_ns, 900, 30, 4242, 0, seq if i % 5 else None,
+                            4243, i % 2, pf)
+                 for i, (seq, pf) in enumerate(rows[::10, [COL["seq"], COL["pf"]]].tolist())]
+        return Batch(switch_rows=[rows] if due else [], calls=calls)
 
     def stop(self, reason: str) -> None:
         pass

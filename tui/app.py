@@ -445,7 +445,7 @@ class VftraceApp(App):
         label = "switches/s (trace time)"
         if series:
             label += f": newest {series[-1]:.0f}, peak {max(series):.0f}, {len(series)} s shown"
-        self.w("rate-label").update(label)
+        self.w("rate-label").update(label, layout=False)      # height 1 in the CSS
 
     # -- keys -----------------------------------------------------------------------------
     def action_toggle_pause(self) -> None:

@@ -81,16 +81,22 @@ class SwitchList(Static):
         for cells, is_over in zip(rows, over):
             text.append("\n")
             text.append(self._line(cells), "red" if is_over else "")
-        self.update(text)
+        # Its size is fixed by the CSS, never by its text: no re-layout, which would
+        # repaint every panel (the tables too) ten times a second.
+        self.update(text, layout=False)
 
 
 class HeaderBar(Static):
     """Three lines: the source and its state; the run's figures; probes and problems."""
 
+    shown_lines = 0
+
     def show(self, lines: list[Text]) -> None:
         text = Text("\n").join(lines)
         text.no_wrap, text.overflow = True, "ellipsis"
-        self.update(text)
+        # height: auto: a re-layout (every panel repainted) only when its height changes
+        self.update(text, layout=len(lines) != self.shown_lines)
+        self.shown_lines = len(lines)
 
 
 HELP_TEXT = "[b]vftrace dashboard keys[/b]\n\n" + "\n".join(keys.help_lines()) + f"""
