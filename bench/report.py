@@ -12,11 +12,15 @@ from dataclasses import dataclass
 # #16: through the live path's own entry point from raw ring bytes (the mapped reader's
 # batches: bench/bench_decode.py), one core.
 PIPELINE_GOALS = (("mapped decode+stats", 1_000_000), ("mapped decode+stats+csv", 500_000))
-PIPELINE_SHORT_BY = ("the per-record Python between the decoded batch and the sinks (the "
-                     "release assembler's hold, a SwitchRecord per switch, Stats.add and the "
-                     "CSV row one at a time); closing it needs a columnar lane: the batch "
-                     "as a numpy array from the ring's bytes through the assembler to "
-                     "Stats.add_rows and a batch CSV writer")
+PIPELINE_SHORT_BY = {
+    "mapped decode+stats": "the engine's decode, hold and statistics per batch (numpy) and "
+                           "what Python remains per batch",
+    "mapped decode+stats+csv": "the CSV text: one Python format operation per batch, but ~40 "
+                               "ints formatted per row by Python's int-to-text (~2 us a row); "
+                               "closing it needs a compiled formatter (a small C helper) or a "
+                               "binary capture format beside the CSV"}
+SOAK_SECONDS, SOAK_PFS, SOAK_SLICE_US = 600, 3, 200        # #16's soak
+SOAK_RSS_GROWTH = 0.05      # bounded: the second half of the run adds at most 5% of RSS
 DASHBOARD_GOAL_PERCENT = 15.0
 DASHBOARD_RATE = 10_000
 LOSSLESS_GOAL_SLICE_US = 100            # #16: every PF at this slice, no switch lost
@@ -318,7 +322,8 @@ def pipeline_verdicts(pipeline: dict) -> list[Verdict]:
         else:
             out.append(Verdict(goal, figure, False,
                                f"missed by {(goal_rate - rate) / 1e3:.0f}k records/s "
-                               f"({rate / goal_rate * 100:.0f}% of the goal): {PIPELINE_SHORT_BY}"))
+                               f"({rate / goal_rate * 100:.0f}% of the goal): "
+                               f"{PIPELINE_SHORT_BY.get(case, '')}"))
     return out
 
 
@@ -333,6 +338,42 @@ def dashboard_verdict(dashboard: dict) -> Verdict:
     return Verdict(goal, figure, False, f"missed by {cpu - DASHBOARD_GOAL_PERCENT:.0f} points")
 
 
+def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
+    """#16's soak (bench/soak.py): every switch pf_sched made a row, the kernel's
+    histograms counting every one, and the recorder's memory bounded."""
+    setup = (f"{f['seconds'] / 60:.0f}-minute soak ({f['pfs']} PFs x {f['slice_us']} us, "
+             f"{f['vms']} mmap guests)")
+    short = (f["seconds"] < SOAK_SECONDS * 0.95 or f["pfs"] < SOAK_PFS
+             or f["slice_us"] > SOAK_SLICE_US)
+    lost = (f.get("lost_by_kind") or {}).get("switch", 0)
+    made = f["switches_made"]
+    figure = (f"{f['missing_rows']:,} of {made:,} switches missing "
+              f"({f['missing_rows'] / made:.1%}), {lost:,} reported lost" if made else "no switches")
+    ok = made > 0 and f["missing_rows"] == 0 and not lost and f.get("complete")
+    out = [Verdict(f"{kernel}: {setup}: no switch record lost", figure,
+                   None if short else bool(ok),
+                   "shorter or lighter than the goal's 10 min, 3 PFs x 200 us" if short else
+                   ("" if ok else "every missing row was counted as lost"
+                    if f["missing_rows"] == lost else "missing rows not all counted as lost"))]
+    pairs = [(p["pf"], p.get("kernel_hist_count"), p["switches_made"]) for p in f["per_pf"]]
+    if all(h is not None for _, h, _ in pairs):
+        out.append(Verdict(f"{kernel}: soak: kernel histogram counts equal pf_sched's switch "
+                           "counts, per PF",
+                           ", ".join(f"pf{pf} {h:,}/{m:,}" for pf, h, m in pairs),
+                           all(h == m for _, h, m in pairs)))
+    samples = (f.get("rss_kb") or {}).get("samples") or []
+    if len(samples) >= 3:
+        half = next(kb for t, kb in samples if t >= samples[-1][0] / 2)
+        growth = (samples[-1][1] - half) / half
+        rss = f["rss_kb"]
+        out.append(Verdict(f"{kernel}: soak: recorder RSS bounded (second half adds "
+                           f"<= {SOAK_RSS_GROWTH:.0%})",
+                           f"armed {rss['armed'] / 1024:.0f} MiB, peak {rss['peak'] / 1024:.0f} "
+                           f"MiB, end {rss['end'] / 1024:.0f} MiB; second half {growth:+.1%}",
+                           growth <= SOAK_RSS_GROWTH))
+    return out
+
+
 def verdicts(figures: dict) -> list[Verdict]:
     out = []
     for kernel, lab in (figures.get("kernels") or {}).items():
@@ -344,6 +385,8 @@ def verdicts(figures: dict) -> list[Verdict]:
             out.append(lossless_npf_verdict(kernel, lab["lossless_npf"]))
         if lab.get("metrics"):
             out.append(metrics_verdict(kernel, lab.get("metrics")))
+    for kernel, soak in (figures.get("soak") or {}).items():
+        out.extend(soak_verdicts(kernel, soak))
     out.extend(pipeline_verdicts(figures.get("pipeline")))
     out.append(dashboard_verdict(figures.get("dashboard")))
     return out
@@ -566,10 +609,23 @@ def render(figures: dict, markdown: bool = True) -> str:
         out += ["## User-space pipeline (host, one core, synthetic stream, no BPF)", ""]
         out += table(["case", "records/s"], [[k, f"{v / 1e3:.0f}k"] for k, v in pipe.items()])
         out += ["", "`mapped ...` feed raw ring-buffer slots a batch at a time through the "
-                "entry the mapped ring reader uses (`Engine._on_switches`), `callback ...` "
-                "one record at a time through BCC's callback entry (`Engine._on_switch`, "
-                "without the ctypes crossing BCC adds) (bench/bench_decode.py); the others "
-                "start from decoded records (bench/bench_pipeline.py).", ""]
+                "entry the mapped ring reader uses (`Engine._on_switches`: one numpy view of "
+                "the batch), `callback ...` one record at a time through BCC's callback entry "
+                "(`Engine._on_switch`, without the ctypes crossing BCC adds); both hand int64 "
+                "rows to `Stats.add_rows` and `CaptureWriter.write_rows`, with probe costs in "
+                "the meta so the corrected columns are computed (bench/bench_decode.py); the "
+                "others start from decoded records (bench/bench_pipeline.py).", ""]
+    for kernel, f in (figures.get("soak") or {}).items():
+        out += [f"## Soak, {kernel} (bench/soak.py --boot, run on its own)", "",
+                f"{f['seconds']:.0f} s, {f['pfs']} PFs x {f['slice_us']} us slices, {f['vms']} "
+                f"mmap guest VMs hammering their VFs; one `vftrace serve` recorder, scraped "
+                f"every few seconds; lost records by kind {f.get('lost_by_kind')}.", ""]
+        out += table(["pf", "switches made", "rows", "missing", "kernel histogram count",
+                      "switch p50 ns", "switch p99 ns"],
+                     [[str(p["pf"]), f"{p['switches_made']:,}", f"{p['rows']:,}",
+                       f"{p['missing']:,}", _fmt(p.get("kernel_hist_count")),
+                       _fmt(p.get("switch_p50_ns")), _fmt(p.get("switch_p99_ns"))]
+                      for p in f["per_pf"]]) + [""]
     dash = figures.get("dashboard") or {}
     if dash:
         out += ["## Dashboard", "",

@@ -90,6 +90,19 @@ def host_benches(quick: bool) -> tuple[dict, dict]:
     return rates, report.parse_tui(r.stdout)
 
 
+def soak_figures() -> dict:
+    """The newest soak per kernel (bench/soak.py --boot writes build/soak/soak-*.json):
+    ten minutes per kernel is too long for every ``make bench``, so it is run on its own
+    and its figures are rendered here."""
+    out = {}
+    for path in sorted((REPO / "build" / "soak").glob("soak-*.json")):
+        if path.name.endswith(".guests.json") or path.name.endswith(".meta.json"):
+            continue
+        f = json.loads(path.read_text())
+        out[f["kernel"]] = {k: v for k, v in f.items() if k not in ("recorder_said", "guests_said")}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", "--kernel", action="append", choices=KERNELS,
@@ -127,7 +140,8 @@ def main() -> int:
                     figures["kernels"][release] = lab
                     figures["kernels"] = dict(sorted(figures["kernels"].items()))
         figures["pipeline"], figures["dashboard"] = host_benches(quick=not args.full)
-        figures_path.write_text(json.dumps(figures, indent=2))
+    figures["soak"] = soak_figures()
+    figures_path.write_text(json.dumps(figures, indent=2))
     text = report.render(figures)
     print(text)
     Path(args.output).write_text(text + "\n")

@@ -33,6 +33,7 @@ from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
+from tracer.model import kernel_hist  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
 
 LAB_LOCK = "/tmp/vftrace-lab.lock"
@@ -112,6 +113,11 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
            recorder, guests, csv, scrapes=None) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
     stats.add_many(rows)
+    # every switch that closed, counted in the kernel whether or not its record came out
+    hist_counts: dict[int, int] = {}
+    for h in kernel_hist.from_meta(meta.get("kernel_histograms")) or []:
+        if h.phase == "switch":
+            hist_counts[h.pf] = hist_counts.get(h.pf, 0) + h.count
     snapshot = {g.key.pf: g for g in stats.snapshot().per_pf}
     for bdf in before:
         b, a = before[bdf], after[bdf]
@@ -126,6 +132,7 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
             "missing": len(want - set(got)), "unexpected": len(set(got) - want),
             "duplicates": len(got) - len(set(got)),
             "stats_count": group.count if group else 0,
+            "kernel_hist_count": hist_counts.get(pf),
             "source_mean_ns_module": round(total / made) if made else 0,
             "source_mean_ns_capture": round(group.means["source_ns"]) if group else 0,
             "switch_p50_ns": group.switch.p50 if group else 0,
@@ -165,6 +172,7 @@ def render(f: dict) -> str:
         lines.append(
             f"  pf{p['pf']}: made {p['switches_made']} rows {p['rows']} missing {p['missing']}"
             f" unexpected {p['unexpected']} dup {p['duplicates']} | stats count {p['stats_count']}"
+            f" kernel histogram count {p.get('kernel_hist_count')}"
             f" | mean source ns module {p['source_mean_ns_module']} capture"
             f" {p['source_mean_ns_capture']} | switch p50 {p['switch_p50_ns']} p99"
             f" {p['switch_p99_ns']}")

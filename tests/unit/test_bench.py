@@ -163,7 +163,8 @@ def test_pipeline_and_dashboard_verdicts():
     vs = report.verdicts(figures())
     stats = by_goal(vs, "(mapped decode+stats)")
     assert stats.met is False and "missed by 400k" in stats.note and "60%" in stats.note
-    assert "columnar" in stats.note           # what would close it
+    assert "numpy" in stats.note              # what it is spent on
+    assert "compiled formatter" in by_goal(vs, "(mapped decode+stats+csv)").note
     csv = by_goal(vs, "(mapped decode+stats+csv)")
     assert csv.met is False and "missed by 125k" in csv.note and "75%" in csv.note
     dash = by_goal(vs, "dashboard")
@@ -282,3 +283,30 @@ def test_corrected_figures_cover_the_windows_switches_and_pool_the_rounds():
     assert 800 * 0.93 <= mine["corrected"]["p50_ns"] <= 1200 * 1.07        # both rounds'
     assert mine["corrected_hot_loop"]["p50_ns"] > mine["corrected"]["p50_ns"]
     assert "meta" not in mine["rounds"][0] and "rows" not in mine["rounds"][0]
+
+
+def _soak(missing=(0, 0), lost=0, hist=(100, 100), made=(100, 100), seconds=600.0,
+          samples=((0, 1000), (300, 1100), (600, 1120))):
+    return {"kernel": "k", "seconds": seconds, "slice_us": 200, "pfs": 3, "vms": 2,
+            "switches_made": sum(made), "missing_rows": sum(missing), "complete": True,
+            "lost_by_kind": {"switch": lost},
+            "per_pf": [{"pf": i, "switches_made": m, "rows": m - x, "missing": x,
+                        "kernel_hist_count": h}
+                       for i, (m, x, h) in enumerate(zip(made, missing, hist))],
+            "rss_kb": {"armed": 1000, "peak": 1120, "end": 1120, "samples": list(samples)}}
+
+
+def test_soak_verdicts_lost_records_histogram_counts_and_memory():
+    lossless, counts, rss = report.soak_verdicts("k", _soak())
+    assert (lossless.met, counts.met, rss.met) == (True, True, True)
+    assert "0 of 200 switches missing" in lossless.figure and "+1.8%" in rss.figure
+    lossy, counts, rss = report.soak_verdicts(
+        "k", _soak(missing=(30, 0), lost=30, hist=(100, 99),
+                   samples=((0, 1000), (300, 1000), (600, 1200))))
+    assert lossy.met is False and "every missing row was counted" in lossy.note
+    assert counts.met is False and "pf1 99/100" in counts.figure
+    assert rss.met is False                         # +20% in the second half
+    uncounted = report.soak_verdicts("k", _soak(missing=(5, 0), lost=2))[0]
+    assert uncounted.met is False and "not all counted" in uncounted.note
+    short = report.soak_verdicts("k", _soak(seconds=60))[0]
+    assert short.met is None and "shorter" in short.note     # not the goal's soak
