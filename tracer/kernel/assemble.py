@@ -42,6 +42,7 @@ BLOCKED, BLOCKED_NS = COLUMNS.index("blocked_accesses"), COLUMNS.index("blocked_
 RELEASES, RELEASE_NS, EXITS, EXIT_TOTAL_NS = range(4)
 
 MAX_PENDING_JOINS = 65536
+RECHECK_NS = 10_000_000     # a switch waiting for exit ends: how often arrivals look again
 
 
 def records_of(emit: Callable[[SwitchRecord], None]) -> Callable[[np.ndarray], None]:
@@ -91,6 +92,7 @@ class Assembler:
         self.unended_exits = 0      # exit ends a record was passed on without
         self.last_emitted: dict[int, int] = {}                 # pf -> newest seq passed on
         self.next_due: int | None = None                       # when the oldest is due
+        self._waiting = False       # the oldest held switch waits for its exits' ends
 
     # -- switches -----------------------------------------------------------------------
     def switch(self, rec: SwitchRecord) -> None:
@@ -186,7 +188,7 @@ class Assembler:
         """Pass on what is due; call it only when every buffer has been read."""
         if self.next_due is not None:
             now = self.clock()
-            if now >= self.next_due:
+            if now >= self.next_due or self._waiting:
                 self._pass_on_due(now, give_up=True)
 
     def _pass_on_due(self, now: int, give_up: bool) -> None:
@@ -207,10 +209,15 @@ class Assembler:
             if n:
                 out.append(self._take(h, n))
             if n < total:           # h's first switch (now at 0) is not due, or waits
-                self.next_due = now if waiting else int(h.arrived[0]) + self.hold_ns
+                # a waiting one is looked at again at every tick, and by switches
+                # arriving only after RECHECK_NS (not once per switch)
+                self.next_due = (now + min(self.hold_ns, RECHECK_NS) if waiting
+                                 else int(h.arrived[0]) + self.hold_ns)
+                self._waiting = waiting
                 break
         else:
             self.next_due = None
+            self._waiting = False
         if out:
             self._emit(out)
 
@@ -232,6 +239,7 @@ class Assembler:
         if out:
             self._emit(out)
         self.next_due = None
+        self._waiting = False
         for extra in self.joins.values():
             self._orphaned(extra)
         self.joins.clear()
