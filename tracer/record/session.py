@@ -34,6 +34,7 @@ from ..capture import output
 from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
 from ..errors import VftraceError
 from ..kernel import probes
+from ..kernel.assemble import records_of
 from ..metrics.server import add_metrics_options
 from ..model import exit_reasons, kernel_hist
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
@@ -499,16 +500,13 @@ class Session:
     def _switch_rows(self, rows: np.ndarray) -> None:
         """A batch of switches from the engine: the capture gets what the filter keeps,
         the consumer every one."""
+        kept = self.gate.rows(rows) if self.gate.filter.active else rows
         if self.capture is not None:
-            self.capture.write_rows(self.gate.rows(rows) if self.gate.filter.active else rows)
-        elif self.gate.filter.active:
-            self.gate.rows(rows)
+            self.capture.write_rows(kept)
         if self.on_switch_rows is not None:
             self.on_switch_rows(rows)
         elif self.on_switch is not None:
-            on_switch = self.on_switch
-            for values in rows.tolist():
-                on_switch(SwitchRecord(*values))
+            records_of(self.on_switch)(rows)
 
     def _call(self, rec: CallRecord) -> None:
         if self.opts.keeps_call(rec):
