@@ -198,9 +198,16 @@ def test_blocked_accesses_join_the_switch_that_released_them(pfs):
     mine = [r for r in rows if r.pf == a["pf"]]
     released = a["blocked_accesses"] - b["blocked_accesses"]
     assert released > 0
-    assert sum(r.blocked_accesses for r in mine) + meta["late_releases"] == released
-    assert meta["late_releases"] == 0 and meta["orphan_releases"] == 0
-    assert sum(r.blocked_ns for r in mine) == a["blocked_wait_ns"] - b["blocked_wait_ns"]
+    # Every release the module counted is in a row or counted late, with its time.  A
+    # release comes when its blocked task runs again; a record is held 250 ms for it.  A
+    # TCG vCPU descheduled by the host for longer (CI runs two VMs on two cores) makes a
+    # release late: counted, never dropped (CI, 6.12: 1 late release).  Late ones stay rare.
+    late = meta["late_releases"]
+    assert sum(r.blocked_accesses for r in mine) + late == released
+    assert (sum(r.blocked_ns for r in mine) + meta["late_release_ns"]
+            == a["blocked_wait_ns"] - b["blocked_wait_ns"])
+    assert meta["orphan_releases"] == 0
+    assert late <= max(2, released // 100), (late, released)
 
 
 def test_perf_buffer_fallback_records_every_switch(pfs):

@@ -283,6 +283,8 @@ def test_exit_ends_add_their_time_to_the_switch_they_began_in():
     assert got == {5: (1300, 1, 40), 6: (0, 0, 0)}
     a.exit_end(0, 6, 77)                # too late
     assert (a.late_exits, a.late_exit_ns, a.late_releases) == (1, 77, 0)
+    a.release(0, 6, 33)                 # too late too: counted with its blocked time
+    assert (a.late_releases, a.late_release_ns) == (1, 33)
     a.exit_end(2, 1, 5)                 # its switch never comes: orphaned at the end
     a.flush()
     assert a.orphan_exits == 1 and a.orphan_releases == 0
@@ -407,6 +409,6 @@ def test_batches_of_rows_give_what_switches_one_at_a_time_give(ops):
     one.flush()
     by_rows.flush()
     assert one_out == rows_out
-    counts = ("late_releases", "orphan_releases", "late_exits", "late_exit_ns",
-              "orphan_exits", "unended_exits")
+    counts = ("late_releases", "late_release_ns", "orphan_releases", "late_exits",
+              "late_exit_ns", "orphan_exits", "unended_exits")
     assert [getattr(one, c) for c in counts] == [getattr(by_rows, c) for c in counts]

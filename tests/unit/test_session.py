@@ -54,7 +54,8 @@ class FakeEngine:
         self.probe_costs = probe_costs or {}
         self.warnings = ["a hook failed"]
         self.reader, self.reader_note = "callback", None
-        self.assembler = SimpleNamespace(late_releases=0, orphan_releases=0, late_exits=2,
+        self.assembler = SimpleNamespace(late_releases=1, late_release_ns=9,
+                                         orphan_releases=0, late_exits=2,
                                          late_exit_ns=50, orphan_exits=0, unended_exits=1,
                                          flush=lambda: None)
         self.bpf = None
@@ -169,6 +170,7 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     assert on_disk["lost_total"] == 4 and not problems
     assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "join": 1}
     assert (on_disk["late_exits"], on_disk["late_exit_ns"], on_disk["unended_exits"]) == (2, 50, 1)
+    assert (on_disk["late_releases"], on_disk["late_release_ns"]) == (1, 9)
     assert on_disk["kernel_histograms"]["read"] == "fake"
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 

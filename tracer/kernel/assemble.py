@@ -10,8 +10,8 @@ Records are therefore held for a short time (``hold_ns``) and joins are added by
 (pf, seq).  The kernel says how many exit ends a switch still awaits (exits_pending), and
 its record is held until they are in, however loaded the machine, up to ``max_hold_ns``
 (an exit can last as long as its vCPU blocks; one whose VM is torn down never ends).
-Joins that come later than that are counted (``late_releases``, ``late_exits`` and
-``late_exit_ns``), never dropped silently, and so are the exit ends a record was passed on
+Joins that come later than that are counted with their time (``late_releases``,
+``late_release_ns``, ``late_exits`` and ``late_exit_ns``), never dropped silently, and so are the exit ends a record was passed on
 without (``unended_exits``: given up on, or still running when the recording stopped).
 
 A switch is given up on (``max_hold_ns``) only in ``tick()``, which the engine calls once
@@ -87,6 +87,7 @@ class Assembler:
         self._staged_pending: list[int] = []
         self.joins: dict[tuple[int, int], list[int]] = {}   # (pf, seq) -> RELEASES...
         self.late_releases = 0      # their record had already been passed on
+        self.late_release_ns = 0
         self.orphan_releases = 0    # releases never matched (table overflow, or end)
         self.late_exits = 0         # exit ends whose record had already been passed on
         self.late_exit_ns = 0
@@ -144,6 +145,7 @@ class Assembler:
         """A guest access switch (pf, seq) released after blocking ``wait_ns``."""
         if not self._join((pf, seq), 1, wait_ns, 0, 0):
             self.late_releases += 1
+            self.late_release_ns += wait_ns
 
     def exit_end(self, pf: int, seq: int, ns: int) -> None:
         """An exit that began in switch (pf, seq)'s window took ``ns`` in all."""

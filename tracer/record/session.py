@@ -595,6 +595,7 @@ class Session:
             a = engine.assembler
             a.flush()
             self.meta.update({"late_releases": a.late_releases,
+                              "late_release_ns": a.late_release_ns,
                               "orphan_releases": a.orphan_releases,
                               "late_exits": a.late_exits, "late_exit_ns": a.late_exit_ns,
                               "orphan_exits": a.orphan_exits,

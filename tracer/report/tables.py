@@ -164,8 +164,10 @@ def notes(cap: Capture) -> list[Note]:
                                "begin); not counted"))
     releases = int(m.get("late_releases") or 0) + int(m.get("orphan_releases") or 0)
     if releases:
+        late_ns = int(m.get("late_release_ns") or 0)
         out.append(Note(True, f"{releases} blocked-access releases not joined to their switch "
-                              "(late or orphaned): blocked time is undercounted"))
+                              "(late or orphaned): blocked time is undercounted" +
+                              (f" (by {late_ns} ns for the late ones)" if late_ns else "")))
     exits = int(m.get("late_exits") or 0) + int(m.get("orphan_exits") or 0)
     if exits:
         out.append(Note(True, f"{exits} KVM exits outlived their switch and reached user "
