@@ -15,12 +15,14 @@ Either way the engine hands over int64 rows, which go to ``Stats.add_rows`` and
 ``CaptureWriter.write_rows`` as ``vftrace record`` wires them.
 
 The capture's meta has probe costs, so its corrected columns are computed, as a
-recording's are.  Prints one line per case: ``<case> N records T s R k records/s``.
+recording's are.  The process is pinned to one CPU, so a library's threads (Arrow's
+CSV writer) cannot make the figure a two-core one.  Prints one line per case: ``<case> N records T s R k records/s``.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import random
 import struct
 import sys
@@ -122,6 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--records", type=int, default=300_000)
     args = ap.parse_args()
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})   # threads started later too
     samples = raw_samples(args.records)
     with tempfile.TemporaryDirectory() as tmp:
         def decode_only():
