@@ -5,7 +5,12 @@
 Boots the lab VM once per kernel (``--pfs 3``) and runs bench/lab_bench.py there
 (inflation, lossless rate, start-up: all in one boot so ratios compare), then the
 host-side pipeline benches (decode -> statistics -> CSV; the dashboard at 10k
-records/s), then renders build/bench/figures.json to stdout and BENCHMARKS.md.
+records/s), then renders bench/figures.json to stdout and BENCHMARKS.md.
+
+bench/figures.json is committed beside BENCHMARKS.md, which is rendered from it: a run
+of one section (``--only``), of the host benches alone (``--no-lab``) or of one kernel
+(``--keep``) merges into it, in any later checkout, instead of dropping what it did not
+measure again (a lab section takes tens of minutes, the soak ten per kernel).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench import report  # noqa: E402
 
 OUT = REPO / "build" / "bench"
+FIGURES = REPO / "bench" / "figures.json"
 PY = str(REPO / ".venv" / "bin" / "python")
 KERNELS = ("6.1", "6.12")
 LAB_LOCK = "/tmp/vftrace-lab.lock"
@@ -113,20 +119,24 @@ def main() -> int:
                     help="one lab section, merged into the last run's figures (each section "
                          "says when it was measured)")
     ap.add_argument("--keep", action="store_true", help="keep the other kernels' figures "
-                    "from the last run (build/bench/figures.json)")
+                    "from the last run (bench/figures.json)")
     ap.add_argument("--render-only", action="store_true",
-                    help="re-render BENCHMARKS.md from build/bench/figures.json")
+                    help="re-render BENCHMARKS.md from bench/figures.json")
     ap.add_argument("-o", "--output", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    figures_path = OUT / "figures.json"
+    figures_path = FIGURES
+    previous = json.loads(figures_path.read_text()) if figures_path.exists() else {}
     if args.render_only:
-        figures = json.loads(figures_path.read_text())
+        if not previous:
+            log(f"nothing to render: {figures_path} is missing (run make bench)")
+            return 1
+        figures = previous
     else:
         figures = {"machine": machine(), "full": args.full,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "kernels": {}}
-        if (args.keep or args.only) and figures_path.exists():
-            figures["kernels"] = json.loads(figures_path.read_text()).get("kernels", {})
+        if args.keep or args.only or args.no_lab:
+            figures["kernels"] = previous.get("kernels", {})
         if not args.no_lab:
             for kernel in args.kernel or KERNELS:
                 lab = lab_run(kernel, args.full, args.only)
@@ -140,10 +150,16 @@ def main() -> int:
                     figures["kernels"][release] = lab
                     figures["kernels"] = dict(sorted(figures["kernels"].items()))
         figures["pipeline"], figures["dashboard"] = host_benches(quick=not args.full)
-    figures["soak"] = soak_figures()
-    figures_path.write_text(json.dumps(figures, indent=2))
+    # a soak is run on its own: the newest one here, else the one the figures have
+    figures["soak"] = {**previous.get("soak", {}), **soak_figures()}
     text = report.render(figures)
     print(text)
+    if not figures["kernels"] and (args.no_lab or args.render_only):
+        # the lab's sections would vanish from the document: print, write nothing
+        log(f"{figures_path} has no lab figures to keep: {args.output} and the figures are "
+            "left as they are (run make bench once, or --only SECTION per kernel)")
+        return 1
+    figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     Path(args.output).write_text(text + "\n")
     log(f"wrote {args.output} and {figures_path}")
     return 0
