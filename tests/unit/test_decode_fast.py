@@ -334,6 +334,31 @@ def test_write_rows_gives_what_write_gives(tmp_path, meta):
     assert rows.records == one.records == 5000 == rows.meta["records"]
 
 
+@pytest.mark.parametrize("meta", [{}, CORRECTED_META], ids=["uncorrected", "corrected"])
+def test_records_and_rows_interleaved_keep_their_order(tmp_path, meta):
+    """write() queues lines, write_rows() arrays formatted at the flush: a capture fed
+    both, with flushes between, holds them in the order they came."""
+    recs = random_records(3000, seed=9)
+    one = CaptureWriter(tmp_path / "one.csv", dict(meta))
+    mixed = CaptureWriter(tmp_path / "mixed.csv", dict(meta))
+    for r in recs:
+        one.write(r)
+    array = to_rows(recs)
+    cuts = [0, 5, 6, 2100, 2101, 2400, 3000]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if i % 2:
+            for r in recs[a:b]:
+                mixed.write(r)
+        else:
+            mixed.write_rows(array[a:b])
+        if i == 3:
+            mixed.flush()
+    one.close()
+    mixed.close()
+    assert (tmp_path / "mixed.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert mixed.records == 3000
+
+
 def test_correction_of_many_rows_is_the_correction_of_each():
     from tracer.model.correction import Correction
     corr = Correction.from_meta(CORRECTED_META)

@@ -257,12 +257,18 @@ def format_switch_rows(rows: list[tuple]) -> str:
 
 @functools.cache
 def _arrow_csv():
-    """pyarrow and the CSV options of write_rows' blocks (imported on first use: it
-    takes a few 100 ms, which ``vftrace --help`` should not pay)."""
+    """pyarrow and the CSV options of write_rows' blocks, imported on first use (a few
+    100 ms, which ``vftrace --help`` should not pay; seconds under the lab's TCG, which
+    a recorder pays before it arms: ``load_block_formatter``)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     return pa, pacsv, pacsv.WriteOptions(include_header=False, quoting_style="none",
                                          batch_size=FLUSH_ROWS)
+
+
+def load_block_formatter() -> None:
+    """Import what ``CaptureWriter.write_rows`` formats with, ahead of the first rows."""
+    _arrow_csv()
 
 
 def _join_switch_lines(lines: list) -> str:
@@ -301,9 +307,11 @@ class CaptureWriter(_CsvSink):
         self._corrected = self._correction.values if self._correction else None
         self._row_format = switch_row_format(unmeasured(self.meta), self._correction is not None)
         self._unmeasured_at = {COLUMNS.index(c) for c in unmeasured(self.meta) if c in COLUMNS}
+        self._row_width = len(COLUMNS) + (len(CORRECTED_COLUMNS) if self._correction is not None else 0)
         # Rows are queued already formatted (write()): a str is not tracked by the
-        # garbage collector, a tuple is (2048 queued ones set off three collections).
-        self._format = _join_switch_lines
+        # garbage collector, a tuple is (2048 queued ones set off three collections);
+        # write_rows queues arrays, formatted at the flush.
+        self._format = self._lines
         self._queued_lines = 0          # write_rows' lines since its last flush
         try:
             write_json_atomic(self.meta_path, self.meta)
@@ -340,30 +348,57 @@ class CaptureWriter(_CsvSink):
 
     def write_rows(self, rows: np.ndarray) -> None:
         """Many switches as an int64 array in ``COLUMNS`` order: the lines ``write``
-        gives them, formatted a block at a time by Arrow's CSV writer (compiled: about
-        twice as fast as Python's one format operation per block, which ``write`` uses)."""
-        for start in range(0, rows.shape[0], FLUSH_ROWS):
+        gives them.  They are queued as an array (its corrected columns added) and
+        formatted at the flush, every array queued by then in one call of Arrow's CSV
+        writer: compiled, about twice as fast as Python's int-to-text a row, but with a
+        fixed cost a call that makes a call per small batch slower than Python."""
+        for start in range(0, rows.shape[0], FLUSH_ROWS):   # a block stays in the cache
             block = rows[start:start + FLUSH_ROWS]
             n = block.shape[0]
-            corrected = (self._correction.value_rows(
-                {c: block[:, i] for c, i in _CORRECTION_INPUTS.items()})
-                if self._correction is not None else None)
-            self._rows.append(self._arrow_lines(block, corrected))
+            full = np.empty((n, self._row_width), np.int64)
+            full[:, :len(COLUMNS)] = block
+            if self._correction is not None:
+                full[:, len(COLUMNS):] = self._correction.value_rows(
+                    {c: block[:, i] for c, i in _CORRECTION_INPUTS.items()})
+            self._rows.append(full)
             self._queued_lines += n
             if self._queued_lines >= FLUSH_ROWS:
                 self._queued_lines = 0
                 self.flush()
 
-    def _arrow_lines(self, block: np.ndarray, corrected: np.ndarray | None) -> str:
-        """``block``'s CSV lines: an unmeasured column, and every corrected one when there
+    def _lines(self, items: list) -> str:
+        """The queued items as text: write()'s lines as they are, write_rows' arrays
+        formatted together, up to ``FLUSH_ROWS`` rows a call."""
+        out: list = []
+        arrays: list[np.ndarray] = []
+        queued = 0
+        for item in items:
+            if isinstance(item, np.ndarray):
+                if queued + item.shape[0] > FLUSH_ROWS and arrays:
+                    out.append(self._arrow_lines(arrays))
+                    arrays, queued = [], 0
+                arrays.append(item)
+                queued += item.shape[0]
+                continue
+            if arrays:
+                out.append(self._arrow_lines(arrays))
+                arrays, queued = [], 0
+            out.append(item)
+        if arrays:
+            out.append(self._arrow_lines(arrays))
+        return _join_switch_lines(out)
+
+    def _arrow_lines(self, arrays: list[np.ndarray]) -> str:
+        """The arrays' CSV lines: an unmeasured column, and every corrected one when there
         is no correction, is a column of nulls, which Arrow writes as empty fields."""
         pa, pacsv, options = _arrow_csv()
-        n = block.shape[0]
-        empty = pa.nulls(n, pa.int64())
-        columns = [empty if i in self._unmeasured_at else pa.array(block[:, i])
+        block = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        by_column = np.ascontiguousarray(block.T)       # one Arrow array a column, no copy
+        empty = pa.nulls(block.shape[0], pa.int64())
+        columns = [empty if i in self._unmeasured_at else pa.array(by_column[i])
                    for i in range(len(COLUMNS))]
-        columns += ([pa.array(corrected[:, i]) for i in range(len(CORRECTED_COLUMNS))]
-                    if corrected is not None else [empty] * len(CORRECTED_COLUMNS))
+        columns += ([pa.array(c) for c in by_column[len(COLUMNS):]]
+                    if self._correction is not None else [empty] * len(CORRECTED_COLUMNS))
         out = pa.BufferOutputStream()
         pacsv.write_csv(pa.RecordBatch.from_arrays(columns, names=self.meta["columns"]), out,
                         options)

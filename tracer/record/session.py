@@ -31,7 +31,8 @@ import numpy as np
 from .. import __version__
 from .procgroup import stop_group
 from ..capture import output
-from ..capture.files import CallWriter, CaptureError, CaptureWriter, meta_path
+from ..capture.files import (CallWriter, CaptureError, CaptureWriter, load_block_formatter,
+                             meta_path)
 from ..errors import VftraceError
 from ..kernel import probes
 from ..kernel.assemble import records_of
@@ -432,6 +433,10 @@ class Session:
             self._engine_factory = Engine
         if self._signals:
             self.signal_stop = SignalStop()
+        if self.output is not None:
+            # before the records flow: under the lab's TCG the import takes seconds,
+            # which a reader must not spend while the rings fill
+            load_block_formatter()
         self.engine = self._engine_factory(
             self.plan, budget_ns=self.opts.budget_ns, on_switch_rows=self._switch_rows,
             on_call=self._call if self.opts.calls else None, probe_costs=self.opts.costs)
