@@ -267,6 +267,30 @@ def test_flush_passes_everything_on_and_counts_unmatched_releases():
     assert [r.seq for r in out] == [1] and a.orphan_releases == 1
 
 
+def test_joins_of_lost_switches_are_orphans_once_a_later_switch_is_passed_on():
+    """A switch whose record the kernel lost never comes: its joins are dropped (and
+    counted) when a newer switch of its PF is passed on, so the joins stay few however
+    many records are lost; another PF's, and a newer switch's, wait."""
+    out, clock = [], Clock()
+    a = Assembler(out.append, hold_ns=100, clock=clock)
+    for seq in range(1, 1001, 2):           # every other switch lost in the kernel
+        a.release(0, seq + 1, 3)            # its own, newer one: waits for its record
+        a.exit_end(0, seq - 1, 5) if seq > 1 else None
+        a.switch(rec(0, seq))
+        clock.t += 1
+        a.tick()
+    assert len(a.joins) < 120               # the held switches' ones only, not 1000
+    a.release(1, 7, 2)                      # pf 1 has passed nothing on: it waits
+    clock.t += 1000
+    a.tick()
+    assert [r.seq for r in out] == list(range(1, 1001, 2))
+    assert (1, 7) in a.joins and (0, 1000) in a.joins
+    assert a.orphan_releases == 499 and a.orphan_exits == 499
+    a.switch(rec(0, 1000))
+    a.flush()
+    assert out[-1].blocked_accesses == 1 and a.orphan_releases == 500    # pf 1's at the end
+
+
 def test_exit_ends_add_their_time_to_the_switch_they_began_in():
     """An exit that outlived its window: its time goes to that switch (pf, seq), not to
     the one open when it ended; a record already passed on counts it late, with its ns."""

@@ -261,7 +261,19 @@ class Assembler:
             newest = int(rows[rows[:, PF] == pf, SEQ].max())
             if newest > self.last_emitted.get(pf, 0):
                 self.last_emitted[pf] = newest
+        if self.joins:
+            self._drop_passed_joins()
         self.emit_rows(rows)
+
+    def _drop_passed_joins(self) -> None:
+        """Joins of switches older than the newest passed on are orphans now: their
+        record was lost in the kernel (counted there).  Kept, they would make every later
+        pass-on slower (each one looks through the joins), and a reader that falls behind
+        loses more records, which leave more such joins (a 6.12 soak: 15k of them, and a
+        loss that grew through the run)."""
+        last = self.last_emitted
+        for key in [k for k in self.joins if k[1] <= last.get(k[0], 0)]:
+            self._orphaned(self.joins.pop(key))
 
     def _add_joins(self, rows: np.ndarray, pending: np.ndarray) -> int:
         """Add the joins of ``rows``' switches to them; the exit ends still missing."""
