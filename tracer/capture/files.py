@@ -349,9 +349,9 @@ class CaptureWriter(_CsvSink):
     def write_rows(self, rows: np.ndarray) -> None:
         """Many switches as an int64 array in ``COLUMNS`` order: the lines ``write``
         gives them.  They are queued as an array (its corrected columns added) and
-        formatted at the flush, every array queued by then in one call of Arrow's CSV
-        writer: compiled, about twice as fast as Python's int-to-text a row, but with a
-        fixed cost a call that makes a call per small batch slower than Python."""
+        formatted at the flush by Arrow's CSV writer, up to ``FLUSH_ROWS`` rows a call:
+        compiled, about twice as fast as Python's int-to-text a row, but with a fixed
+        cost a call that makes a call per small batch slower than Python."""
         for start in range(0, rows.shape[0], FLUSH_ROWS):   # a block stays in the cache
             block = rows[start:start + FLUSH_ROWS]
             n = block.shape[0]
