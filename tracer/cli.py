@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-P", "--pf-sched", action="store_true",
                      help="start pf_sched on every PF before CMD (or the shell)")
     lab.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
+    lab.add_argument("--kernel-log", metavar="FILE",
+                     help="keep the guest kernel's warnings and worse (oopses, lockups, hung "
+                          "tasks) in FILE on this host")
     g = lab.add_argument_group("guests preset (pf_sched + KVM guests on its VFs + the dashboard)")
     g.add_argument("-M", "--mode", choices=("mmap", "trap"),
                    help="guests with the VF BAR mmap'd (zapped on a switch) or trapped (every "

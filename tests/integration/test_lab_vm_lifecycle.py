@@ -37,10 +37,13 @@ def qemu_pids(memory: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def vftrace_lab(memory: str, *cmd: str, timeout: str | None = None) -> subprocess.Popen:
+def vftrace_lab(memory: str, *cmd: str, timeout: str | None = None,
+                kernel_log: Path | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "tracer.cli", "lab", "--pfs", "0", "--memory", memory]
     if timeout:
         args += ["--timeout", timeout]
+    if kernel_log:
+        args += ["--kernel-log", str(kernel_log)]
     return subprocess.Popen([*args, "--", *cmd], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
@@ -58,13 +61,23 @@ def test_guest_exit_status_and_shared_writes_come_back(tmp_path):
     assert not qemu_pids("1101M")
 
 
-def test_timeout_stops_the_vm_and_leaves_no_qemu():
+def test_timeout_stops_the_vm_says_where_it_was_and_leaves_no_qemu(tmp_path):
+    """With --kernel-log, a VM stopped for hanging is examined first: QEMU names where
+    each vCPU was (this boot's kernel symbols), and the guest's SysRq dumps (blocked
+    tasks, every CPU's backtrace) reach the kernel log on the host."""
     require_lab()
-    p = vftrace_lab("1102M", "sleep", "600", timeout="45")
+    klog = tmp_path / "kernel.log"
+    p = vftrace_lab("1102M", "sleep", "600", timeout="45", kernel_log=klog)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 124, err
     assert "timed out after 45 s" in err
     assert not qemu_pids("1102M")
+    samples = [ln for ln in err.splitlines() if "vCPUs, sample" in ln]
+    assert len(samples) == 3, err
+    # a sleeping guest's vCPUs idle in the kernel: named functions, not raw addresses
+    assert "cpu0 " in samples[0] and "+0x" in samples[0] and "no kernel symbols" not in samples[0]
+    said = klog.read_text(errors="replace")
+    assert "sysrq: Show Blocked State" in said and "NMI backtrace for cpu" in said, said[-2000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -79,6 +79,26 @@ def test_vng_argv_has_iommu_one_edu_per_pf_and_shares_the_tree(tmp_path):
     assert "thread=single" not in next(a for a in kvm if a.startswith("--qemu-opts="))
 
 
+def test_the_tcg_line_with_a_kernel_log_is_accepted_by_qemu(one_kernel, tmp_path):
+    """The kept kernel log is a virtio console of its own (the 8250 driver has one console,
+    taken by vng's ttyS0), and a QMP socket for the post-mortem; QEMU must take both."""
+    need(QEMU is not None, NO_QEMU)
+    argv = vm.vng_argv(one_kernel, pfs=1, cpus=2, memory="2G", accel="tcg", share=tmp_path,
+                       guest_cmd="true", kernel_log=tmp_path / "k.log")
+    appended = [argv[i + 1] for i, a in enumerate(argv) if a == "--append"]
+    assert appended[1:] == ["console=hvc0", f"loglevel={vm.KERNEL_LOG_LEVEL}", "sysrq_always_enabled"]
+    qemu = next(a for a in argv if a.startswith("--qemu-opts="))
+    assert f"path={tmp_path / 'k.log'}" in qemu and "-qmp unix:" in qemu
+    vm.check_qemu_line(argv)
+
+
+def test_the_guest_copies_its_kernel_symbols_into_the_shared_tree(tmp_path):
+    syms = vm.kernel_symbols(tmp_path)
+    assert tmp_path in syms.parents            # the only place the guest writes to the host
+    line = vm.guest_command(["true"], tmp_path, 1, symbols=syms)
+    assert f"/proc/kallsyms > {syms}" in line
+
+
 def test_guest_command_quotes_arguments_and_sets_the_lab_environment(tmp_path):
     line = vm.guest_command(["echo", "a b", "$HOME"], tmp_path, 2)
     out = subprocess.run(["sh", "-c", line.replace("&& exec ", "&& env && exec ", 1)],

@@ -17,12 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from .. import paths
 from ..record.procgroup import stop_group
-from . import LabError
+from . import LabError, postmortem
 from .kernels import LabKernel, installed_kernels, resolve_kernel
 from .presets import Preset
 
@@ -88,9 +89,36 @@ QEMU_CHECK_TIMEOUT = 30
 _QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
 
 
-def lab_qemu_opts(accel: str, pfs: int) -> list[str]:
-    """What the lab adds to vng's QEMU command line: the machine and its devices."""
+# The guest kernel's log level on the kept console (--kernel-log): warnings and worse
+# (soft lockups, hung tasks, RCU stalls, oopses, WARNs), not the boot's chatter, which
+# under TCG costs an emulated port write per character.
+KERNEL_LOG_LEVEL = 5
+
+
+def kernel_symbols(share: Path) -> Path:
+    """Where the guest leaves this boot's text symbols (in the shared tree, the only place
+    it can write to the host); removed when the VM is gone."""
+    return share / "build" / ".lab-run" / f"kallsyms-{os.getpid()}"
+
+
+def qmp_socket() -> Path:
+    """Where a lab VM with --kernel-log listens for QMP (postmortem.examine)."""
+    return Path(tempfile.gettempdir()) / f"vftrace-lab-{os.getpid()}.qmp"
+
+
+def lab_qemu_opts(accel: str, pfs: int, kernel_log: Path | None = None) -> list[str]:
+    """What the lab adds to vng's QEMU command line: the machine and its devices.
+
+    vng sends the kernel's console (ttyS0) to /dev/null when it runs a command; with
+    ``kernel_log`` a virtio console (hvc0, on a virtio-serial device of its own) writes it to that
+    file on the host, so a guest that hangs or oopses leaves its last words.  Not a
+    second 8250 port: the 8250 driver has one console, bound to the first ttyS named."""
     opts = ["-machine", LAB_MACHINE[accel], "-device", IOMMU_DEVICE] + ["-device", "edu"] * pfs
+    if kernel_log is not None:
+        opts += ["-chardev", f"file,id=vftrace-klog,path={kernel_log}",
+                 "-device", "virtio-serial-pci,id=vftrace-klog-bus",
+                 "-device", "virtconsole,bus=vftrace-klog-bus.0,chardev=vftrace-klog",
+                 "-qmp", f"unix:{qmp_socket()},server=on,wait=off"]
     if accel == "tcg":
         # One TCG thread for all vCPUs: with multi-threaded TCG, kernel text patched
         # (probes attached, static keys flipped) while a nested KVM guest ran has left
@@ -101,11 +129,17 @@ def lab_qemu_opts(accel: str, pfs: int) -> list[str]:
 
 
 def vng_argv(kernel: LabKernel, *, pfs: int, cpus: int, memory: str, accel: str,
-             share: Path, guest_cmd: str | None, shell: Path | None = None) -> list[str]:
+             share: Path, guest_cmd: str | None, shell: Path | None = None,
+             kernel_log: Path | None = None) -> list[str]:
     argv = [tool("vng"), "--run", str(kernel.image), "--disable-microvm",
             "--cpus", str(cpus), "--memory", memory, "--rwdir", str(share),
-            "--append", "intel_iommu=on",
-            "--qemu-opts=" + shlex.join(lab_qemu_opts(accel, pfs))]
+            "--append", "intel_iommu=on"]
+    if kernel_log is not None:
+        # After vng's own console=ttyS0 and loglevel=1, so these win.
+        # SysRq from the keyboard for every key: a hung guest's dumps (postmortem.py).
+        argv += ["--append", "console=hvc0", "--append", f"loglevel={KERNEL_LOG_LEVEL}",
+                 "--append", "sysrq_always_enabled"]
+    argv.append("--qemu-opts=" + shlex.join(lab_qemu_opts(accel, pfs, kernel_log)))
     if accel == "tcg":
         argv.append("--disable-kvm")
     if guest_cmd is not None:
@@ -200,17 +234,23 @@ def kvm_starts(argv: list[str]) -> tuple[bool, str]:
 
 
 def guest_command(cmd: list[str], share: Path, pfs: int, pf_sched: bool = False,
-                  started: Path | None = None) -> str:
+                  started: Path | None = None, symbols: Path | None = None) -> str:
     """The shell line the guest runs: in the shared tree, with the lab's environment.
 
-    It first creates ``started`` (in the shared tree) so the host knows the boot is over."""
+    It first creates ``started`` (in the shared tree) so the host knows the boot is over,
+    and with ``symbols`` copies the kernel's text symbols there: Debian's System.map is a
+    placeholder and KASLR moves them each boot, so this boot's are what can name where a
+    hung guest's vCPUs were (postmortem.py)."""
     env = {"VFTRACE_LAB": "1", "VFTRACE_LAB_PFS": str(pfs), "PYTHONUNBUFFERED": "1"}
-    for passthrough in ("CI", "VFTRACE_BUDGET_NS", "PYTEST_ADDOPTS", "TERM", "COLUMNS", "LINES"):
+    for passthrough in ("CI", "VFTRACE_BUDGET_NS", "VFTRACE_LAB_PROGRESS", "PYTEST_ADDOPTS", "TERM",
+                        "COLUMNS", "LINES"):
         if passthrough in os.environ:
             env[passthrough] = os.environ[passthrough]
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     venv_bin = shlex.quote(str(Path(sys.executable).parent))
     mark = f": > {shlex.quote(str(started))} && " if started else ""
+    if symbols is not None:
+        mark += f"grep -i ' [tw] ' /proc/kallsyms > {shlex.quote(str(symbols))}; "
     start = "vftrace pf-sched up >&2 && " if pf_sched else ""
     return (f"{mark}cd {shlex.quote(str(share))} && export {exports} PATH={venv_bin}:$PATH "
             f"&& {start}exec {shlex.join(cmd)}")
@@ -233,11 +273,14 @@ class _Stop(Exception):
 
 
 def run_vm(argv: list[str], timeout: float | None, interactive: bool,
-           started: Path | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> int:
+           started: Path | None = None, boot_timeout: float = BOOT_TIMEOUT_S,
+           examine=None) -> int:
     """Run vng in its own process group; return the guest's exit status.
 
     124 on timeout (like coreutils' timeout), 128+N when stopped by signal N, BOOT_HANG
-    when ``started`` did not appear within ``boot_timeout`` (the VM is stopped)."""
+    when ``started`` did not appear within ``boot_timeout`` (the VM is stopped).  Before a
+    VM is stopped for its timeout or by SIGTERM (a harness that saw it hang),
+    ``examine()`` may ask QEMU what the guest was doing."""
     stdin = None if interactive or not sys.stdin.isatty() else subprocess.DEVNULL
     started_vm: list[subprocess.Popen] = []
     pending: list[int] = []
@@ -287,10 +330,14 @@ def run_vm(argv: list[str], timeout: float | None, interactive: bool,
                     return BOOT_HANG
             if deadline is not None and now >= deadline:
                 print(f"vftrace lab: timed out after {timeout:g} s; stopping the VM", file=sys.stderr)
+                if examine:
+                    examine()
                 _stop_group(proc)
                 return 124
     except _Stop as stop:
         print(f"vftrace lab: {signal.Signals(stop.signum).name}; stopping the VM", file=sys.stderr)
+        if examine and stop.signum == signal.SIGTERM:
+            examine()
         _stop_group(proc)
         return 128 + stop.signum
     finally:
@@ -384,9 +431,10 @@ def _lab_command(args, kernel: LabKernel, share: Path, shell: Path | None, cmd: 
     else:
         accel, why = choose_accel(args.accel, kernel)
     argv = vng_argv(kernel, pfs=args.pfs, cpus=args.cpus, memory=args.memory, accel=accel,
-                    share=share, shell=shell,
-                    guest_cmd=None if started is None else guest_command(cmd, share, args.pfs,
-                                                                         args.pf_sched, started))
+                    share=share, shell=shell, kernel_log=args.kernel_log,
+                    guest_cmd=None if started is None else guest_command(
+                        cmd, share, args.pfs, args.pf_sched, started,
+                        kernel_symbols(share) if args.kernel_log else None))
     if started is not None and len(argv[-1]) > MAX_GUEST_CMD:
         raise LabError(f"the command is {len(argv[-1])} bytes with the lab's set-up, over the "
                        f"{MAX_GUEST_CMD} that fit on the guest kernel's command line; "
@@ -413,6 +461,14 @@ def main(args) -> int:
         raise LabError(f"--boot-timeout {args.boot_timeout}: give a positive number of seconds")
     if args.timeout is not None and args.timeout <= 0:
         raise LabError(f"--timeout {args.timeout}: give a positive number of seconds")
+    if args.kernel_log is not None:
+        args.kernel_log = Path(args.kernel_log).resolve()
+        if "," in str(args.kernel_log):
+            raise LabError(f"--kernel-log {args.kernel_log}: QEMU cannot take a path with a comma")
+        try:
+            args.kernel_log.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LabError(f"--kernel-log {args.kernel_log}: {e.strerror}") from None
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -443,14 +499,20 @@ def main(args) -> int:
         return 0
     print(f"vftrace lab: {kernel.release}, {accel.upper()} ({why}), {args.pfs} PF(s), "
           f"{args.cpus} CPUs, {args.memory}; sharing {share}", file=sys.stderr)
+    examine = None
+    if args.kernel_log is not None:
+        def examine():
+            for line in postmortem.examine(qmp_socket(), kernel_symbols(share)):
+                print(f"vftrace lab: {line}", file=sys.stderr)
+            print(f"vftrace lab: the guest kernel's log is in {args.kernel_log}", file=sys.stderr)
     if started is None:
-        rc = run_vm(argv, args.timeout, interactive)
+        rc = run_vm(argv, args.timeout, interactive, examine=examine)
         return preset.finish(rc) if preset else rc
     started.parent.mkdir(parents=True, exist_ok=True)
     try:
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             started.unlink(missing_ok=True)
-            rc = run_vm(argv, args.timeout, interactive, started, args.boot_timeout)
+            rc = run_vm(argv, args.timeout, interactive, started, args.boot_timeout, examine)
             if rc != BOOT_HANG:
                 return preset.finish(rc) if preset else rc
             print(f"vftrace lab: the guest did not start the command within {args.boot_timeout:g} s "
@@ -458,3 +520,4 @@ def main(args) -> int:
         raise LabError(f"the VM did not boot in {BOOT_ATTEMPTS} attempts of {args.boot_timeout:g} s")
     finally:
         started.unlink(missing_ok=True)
+        kernel_symbols(share).unlink(missing_ok=True)
