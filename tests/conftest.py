@@ -3,9 +3,10 @@
 - ``tests/unit``: here, no VM, no root.
 - ``tests/lab``: as root inside the lab VM.  On the host each lab test is collected once
   per lab kernel as a proxy item.  When the test loop starts, one VM per kernel is booted
-  in the background (``vftrace lab``), all at once: each runs the whole lab tier with a
-  JUnit report, on one TCG thread, so two kernels use this 2-core machine's two cores
-  while the unit tests run.  Every proxy reports its own test's outcome from that report.
+  in the background (``vftrace lab``), all at once: each runs the whole lab tier on one
+  TCG thread, so two kernels use this 2-core machine's two cores while the unit tests
+  run.  Every proxy reports its own test's outcome from the guest's progress file; a VM
+  that hangs costs the test it hung in, and a new VM runs the rest (tests/labrun.py).
 - ``tests/integration``: boot VMs from the host (the lab's exit status, shutdown, ``make
   lab``'s dashboard).  They run after the lab proxies, so they never share the CPU with
   the lab tiers' VMs (their timeouts assume a core of their own).
@@ -16,13 +17,11 @@ the exact reason (no QEMU, no kernel, a skip inside the VM).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from tests import labrun
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = REPO / "tests" / "lab"
@@ -61,92 +60,16 @@ def lab_kernels() -> list[str]:
     return found
 
 
-def junit_key(nodeid: str) -> tuple[str, str]:
-    parts = nodeid.split("::")
-    module = parts[0].removesuffix(".py").replace("/", ".")
-    return ".".join([module, *parts[1:-1]]), parts[-1]
-
-
-class LabRun:
-    """One VM boot of one kernel running every selected lab test, in a background thread
-    (``start``); ``get`` waits for it."""
+class LabRun(labrun.LabRun):
+    """One kernel's lab run, shared by all its proxies (``start`` once, ``get`` waits)."""
     runs: dict[str, "LabRun"] = {}
-
-    def __init__(self, release: str, nodeids: list[str]):
-        self.release, self.nodeids = release, nodeids
-        self.results: dict[tuple[str, str], tuple[str, str]] = {}
-        self.problem: str | None = None
-        self.log = RESULTS / f"{release}.log"
-        self._proc: subprocess.Popen | None = None
-        self._thread = threading.Thread(target=self._run_safely, name=f"lab-{release}",
-                                        daemon=True)
-
-    def _run_safely(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:          # reported by every proxy of this kernel
-            self.problem = f"the lab run ({self.release}) failed on the host: {e!r}"
-
-    def _run(self) -> None:
-        if self.release.startswith("missing:"):
-            self.problem = (f"no lab kernel {self.release[8:]} installed "
-                            "(run `make setup`: it installs bookworm 6.1 and bookworm-backports 6.12)")
-            return
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        xml = RESULTS / f"{self.release}.xml"
-        xml.unlink(missing_ok=True)
-        # The test ids go through a file: the guest command must fit the kernel cmdline.
-        ids = RESULTS / f"{self.release}.tests"
-        ids.write_text("\n".join(self.nodeids) + "\n")
-        inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
-                 f"--junitxml={xml}", "-o", "junit_family=xunit2", f"@{ids}"]
-        cmd = [sys.executable, "-m", "tracer.cli", "lab", "--kernel", self.release,
-               "--pfs", str(LAB_PFS), "--timeout", str(LAB_TIMEOUT_S), "--", *inner]
-        # Through a pipe: QEMU reopens its stdout by path, which would truncate a file.
-        with open(self.log, "wb") as log:
-            log.write(f"$ {' '.join(cmd)}\n".encode())
-            proc = self._proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL)
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                log.write(chunk)
-                log.flush()
-            rc = proc.wait()
-        if not xml.exists():
-            self.problem = (f"the lab VM ({self.release}) produced no results (exit {rc}); "
-                            f"see {self.log}:\n{self.tail()}")
-            return
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            key = (case.get("classname", ""), case.get("name", ""))
-            outcome, text = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                el = case.find(tag)
-                if el is not None:
-                    outcome = tag
-                    text = (el.get("message") or "") + "\n" + (el.text or "")
-                    break
-            self.results[key] = (outcome, text.strip())
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM, not SIGKILL: `vftrace lab` stops its VM before it exits."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
     @classmethod
     def start(cls, release: str, nodeids: list[str]) -> "LabRun":
         if release not in cls.runs:
-            run = cls.runs[release] = LabRun(release, nodeids)
+            run = cls.runs[release] = LabRun(
+                release, nodeids, RESULTS, REPO, timeout_s=LAB_TIMEOUT_S, pfs=LAB_PFS,
+                stall_s=float(os.environ.get("VFTRACE_LAB_STALL_S", labrun.STALL_S)))
             run._thread.start()
         return cls.runs[release]
 
@@ -181,13 +104,18 @@ class LabProxy(pytest.Item):
         run = LabRun.get(self.release, [self.inner_nodeid])
         if run.problem:
             self._cannot_run(run.problem)
-        outcome, text = run.results.get(junit_key(self.inner_nodeid), ("missing", ""))
+        outcome, text = run.results.get(self.inner_nodeid, ("missing", ""))
         if outcome == "passed":
+            if self.inner_nodeid in run.hung_once:
+                self.warn(pytest.PytestWarning(
+                    f"{self.inner_nodeid} [lab {self.release}] hung its VM once and passed in "
+                    f"the next: {run.hung_once[self.inner_nodeid]}"))
             return
         if outcome == "skipped":
             self._cannot_run(f"skipped in the lab VM: {text.splitlines()[0] if text else '?'}")
         if outcome == "missing":
-            raise LabFailure(f"no result for {self.inner_nodeid} in the lab run; log tail:\n{run.tail()}")
+            raise LabFailure(f"no result for {self.inner_nodeid} in the lab run; log tail:\n"
+                             f"{labrun.tail(run.log)}")
         raise LabFailure(f"{outcome} in the lab VM ({self.release}):\n{text}")
 
     def _cannot_run(self, why: str):
@@ -236,6 +164,13 @@ def pytest_runtestloop(session):
             wanted.setdefault(item.release, []).append(item.inner_nodeid)
     for release, nodeids in wanted.items():
         LabRun.start(release, nodeids)
+
+
+def pytest_configure(config):
+    """In the lab VM, report each test's progress to the host (tests/labrun.py)."""
+    if in_lab() and os.environ.get(labrun.PROGRESS_ENV):
+        config.pluginmanager.register(labrun.ProgressWriter(os.environ[labrun.PROGRESS_ENV]),
+                                      "vftrace-lab-progress")
 
 
 def pytest_sessionfinish(session, exitstatus):
