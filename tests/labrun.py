@@ -22,7 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-STALL_S = 840                   # pytest-timeout is 600 s a test inside the guest
+# Inside the guest each test gets TEST_TIMEOUT_S from pytest-timeout (the slowest took
+# 179 s in CI); a VM silent for longer than that plus a margin is hung, not slow.
+TEST_TIMEOUT_S = 420
+STALL_S = TEST_TIMEOUT_S + 120
 MAX_VMS = 3                     # the first boot and two resumes after stalls
 PROGRESS_ENV = "VFTRACE_LAB_PROGRESS"
 
@@ -116,7 +119,7 @@ class LabRun:
 
     def _vftrace_lab(self, ids: Path, kernel_log: Path, timeout_s: float) -> list[str]:
         inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
-                 f"@{ids}"]
+                 "-o", f"timeout={TEST_TIMEOUT_S}", f"@{ids}"]
         return [sys.executable, "-m", "tracer.cli", "lab", "--kernel", self.release,
                 "--pfs", str(self.pfs), "--timeout", f"{timeout_s:.0f}",
                 "--kernel-log", str(kernel_log), "--", *inner]
