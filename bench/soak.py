@@ -34,6 +34,7 @@ from tracer.capture.files import read_capture  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
 from tracer.model import kernel_hist  # noqa: E402
+from tracer.model.schema import reader_pause  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
 
 LAB_LOCK = "/tmp/vftrace-lab.lock"
@@ -145,6 +146,7 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "switches_made": sum(p["switches_made"] for p in per_pf),
         "rows": len(rows), "missing_rows": sum(p["missing"] for p in per_pf),
         "lost_total": meta.get("lost_total"), "lost_by_kind": meta.get("lost_by_kind", {}),
+        "reader_gaps": meta.get("reader_gaps"),
         "capture_problems": problems[:5], "complete": meta.get("complete"),
         "stop_reason": meta.get("stop_reason"),
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
@@ -167,6 +169,7 @@ def render(f: dict) -> str:
         f"  switches made {f['switches_made']}, rows {f['rows']}, missing {f['missing_rows']},"
         f" switch records reported lost {f['lost_by_kind'].get('switch', 0)}"
         f" (all kinds: {f['lost_total']})",
+        f"  {reader_pause(f) or 'the reader pauses were not recorded (older vftrace)'}",
     ]
     for p in f["per_pf"]:
         lines.append(

@@ -75,6 +75,8 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
     hists = kernel_hist.from_meta(meta["kernel_histograms"])
     assert kernel_counts_per_pf(hists) == made
     assert len(rows) + lost == sum(made.values())
+    # the capture says why: a reader stopped for 6 s, noticed between two of its reads
+    assert meta["reader_gaps"]["longest_s"] >= 5.5 and meta["reader_gaps"]["over_1s"] >= 1
     print(f"paused reader: pf_sched made {sum(made.values())} switches, {len(rows)} records "
           f"kept, {lost} lost; the kernel histograms counted "
           f"{sum(kernel_counts_per_pf(hists).values())}")

@@ -436,3 +436,13 @@ def test_batches_of_rows_give_what_switches_one_at_a_time_give(ops):
     counts = ("late_releases", "late_release_ns", "orphan_releases", "late_exits",
               "late_exit_ns", "orphan_exits", "unended_exits")
     assert [getattr(one, c) for c in counts] == [getattr(by_rows, c) for c in counts]
+
+
+def test_reader_gaps_keep_the_longest_time_between_two_reads_and_when():
+    from tracer.kernel.engine import ReaderGaps
+    t = iter([10.0, 10.1, 10.2, 13.7, 13.8, 15.0, 15.1])
+    gaps = ReaderGaps(clock=lambda: next(t))
+    assert gaps.as_meta() == {"longest_s": 0.0, "longest_at_s": None, "over_1s": 0}
+    for _ in range(7):
+        gaps.read()
+    assert gaps.as_meta() == {"longest_s": 3.5, "longest_at_s": 0.2, "over_1s": 2}

@@ -149,6 +149,17 @@ def copy_capture(tmp_path: Path, name: str = "cap", **meta_changes) -> Path:
     return csv_path
 
 
+def test_a_lossy_capture_says_how_long_its_reader_paused(tmp_path, capsys):
+    cap = copy_capture(tmp_path, lost_total=12,
+                       reader_gaps={"longest_s": 3.2, "longest_at_s": 40, "over_1s": 2})
+    assert main(["report", str(cap)]) == 0
+    assert ("the reader paused up to 3.20 s at 40 s (2 pauses over 1 s) between two reads of "
+            "the buffers") in capsys.readouterr().out
+    bad = copy_capture(tmp_path, name="bad", lost_total=1, reader_gaps="long")
+    assert main(["report", str(bad)]) == 2              # a hand-edited meta: one clear line
+    assert "reader_gaps" in capsys.readouterr().err
+
+
 def test_lost_records_are_a_prominent_warning(tmp_path, capsys):
     cap = copy_capture(tmp_path, lost_total=12, lost_records_per_cpu={"0": 5, "1": 7})
     assert main(["report", str(cap)]) == 0

@@ -60,6 +60,8 @@ class FakeEngine:
                                          flush=lambda: None)
         self.bpf = None
         self.seq = 0
+        self.reads = SimpleNamespace(as_meta=lambda: {"longest_s": 2.5, "longest_at_s": 1.0,
+                                                      "over_1s": 1})
 
     def start(self):
         FakeEngine.events.append("engine.start")
@@ -171,6 +173,7 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     assert on_disk["lost_by_kind"] == {"switch": 3, "call": 0, "join": 1}
     assert (on_disk["late_exits"], on_disk["late_exit_ns"], on_disk["unended_exits"]) == (2, 50, 1)
     assert (on_disk["late_releases"], on_disk["late_release_ns"]) == (1, 9)
+    assert on_disk["reader_gaps"] == {"longest_s": 2.5, "longest_at_s": 1.0, "over_1s": 1}
     assert on_disk["kernel_histograms"]["read"] == "fake"
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 

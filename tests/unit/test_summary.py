@@ -79,6 +79,16 @@ def test_warning_on_lost_records_and_seq_gaps():
     assert "7 records lost (per CPU 0:7)" in warning
     assert "3 seq gaps (pf1:3)" in warning
     assert "lost records: 7" in text.splitlines()[0]
+    assert "paused" not in text                     # a capture from before reader_gaps
+
+
+def test_a_lossy_run_says_how_long_its_reader_paused():
+    snap = two_pf_stats().snapshot()
+    gaps = {"longest_s": 4.257, "longest_at_s": 312.4, "over_1s": 3}
+    text = format_summary(snap, {"lost_total": 9, "reader_gaps": gaps})
+    warning = next(line for line in text.splitlines() if line.startswith("WARNING"))
+    assert "the reader paused up to 4.26 s at 312 s (3 pauses over 1 s)" in warning
+    assert "paused" not in format_summary(snap, {"lost_total": 0, "reader_gaps": gaps})
 
 
 def test_single_pf_does_not_repeat_overall():

@@ -482,7 +482,7 @@ _META_TYPES: dict[str, tuple[type, str]] = {
                      "stop_reason", "switch_source", "buffer", "kvm_vendor", "calls_file"),
                     (str, "a string")),
     **dict.fromkeys(("probe_modes", "floor_ns", "filters", "background", "workload",
-                     "filtered_out", "kernel_histograms"),
+                     "filtered_out", "kernel_histograms", "reader_gaps"),
                     (dict, "an object")),
     **dict.fromkeys(("warnings", "columns"), (list, "a list")),
     **dict.fromkeys(("budget_ns", "records", "lost_total", "partial_windows",

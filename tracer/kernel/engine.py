@@ -55,6 +55,37 @@ def program_text(plan: Plan, calib_tgid: int) -> str:
     return "".join(f"#define {d}\n" for d in defines) + "\n" + src
 
 
+class ReaderGaps:
+    """How long the buffers went unread: the longest time between the ends of two reads
+    (a wait of up to the poll's timeout, the handling, and whatever kept the reader from
+    coming back: a front end, another thread holding the GIL, a descheduled vCPU).
+    Records are lost when that outlasts what the buffer holds at the switch rate, so a
+    lossy capture says whether its reader paused, when, and for how long."""
+
+    LONG_S = 1.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.first = self.last = None
+        self.longest_s, self.longest_at_s, self.over_1s = 0.0, None, 0
+
+    def read(self) -> None:
+        now = self.clock()
+        if self.last is None:
+            self.first = now
+        else:
+            gap = now - self.last
+            if gap > self.longest_s:
+                self.longest_s, self.longest_at_s = gap, self.last - self.first
+            self.over_1s += gap > self.LONG_S
+        self.last = now
+
+    def as_meta(self) -> dict:
+        return {"longest_s": round(self.longest_s, 3),
+                "longest_at_s": None if self.longest_at_s is None else round(self.longest_at_s, 3),
+                "over_1s": self.over_1s}
+
+
 class Engine:
     def __init__(self, plan: Plan, *, budget_ns: int,
                  on_switch: Callable[[SwitchRecord], None] | None = None,
@@ -83,6 +114,7 @@ class Engine:
         self.reader = "perf" if not plan.ringbuf else "callback"   # which reader ran (meta)
         self.reader_note: str | None = None         # why the mapped reader did not
         self.unreadable = 0         # ring records of a size not ours, skipped (a bug if any)
+        self.reads = ReaderGaps()
 
     # -- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,6 +284,7 @@ class Engine:
             self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
+        self.reads.read()
         self.assembler.tick()
 
     # Per-sample decoding: one precompiled struct per buffer (layout.Header.reader), made

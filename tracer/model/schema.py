@@ -67,6 +67,19 @@ def depth_of(meta: dict | None) -> str:
     return d if d in DEPTHS else DEFAULT_DEPTH
 
 
+def reader_pause(meta: dict | None) -> str | None:
+    """The reader's longest pause between two reads of the buffers (meta "reader_gaps",
+    from the engine's ReaderGaps), in words; None for older captures."""
+    gaps = (meta or {}).get("reader_gaps")
+    if not isinstance(gaps, dict) or not isinstance(gaps.get("longest_s"), (int, float)):
+        return None
+    at = gaps.get("longest_at_s")
+    where = f" at {at:.0f} s" if isinstance(at, (int, float)) else ""
+    over = gaps.get("over_1s")
+    return (f"the reader paused up to {gaps['longest_s']:.2f} s{where}"
+            + (f" ({over} pauses over 1 s)" if isinstance(over, int) and over else ""))
+
+
 NO_VF = -1
 """``from_vf`` of a switch that had no outgoing VF (the first grant after idle)."""
 

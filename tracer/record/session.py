@@ -594,6 +594,7 @@ class Session:
             self.lost = engine.lost_per_cpu()
             self.meta.update({"lost_by_kind": engine.lost_by_kind(),
                               "partial_windows": engine.partial_windows(),
+                              "reader_gaps": engine.reads.as_meta(),
                               "background": engine.background() if engine.bpf else {}})
             if engine.bpf is not None:
                 self.meta["kernel_histograms"] = engine.kernel_histograms_meta()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tracer.model import group_columns as gc
 from tracer.model.kernel_hist import exact_line
-from tracer.model.schema import depth_of, unmeasured
+from tracer.model.schema import depth_of, reader_pause, unmeasured
 from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
 
@@ -39,6 +39,8 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
         if snap.seq_gaps_total:
             pfs = " ".join(f"pf{pf}:{n}" for pf, n in snap.seq_gaps.items() if n)
             parts.append(f"{snap.seq_gaps_total} seq gaps ({pfs})")
+        if pause := reader_pause(meta):
+            parts.append(pause)
         lines.append("WARNING: " + "; ".join(parts) + ": figures below miss those switches")
     if not snap.records:
         lines.append("no switches recorded")

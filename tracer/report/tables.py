@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from tracer.model import exit_reasons, kernel_hist
 from tracer.model import group_columns as gc
 from tracer.model.stats import GroupStats
+from tracer.model.schema import reader_pause
 from tracer.model.units import fmt_ns
 from tracer.report.load import Capture
 
@@ -158,6 +159,9 @@ def notes(cap: Capture) -> list[Note]:
         pfs = " ".join(f"pf{pf}:{n}" for pf, n in snap.seq_gaps.items() if n)
         out.append(Note(True, f"{snap.seq_gaps_total} seq gaps ({pfs}): switches missing "
                               "from the capture"))
+    if (lost or snap.seq_gaps_total) and (pause := reader_pause(m)):
+        out.append(Note(False, f"{pause} between two reads of the buffers: records are lost "
+                               "when a pause outlasts what the buffer holds"))
     if m.get("partial_windows"):
         out.append(Note(False, f"{m['partial_windows']} partial windows: switch ends seen "
                                "without their start (probes armed mid-switch or a missed "
