@@ -36,15 +36,13 @@ from .model import GROUP_COLUMNS, SORTS, DashboardModel, describe_export, write_
 from .sources import Batch, Source
 from .store import COL, DEFAULT_MAX_RECORDS
 from .watchdog import StallWatchdog
-from .widgets import DistributionPlot, HeaderBar, HelpScreen, PromptScreen, SwitchList
+from .widgets import DistributionPlot, HeaderBar, HelpScreen, PromptScreen, SwitchList, TextTable
 
 READ_TIMEOUT_S = 0.1
 SWITCH_ROWS_MAX = 200            # newest switches listed: as many as the panel shows
 PLOT_EVERY_TICKS = 5             # the plot is the costly widget: redrawn at ~2 Hz
-# A DataTable re-renders every cell whenever any changes (~10 ms for the per-PF/VF
-# table): the two tables are refilled at ~2 Hz too (still quicker than they can be
-# read), on other ticks than the plot; most of what keeps the dashboard under a quarter
-# of a core at 10k records/s.
+# The per-PF/VF and guest tables are refilled at ~2 Hz too (still quicker than they
+# can be read), on other ticks than the plot.
 TABLES_EVERY_TICKS = 5
 # Writes queued for the terminal beyond which redraws wait.  The lab's console is an
 # emulated 16550 that took ~10 KB/s under load (measured: what Textual wrote and what
@@ -158,7 +156,7 @@ class VftraceApp(App):
                 yield DistributionPlot(id="plot")
                 yield Sparkline([], id="rate")
                 yield Static(id="rate-label")
-        yield DataTable(id="groups", cursor_type="row")
+        yield TextTable(tuple(c.header for c in GROUP_COLUMNS), id="groups")
         with Vertical(id="guests"):
             yield Static(id="guest-summary")
             yield DataTable(id="guest-table", show_cursor=False)
@@ -171,8 +169,6 @@ class VftraceApp(App):
     def on_mount(self) -> None:
         self._widgets = {w.id: w for w in self.screen.query("*") if w.id}
         self.w("switches").border_title = "Switches (newest first, over budget in red)"
-        groups = self.w("groups")
-        groups.add_columns(*(c.header for c in GROUP_COLUMNS))
         self.w("guest-table").add_columns(*GUEST_COLUMNS)
         self.query_one("#guests").border_title = "Guests"
         self.query_one("#dist").border_title = "Distribution: switch ns, log scale"
@@ -387,13 +383,9 @@ class VftraceApp(App):
 
     def _update_groups(self, snap) -> None:
         table = self.w("groups")
-        rows, labels = [], []
-        for g in self.model.group_rows(snap):
-            rows.append([Text(c.cell(g, self.header_info.unmeasured), _group_style(c.name, g, snap.budget_ns),
-                              justify=None if c.name == "group" else "right")
-                         for c in GROUP_COLUMNS])
-            labels.append(g.key.label)
-        _fill(table, rows, labels)
+        unmeasured = self.header_info.unmeasured
+        table.show([[(c.cell(g, unmeasured), _group_style(c.name, g, snap.budget_ns))
+                     for c in GROUP_COLUMNS] for g in self.model.group_rows(snap)])
         arrow = "" if self.model.sort_name == "group" else " (largest first)"
         table.border_title = f"Per PF / per VF: sort by {self.model.sort_name}{arrow}  [s]"
 
@@ -466,9 +458,9 @@ class VftraceApp(App):
         self.model.cycle_sort()
         self.refresh_view(plot=False)
 
-    @on(DataTable.HeaderSelected, "#groups")
-    def _sort_by_header(self, event: DataTable.HeaderSelected) -> None:
-        name = HEADER_SORT.get(str(event.label))
+    @on(TextTable.HeaderClicked, "#groups")
+    def _sort_by_header(self, event: TextTable.HeaderClicked) -> None:
+        name = HEADER_SORT.get(event.label)
         if name is not None:
             self.model.sort_by(name)
             self.refresh_view(plot=False)

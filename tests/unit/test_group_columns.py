@@ -107,7 +107,7 @@ async def test_the_dashboard_shows_the_spec_cells():
     app = VftraceApp(ReplaySource(SMALL, 0), clock=FrozenClock())
     async with app.run_test(size=SIZE) as pilot:
         await caught_up(pilot, app)
-        header = [str(c.label) for c in app.w("groups").columns.values()]
+        header = list(app.w("groups").headers)
         assert header == [c.header for c in dashboard.GROUP_COLUMNS]
         want = expected(app.model.group_rows(app.model.snapshot(app.clock())))
         shown = {r[0]: dict(zip(header, r)) for r in table_rows(app, "groups")}

@@ -167,6 +167,34 @@ async def test_f_filters_to_one_pf():
 
 
 @run_async
+async def test_a_click_on_a_header_sorts_by_it_and_the_arrows_scroll_under_a_fixed_header():
+    app = replay_app()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await caught_up(pilot, app)
+        table = app.w("groups")
+        start, _ = table._bounds[table.headers.index("MAX")]
+        await pilot.click("#groups", offset=(start + 2, 0))
+        await pilot.pause()
+        assert app.model.sort_name == "max"
+        await wait_for(pilot, lambda: table_rows(app, "groups")[1][0] != "pf0", "sorted rows")
+        by_max = [r[0] for r in table_rows(app, "groups")]
+        assert by_max[0] == "all" and by_max[1:] != sorted(by_max[1:])
+        await pilot.click("#groups", offset=(1, 0))            # GROUP: back to the default
+        await pilot.pause()
+        assert app.model.sort_name == "group"
+        assert table.size.height - 1 < table.row_count           # rows to scroll to
+        app.set_focus(table)
+        first = table.render_line(1).text
+        for _ in range(3):
+            await pilot.press("down")
+        await pilot.pause()
+        assert table.scroll_offset.y == 3
+        assert table.render_line(0).text.split()[:2] == ["GROUP", "COUNT"]    # stays put
+        assert table.render_line(1).text != first
+        assert table.render_line(1).text.split()[0] == table_rows(app, "groups")[3][0]
+
+
+@run_async
 async def test_s_changes_the_row_order():
     app = replay_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -78,7 +78,7 @@ async def caught_up(pilot, app) -> None:
 
 def table_rows(app, table_id: str) -> list[list[str]]:
     table = app.w(table_id)
-    if table_id == "switches":                     # a text list, not a DataTable
+    if table_id in ("switches", "groups"):          # text, not a DataTable
         return [list(r) for r in table.rows]
     return [[str(getattr(c, "plain", c)) for c in table.get_row_at(i)]
             for i in range(table.row_count)]
