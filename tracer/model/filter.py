@@ -56,11 +56,6 @@ class SwitchFilter:
     def active(self) -> bool:
         return self.pfs is not None or self.vfs is not None
 
-    def keeps(self, rec) -> bool:
-        """For one record object (``pf``, ``from_vf``, ``to_vf`` attributes)."""
-        return ((self.pfs is None or rec.pf in self.pfs) and
-                (self.vfs is None or rec.to_vf in self.vfs or rec.from_vf in self.vfs))
-
     def keeps_pf(self, pf: int) -> bool:
         return self.pfs is None or pf in self.pfs
 
@@ -83,26 +78,6 @@ class FilterGate:
         self._upstream: dict[int, list[int | None]] = {}   # pf -> [left out, first, last]
 
     # -- feeding --------------------------------------------------------------------
-    def admit(self, rec) -> bool:
-        """One record: counted, then True when the filter keeps it."""
-        flt = self.filter
-        if flt.pfs is None and flt.vfs is None:
-            return True                      # nothing left out: readers count from rows
-        pf, seq = rec.pf, rec.seq
-        seen = self._seqs.get(pf)
-        if seen is None:
-            self._seqs[pf] = [seq, seq, 1]
-        else:
-            if seq < seen[0]:
-                seen[0] = seq
-            elif seq > seen[1]:
-                seen[1] = seq
-            seen[2] += 1
-        if flt.keeps(rec):
-            return True
-        self.left_out[pf] = self.left_out.get(pf, 0) + 1
-        return False
-
     def rows(self, rows: np.ndarray, *, pf_col: int = _PF, seq_col: int = _SEQ,
              from_col: int = _FROM, to_col: int = _TO) -> np.ndarray:
         """int64 switch rows: every one counted, the kept ones returned in their order."""
