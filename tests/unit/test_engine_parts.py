@@ -440,9 +440,18 @@ def test_batches_of_rows_give_what_switches_one_at_a_time_give(ops):
 
 def test_reader_gaps_keep_the_longest_time_between_two_reads_and_when():
     from tracer.kernel.engine import ReaderGaps
-    t = iter([10.0, 10.1, 10.2, 13.7, 13.8, 15.0, 15.1])
+    t = iter([1.0, 5.0, 10.0, 10.1, 10.2, 13.7, 13.8, 15.0, 15.1])
     gaps = ReaderGaps(clock=lambda: next(t))
+    gaps.read()                               # the calibration's reads, before arming,
+    gaps.read()                               # are no gap: nothing was filling then
+    gaps.armed()
     assert gaps.as_meta() == {"longest_s": 0.0, "longest_at_s": None, "over_1s": 0}
-    for _ in range(7):
+    for _ in range(6):
         gaps.read()
     assert gaps.as_meta() == {"longest_s": 3.5, "longest_at_s": 0.2, "over_1s": 2}
+    t = iter([0.0, 7.5, 7.6])
+    late = ReaderGaps(clock=lambda: next(t))
+    late.armed()
+    late.read()                               # stopped before its first read
+    late.read()
+    assert late.as_meta() == {"longest_s": 7.5, "longest_at_s": 0.0, "over_1s": 1}

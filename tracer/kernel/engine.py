@@ -69,6 +69,12 @@ class ReaderGaps:
         self.first = self.last = None
         self.longest_s, self.longest_at_s, self.over_1s = 0.0, None, 0
 
+    def armed(self) -> None:
+        """The buffers start filling: the wait until the first read is a gap too (the
+        calibration's reads before arming are not)."""
+        self.first = self.last = self.clock()
+        self.longest_s, self.longest_at_s, self.over_1s = 0.0, None, 0
+
     def read(self) -> None:
         now = self.clock()
         if self.last is None:
@@ -134,6 +140,7 @@ class Engine:
             if choice.mode == KPROBE:
                 self._attach_kprobes(choice)
         self.bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        self.reads.armed()              # records can pile up from here: gaps count from now
 
     def _attach_source(self) -> None:
         src, b = self.plan.source, self.bpf
