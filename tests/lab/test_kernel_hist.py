@@ -57,11 +57,13 @@ def test_lossless_kernel_histograms_are_the_records_histograms():
 
 
 def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
-    """A paused reader: the ring buffer fills and records are lost (counted); the
-    histograms, updated before a record goes out, still have every switch."""
+    """A paused reader with a tiny ring buffer (8 pages, ~150 switches): it fills and
+    records are lost (counted); the histograms, updated before a record goes out, still
+    have every switch."""
     with pfsched.loaded(2, slice_us=500) as pfs:
         pfsched.set_enabled(False)
-        rec = Recorder("khist-lossy", "--depth", "window")    # no cost calibration to wait for
+        rec = Recorder("khist-lossy", "--depth", "window",     # no cost calibration to wait for
+                       "--buffer-pages", "8")
         os.kill(rec.proc.pid, signal.SIGSTOP)
         try:
             before, after = window(pfs, lambda: time.sleep(6))
@@ -69,6 +71,7 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
             os.kill(rec.proc.pid, signal.SIGCONT)
         meta, rows, problems = rec.stop()
     assert not problems
+    assert meta["buffer_pages"] == 8
     lost = meta["lost_by_kind"]["switch"]
     assert lost > 0, "the paused reader lost nothing: the case this test is for"
     made = switches_per_pf(before, after)

@@ -162,6 +162,15 @@ def test_hist_pairs_size_the_kernel_histograms_by_define():
     assert "-DHIST_MAP_FLAGS=0" in p.cflags(bpf_dir(), 1)
 
 
+def test_buffer_pages_size_the_ring_buffers_by_define():
+    from tracer.cli import build_parser
+    from tracer.record.session import BUFFER_PAGES, TraceOptions, make_plan
+    assert f"-DRINGBUF_PAGES={BUFFER_PAGES}" in probes.plan(None, "auto", offer()).cflags(bpf_dir(), 1)
+    opts = TraceOptions.from_args(build_parser().parse_args(["record", "-o", "c.csv", "-B", "64"]))
+    p = make_plan(opts, offer())
+    assert p.ringbuf_pages == 64 and "-DRINGBUF_PAGES=64" in p.cflags(bpf_dir(), 1)
+
+
 def test_ebpf_text_is_the_source_with_the_plans_defines_and_header():
     text = program_text(probes.plan(None, "kprobe", offer()), 42)
     assert text.startswith("#define ") and "#define CALIB_TGID 42\n" in text

@@ -14,7 +14,8 @@ from tracer.lab.workloads import guests
 # The house table: short flag -> long option, wherever it appears.
 SHORT_FLAGS = {
     "-h": "--help", "-V": "--version",
-    "-b": "--budget-ns", "-c": "--calls", "-C": "--capture", "-d": "--duration",
+    "-b": "--budget-ns", "-B": "--buffer-pages", "-c": "--calls", "-C": "--capture",
+    "-d": "--duration",
     "-D": "--depth",
     "-F": "--follow", "-i": "--interval", "-j": "--json", "-k": "--kernel", "-l": "--label",
     "-m": "--probe-mode", "-M": "--mode", "-n": "--pfs", "-o": "--output", "-p": "--pid",

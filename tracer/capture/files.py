@@ -485,7 +485,7 @@ _META_TYPES: dict[str, tuple[type, str]] = {
                      "filtered_out", "kernel_histograms", "reader_gaps"),
                     (dict, "an object")),
     **dict.fromkeys(("warnings", "columns"), (list, "a list")),
-    **dict.fromkeys(("budget_ns", "records", "lost_total", "partial_windows",
+    **dict.fromkeys(("budget_ns", "buffer_pages", "records", "lost_total", "partial_windows",
                      "late_releases", "late_release_ns", "orphan_releases", "late_exits",
                      "late_exit_ns", "orphan_exits", "unended_exits"), (int, "an integer")),
     "complete": (bool, "true or false"),

@@ -94,7 +94,7 @@ class Plan:
     hist_mmap: bool = True                        # the kernel histograms' array mappable
     hist_slots: int = 32                          # (pf, vf) pairs with kernel histograms
     emit_calls: bool = False
-    ringbuf_pages: int = 256
+    ringbuf_pages: int = 1024
     map_sizes: dict[str, int] = field(default_factory=dict)   # a test build's, else none
     task_stack_offset: int | None = None
     depth: str = DEFAULT_DEPTH
@@ -291,7 +291,7 @@ def map_size_overrides(env: dict[str, str] | os._Environ = os.environ) -> dict[s
 
 def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool = True,
          mapped_reader: bool = True, emit_calls: bool = False, depth: str = DEFAULT_DEPTH,
-         hist_slots: int = 32) -> Plan:
+         hist_slots: int = 32, buffer_pages: int | None = None) -> Plan:
     if requested not in ("auto", FENTRY, KPROBE):
         raise ProbeError(f"--probe-mode {requested}: give auto, fentry or kprobe")
     if depth not in DEPTHS:
@@ -302,6 +302,7 @@ def plan(spec: str | None, requested: str, offer: KernelOffer, *, ringbuf: bool 
     p = Plan(source, source_mode, ringbuf=ringbuf, mapped_reader=mapped_reader,
              hist_mmap=offer.mmapable_array,
              hist_slots=hist_slots,
+             **({"ringbuf_pages": buffer_pages} if buffer_pages else {}),
              emit_calls=emit_calls,
              map_sizes=map_size_overrides(), task_stack_offset=offer.task_stack_offset,
              depth=depth)

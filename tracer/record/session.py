@@ -81,6 +81,11 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                         help=f"(PF, VF) pairs the kernel keeps histograms of every switch for "
                              f"(default {HIST_PAIRS}; ~552 KB of kernel memory each; pairs "
                              "past it are counted and the every-switch line says not exact)")
+    parser.add_argument("-B", "--buffer-pages", type=int, default=BUFFER_PAGES, metavar="N",
+                        help=f"pages of the switch ring buffer (a power of two; default "
+                             f"{BUFFER_PAGES}: {BUFFER_PAGES * 4 // 1024} MiB, ~{BUFFER_PAGES * 4096 // 216:,} "
+                             "switches, the longest the reader may pause without losing any; "
+                             "the perf buffer gets a quarter of it per CPU)")
     parser.add_argument("--perf-buffer", action="store_true",
                         help="use the perf buffer, not the ring buffer")
     parser.add_argument("--callback-reader", action="store_true",
@@ -98,6 +103,10 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 MAX_ID = 2**32 - 1          # PFs, VFs and pids are 32-bit in the BPF records
 HIST_PAIRS, MAX_HIST_PAIRS = 32, 256      # kernel histogram slots (bpf/vftrace.h): 552 KB each
+# Ring buffer pages: 256 (1 MiB, ~4.9k switches) lost 6.5% of a 6.12 lab soak's records
+# (3 PFs x 200 us, 1,717 switches/s, 2 nested guests sharing the TCG vCPUs) to reader
+# pauses of up to 3.2 s, 275 of them over 1 s; 1024 holds ~19k switches, ~11 s there.
+BUFFER_PAGES, MAX_BUFFER_PAGES = 1024, 1 << 16
 
 
 def parse_ints(values: list[str] | None, flag: str) -> set[int] | None:
@@ -212,6 +221,7 @@ class TraceOptions:
     perf_buffer: bool = False
     callback_reader: bool = False
     hist_pairs: int = 32
+    buffer_pages: int = 1024
     duration: float | None = None
     ebpf: bool = False
     ready_file: Path | None = None
@@ -228,6 +238,10 @@ class TraceOptions:
         duration = check_seconds(getattr(args, "duration", None), "--duration")
         if not 1 <= args.hist_pairs <= MAX_HIST_PAIRS:
             raise RecordError(f"--hist-pairs {args.hist_pairs}: give 1 to {MAX_HIST_PAIRS}")
+        pages = args.buffer_pages
+        if not 8 <= pages <= MAX_BUFFER_PAGES or pages & (pages - 1):
+            raise RecordError(f"--buffer-pages {pages}: give a power of two from 8 to "
+                              f"{MAX_BUFFER_PAGES} (the kernel's ring buffers are)")
         check_switch_spec(args.switch)
         calls = check_output(args.calls, "--calls")
         ready_file = check_output(getattr(args, "ready_file", None), "--ready-file")
@@ -244,7 +258,7 @@ class TraceOptions:
         return cls(switch=args.switch, pfs=pfs, vfs=vfs, pids=pids, budget_ns=args.budget_ns,
                    probe_mode=args.probe_mode, depth=args.depth, calls=calls,
                    perf_buffer=args.perf_buffer, callback_reader=args.callback_reader,
-                   hist_pairs=args.hist_pairs,
+                   hist_pairs=args.hist_pairs, buffer_pages=pages,
                    duration=duration, ebpf=args.ebpf,
                    ready_file=ready_file, costs=costs,
                    workload=workload_argv(getattr(args, "cmd", None), command))
@@ -276,7 +290,7 @@ def make_plan(opts: TraceOptions, offer: probes.KernelOffer | None = None) -> pr
                            ringbuf=not opts.perf_buffer and offer.ringbuf,
                            mapped_reader=not opts.callback_reader,
                            emit_calls=opts.calls is not None, depth=opts.depth,
-                           hist_slots=opts.hist_pairs)
+                           hist_slots=opts.hist_pairs, buffer_pages=opts.buffer_pages)
     except probes.ProbeError as e:
         raise RecordError(str(e)) from None
 
@@ -493,6 +507,7 @@ class Session:
                 "probe_costs": engine.probe_costs,
                 "budget_ns": opts.budget_ns, "filters": opts.filters(),
                 "buffer": "ringbuf" if plan.ringbuf else "perf",
+                "buffer_pages": plan.ringbuf_pages,
                 "reader": engine.reader, "reader_note": engine.reader_note,
                 "warnings": engine.warnings,
                 "kvm_vendor": exit_reasons.vendor(),
