@@ -117,6 +117,7 @@ class TextTable(ScrollView, can_focus=True):
         super().__init__(**kwargs)
         self.headers = tuple(headers)
         self.rows: list[tuple[str, ...]] = []
+        self._shown: list | None = None              # the (text, style) cells drawn
         self._bounds: list[tuple[int, int]] = []     # each column's cells, for clicks
         self._head = Strip([])
         self._lines: list[Strip] = []
@@ -128,11 +129,10 @@ class TextTable(ScrollView, can_focus=True):
     def show(self, rows: list[list[tuple[str, str]]], left: frozenset[int] = frozenset({0})) -> None:
         """``rows`` of (text, style) cells; columns in ``left`` are left-aligned, the
         others right-aligned, each as wide as its widest cell or header."""
-        if rows == getattr(self, "_shown", None):
+        if rows == self._shown:
             return
         self._shown, self.rows = rows, [tuple(text for text, _ in row) for row in rows]
-        plain = self.rows
-        widths = [max([cell_len(h), *(cell_len(r[i]) for r in plain if i < len(r))])
+        widths = [max([cell_len(h), *(cell_len(r[i]) for r in self.rows if i < len(r))])
                   for i, h in enumerate(self.headers)]
 
         def line(cells) -> list[Segment]:
