@@ -8,7 +8,9 @@ import time
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from tracer.metrics.exposition import BOUNDS_NS, LE, MetricsState, cumulative, families
+from prometheus_client.parser import text_string_to_metric_families
+
+from tracer.metrics.exposition import BOUNDS_NS, LE, MetricsState, cumulative, render
 from tracer.metrics.tap import MetricsTap, state_from
 from tracer.model.kernel_hist import KernelHist
 from tracer.model.schema import SwitchRecord, COLUMNS
@@ -60,8 +62,9 @@ def record(seq, pf, to_vf, switch_ns, **kw) -> SwitchRecord:
 
 
 def samples(state: MetricsState) -> dict:
+    """Every sample of the scrape, as prometheus_client's own parser reads the text."""
     out = {}
-    for fam in families(state):
+    for fam in text_string_to_metric_families(render(state).decode()):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -170,3 +173,40 @@ def test_addresses_parse_as_documented_and_bad_ones_say_how_to_write_them():
     assert "warning" not in MetricsEndpoint("127.0.0.1:0", tap).notice()
     assert "warning" not in MetricsEndpoint("[::1]:0", tap).notice()
     assert "no authentication" in MetricsEndpoint("0.0.0.0:0", tap).notice()
+
+
+def test_the_histogram_text_is_what_prometheus_client_would_write():
+    """The histograms formatted by hand read back, through prometheus_client's parser,
+    as the same samples its own HistogramMetricFamily gives for the same counts."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import HistogramMetricFamily
+    from tracer.metrics.exposition import histograms_text
+    rng = np.random.default_rng(7)
+    stats = Stats(100)
+    stats.add_many([record(i, i % 2, i % 3, int(rng.lognormal(9, 1))) for i in range(1, 3000)])
+    kernel = [KernelHist(pf, vf, phase, hist_of(rng.lognormal(9, 1, 500).astype(np.int64)),
+                         12345 + pf)
+              for pf in (0, 1) for vf in (0, 2) for phase in ("grant", "revoke", "switch")]
+    kernel.append(KernelHist(1, 1, "switch", Histogram(), 0))       # empty: no series
+    state = state_from(stats, {}, kernel)
+
+    class Reference:
+        def collect(self):
+            raw = HistogramMetricFamily("vftrace_switch_duration_seconds", "h",
+                                        labels=("pf", "vf", "phase"))
+            for k in kernel:
+                if k.count:
+                    raw.add_metric([str(k.pf), str(k.vf), k.phase], cumulative(k.hist),
+                                   k.sum_ns / 1e9)
+            yield raw
+
+    def parsed(text):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    ours = parsed(histograms_text(state))
+    want = parsed(generate_latest(Reference()).decode())
+    assert {k: v for k, v in ours.items() if k[0].startswith("vftrace_switch_duration")} == want
+    assert len(want) == 12 * (len(BOUNDS_NS) + 3)
+    # the records' corrected histograms, where the stats have a correction: none here
+    assert not any(k[0].startswith("vftrace_switch_corrected") for k in ours)

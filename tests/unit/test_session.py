@@ -422,7 +422,8 @@ def test_live_metrics_are_read_by_the_pump_and_every_scrape_counts_more(tmp_path
     and asks the pump (the engine's owner) for the meta and kernel histograms; a scrape
     gets a fresh answer within a turn of the pump, never a stale one, while the pump
     keeps polling (it re-takes its lock at once after each poll)."""
-    from tracer.metrics.exposition import families
+    from prometheus_client.parser import text_string_to_metric_families
+    from tracer.metrics.exposition import render
     from tracer.metrics.tap import TappedSource
     from tracer.model.stats import Stats
     def busy_poll(self, timeout_ms):   # a poll that keeps the CPU, as a loaded engine's
@@ -451,7 +452,8 @@ def test_live_metrics_are_read_by_the_pump_and_every_scrape_counts_more(tmp_path
             t0 = time.monotonic()
             state = tapped.tap.state()
             assert time.monotonic() - t0 < 1.5 and not state.stale
-            got = {s.name: s.value for f in families(state) for s in f.samples
+            got = {s.name: s.value for f in text_string_to_metric_families(render(state).decode())
+                   for s in f.samples
                    if s.name in ("vftrace_switches_total", "vftrace_lost_records_total")}
             counts.append(sum(g.count for g in state.vfs.values()))
             assert got["vftrace_lost_records_total"] >= 0

@@ -1,4 +1,5 @@
-"""What a Prometheus scrape shows: one ``MetricsState`` turned into metric families.
+"""What a Prometheus scrape shows: one ``MetricsState`` turned into the text format
+(0.0.4): ``render``.
 
 The state is read, at scrape time, from the statistics core and the kernel's histograms
 by the thread that owns them (``tap.py``); this module has no state of its own and
@@ -15,20 +16,25 @@ quantile between 10 ns and 100 ms; every power of ten (100 ns, 1 us, ...) is a b
 comes from the statistics core's own buckets (0.049% wide): exact below 2048 ns, and
 above it at most the values within 0.1% of the bound can sit on the wrong side
 (``stats.Histogram.count_above``).
+
+The two histogram families are most of a scrape (48 series x 88 lines with 3 PFs of 4
+VFs) and are formatted here from each series' counts with label text made once:
+prometheus_client builds a Sample per bucket and formats each in Python (~14 ms a scrape
+on a host, seconds in the TCG lab, where it starved the recorder's reader).  Everything
+else goes through prometheus_client's ``generate_latest``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
-
+from prometheus_client import generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, InfoMetricFamily, Metric)
+                                    InfoMetricFamily, Metric)
 
 from ..model import exit_reasons
 from ..model.kernel_hist import PHASE_COLUMNS, KernelHist, over_budget
-from ..model.stats import Histogram, VfHistograms
+from ..model.stats import Cuts, Histogram, VfHistograms
 
 E12 = (10, 12, 15, 18, 22, 27, 33, 39, 47, 56, 68, 82)
 BOUNDS_NS: tuple[int, ...] = tuple(m * 10 ** d for d in range(0, 7) for m in E12) + (100_000_000,)
@@ -64,10 +70,11 @@ def cumulative(h: Histogram) -> list[tuple[str, float]]:
 # so a query can name one: le="1e-07".
 LE = {b: repr(float(f"{b}e-9")) for b in BOUNDS_NS}
 _LE = [LE[b] for b in BOUNDS_NS]
-_BOUNDS = np.array(BOUNDS_NS, dtype=np.int64)
+_BOUNDS = Cuts(BOUNDS_NS)
 
 
 def families(state: MetricsState) -> Iterator[Metric]:
+    """Every family but the switch duration histograms (``histograms_text``)."""
     yield InfoMetricFamily(PREFIX, "vftrace's version and what it traces", value=state.info)
     yield _gauge("budget_seconds", "the switch budget over-budget counts use",
                  [([], state.budget_ns / NS)])
@@ -76,7 +83,6 @@ def families(state: MetricsState) -> Iterator[Metric]:
     yield _gauge("metrics_read_seconds", "what reading this scrape's state took the "
                  "recorder's loop (no records were drained meanwhile)",
                  [([], state.read_seconds)])
-    yield from _durations(state)
     yield from _per_vf_counters(state)
     yield from _exits(state)
     yield _counter("lost_records", "records the kernel (ring buffer full) or user space "
@@ -94,33 +100,68 @@ def families(state: MetricsState) -> Iterator[Metric]:
                  [([t], ns / NS) for t, ns in sorted(state.probe_cost_ns.items())], ("type",))
 
 
-def _durations(state: MetricsState) -> Iterator[Metric]:
-    raw = HistogramMetricFamily(
-        f"{PREFIX}_switch_duration_seconds",
-        "switch time per phase (switch, revoke, grant), raw; from the kernel's histograms "
-        "of every switch where the source has them, else from the records",
-        labels=("pf", "vf", "phase"))
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _labels(names: tuple[str, ...], values) -> str:
+    return ",".join(f'{n}="{_escape(str(v))}"' for n, v in zip(names, values))
+
+
+def _histogram_text(name: str, help_: str, series) -> str:
+    """One histogram family in the text format; ``series`` yields (labels text,
+    Histogram, sum in ns).  Bucket lines are the bound's label text and the count."""
+    name = f"{PREFIX}_{name}"
+    out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+    for labels, h, sum_ns in series:
+        bucket = f"{name}_bucket{{{labels},le="
+        out.extend([f'{bucket}"{le}"}} {c}' for le, c in cumulative(h)])
+        out.append(f"{name}_count{{{labels}}} {h.total}")
+        out.append(f"{name}_sum{{{labels}}} {sum_ns / NS!r}")
+    return "\n".join(out) + "\n"
+
+
+RAW_HELP = ("switch time per phase (switch, revoke, grant), raw; from the kernel's histograms "
+            "of every switch where the source has them, else from the records")
+CORRECTED_HELP = "switch time with vftrace's own probe cost taken off (from the records)"
+
+
+def histograms_text(state: MetricsState) -> str:
+    """The switch duration histograms, raw per phase and corrected, as text."""
     if state.kernel is not None:
-        for k in sorted(state.kernel, key=lambda k: (k.pf, k.vf, k.phase)):
-            if k.count:
-                raw.add_metric([str(k.pf), str(k.vf), k.phase], cumulative(k.hist),
-                               k.sum_ns / NS)
+        raw = [(_labels(("pf", "vf", "phase"), (k.pf, k.vf, k.phase)), k.hist, k.sum_ns)
+               for k in sorted(state.kernel, key=lambda k: (k.pf, k.vf, k.phase)) if k.count]
     else:
-        for (pf, vf), g in state.vfs.items():
-            for phase, col in PHASE_COLUMNS.items():
-                h = g.hists[col]
-                if h.total:
-                    raw.add_metric([str(pf), str(vf), phase], cumulative(h), g.sums[col] / NS)
-    yield raw
-    corr = HistogramMetricFamily(
-        f"{PREFIX}_switch_corrected_duration_seconds",
-        "switch time with vftrace's own probe cost taken off (from the records)",
-        labels=("pf", "vf"))
-    for (pf, vf), g in state.vfs.items():
-        if g.corrected is not None and g.corrected.total:
-            corr.add_metric([str(pf), str(vf)], cumulative(g.corrected),
-                            g.corrected_sum / NS)
-    yield corr
+        raw = [(_labels(("pf", "vf", "phase"), (pf, vf, phase)), g.hists[col], g.sums[col])
+               for (pf, vf), g in state.vfs.items()
+               for phase, col in PHASE_COLUMNS.items() if g.hists[col].total]
+    corrected = [(_labels(("pf", "vf"), (pf, vf)), g.corrected, g.corrected_sum)
+                 for (pf, vf), g in state.vfs.items()
+                 if g.corrected is not None and g.corrected.total]
+    return (_histogram_text("switch_duration_seconds", RAW_HELP, raw)
+            + _histogram_text("switch_corrected_duration_seconds", CORRECTED_HELP, corrected))
+
+
+class _Families:
+    """A state's families as prometheus_client's ``generate_latest`` reads a registry."""
+
+    def __init__(self, state: MetricsState | None, collectors) -> None:
+        self.state, self.collectors = state, collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for c in self.collectors:
+            yield from c.collect()
+        if self.state is not None:
+            yield from families(self.state)
+
+
+def render(state: MetricsState | None, collectors=()) -> bytes:
+    """The whole scrape: ``collectors`` (e.g. prometheus_client's ProcessCollector) and
+    the state's families through prometheus_client, then the histograms."""
+    text = generate_latest(_Families(state, collectors))
+    if state is not None:
+        text += histograms_text(state).encode()
+    return text
 
 
 def _per_vf_counters(state: MetricsState) -> Iterator[Metric]:

@@ -1,5 +1,8 @@
-"""The ``/metrics`` endpoint: prometheus_client's exposition and WSGI app, served from a
-thread per request so a client that stalls holds only its own thread.
+"""The ``/metrics`` endpoint: the text exposition (``exposition.render``) over a WSGI
+app, served from a thread per request so a client that stalls holds only its own thread.
+It always answers in the text format 0.0.4, which every Prometheus accepts whatever it
+asks for first, and gzips (at level 1: a tenth of the time of level 9 for ~1.5x the
+bytes) when the client accepts it.
 
 ``--metrics ADDR`` means the same in ``record``, ``live``, ``replay`` and ``serve``:
 ``HOST:PORT``, ``[V6ADDR]:PORT`` or a bare ``PORT`` (loopback).  Loopback is the
@@ -9,6 +12,7 @@ has no authentication.
 from __future__ import annotations
 
 import argparse
+import gzip
 import ipaddress
 import socket
 import ssl
@@ -98,12 +102,7 @@ class MetricsEndpoint:
         return f"{scheme}://{host}:{self.port}/metrics"
 
     def start(self) -> None:
-        from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
         from prometheus_client.exposition import ThreadingWSGIServer
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self.tap))
-        ProcessCollector(registry=registry)     # process_resident_memory_bytes: serve's RSS
 
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
@@ -120,7 +119,7 @@ class MetricsEndpoint:
                                    f"certificate and key ({getattr(e, 'strerror', None) or e})") \
                     from None
         try:
-            httpd = make_server(self.host, self.port, make_wsgi_app(registry), Server,
+            httpd = make_server(self.host, self.port, _app(self.tap), Server,
                                 handler_class=_Handler)
         except OSError as e:
             raise MetricsError(f"--metrics {self.host}:{self.port}: cannot listen "
@@ -151,15 +150,31 @@ class MetricsEndpoint:
         return text
 
 
-class _Collector:
-    def __init__(self, tap: MetricsTap) -> None:
-        self.tap = tap
+def _app(tap: MetricsTap):
+    """The WSGI app: GET (any path, as prometheus_client's) is a scrape."""
+    from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector
+    from prometheus_client.exposition import gzip_accepted
+    from .exposition import render
 
-    def collect(self):
-        from .exposition import families
-        state = self.tap.state()
-        if state is not None:
-            yield from families(state)
+    process = ProcessCollector(registry=None)   # process_resident_memory_bytes: serve's RSS
+
+    def app(environ, start_response):
+        method = environ["REQUEST_METHOD"]
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [f"# use GET, not {method}\n".encode()]
+        if environ.get("PATH_INFO") == "/favicon.ico":
+            start_response("204 No Content", [])
+            return [b""]
+        body = render(tap.state(), (process,))
+        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body if method == "GET" else b""]
+
+    return app
 
 
 def start_endpoint(args, tap: MetricsTap) -> MetricsEndpoint | None:

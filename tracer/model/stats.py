@@ -73,6 +73,20 @@ def bucket_value(index: int) -> int:
     return (low + high + 1) // 2
 
 
+class Cuts:
+    """Ascending thresholds with their buckets and the share of each bucket above its
+    threshold worked out once: a scrape counts every histogram at the same bounds."""
+
+    def __init__(self, thresholds) -> None:
+        t = np.asarray(thresholds, dtype=np.int64)
+        b = bucket_indices(t)
+        shift = np.where(b < EXACT_LIMIT, 0, (b - EXACT_LIMIT) // SUB + 1)
+        low = np.where(b < EXACT_LIMIT, b, (SUB + (b - EXACT_LIMIT) % SUB) << shift)
+        width = np.int64(1) << shift
+        self.t, self.buckets = t, b
+        self.share_above = (low + width - 1 - t) / width
+
+
 class Histogram:
     """Counts per log-linear bucket over the window of buckets seen so far, plus exact
     min and max (so p100 and the extremes are exact)."""
@@ -159,22 +173,19 @@ class Histogram:
             above += round(int(self.counts[i]) * (high - threshold) / (high - low + 1))
         return above
 
-    def counts_at_or_below(self, thresholds: np.ndarray) -> np.ndarray:
+    def counts_at_or_below(self, thresholds: np.ndarray | Cuts) -> np.ndarray:
         """``total - count_above(t)`` for each of ``thresholds`` (ascending), in one pass:
         the same counts, the same linear split inside a bucket wider than 1 ns."""
-        t = np.asarray(thresholds, dtype=np.int64)
+        cuts = thresholds if isinstance(thresholds, Cuts) else Cuts(thresholds)
+        t, b = cuts.t, cuts.buckets
         if not self.total:
             return np.zeros(t.size, dtype=np.int64)
-        b = bucket_indices(t)
         i = b - self.base
         inside = (i >= 0) & (i < self.counts.size)
         cum = np.concatenate(([0], np.cumsum(self.counts)))
         below = cum[np.clip(i, 0, self.counts.size)]          # buckets before t's own
         c = np.where(inside, self.counts[np.clip(i, 0, self.counts.size - 1)], 0)
-        shift = np.where(b < EXACT_LIMIT, 0, (b - EXACT_LIMIT) // SUB + 1)
-        low = np.where(b < EXACT_LIMIT, b, (SUB + (b - EXACT_LIMIT) % SUB) << shift)
-        width = np.int64(1) << shift
-        above_in = np.round(c * ((low + width - 1 - t) / width)).astype(np.int64)
+        above_in = np.round(c * cuts.share_above).astype(np.int64)
         out = below + c - above_in
         out = np.where(t >= self.max, self.total, out)
         return np.where(t < self.min, 0, out)
