@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tracer.model.schema import reader_pause
+
 # #16: through the live path's own entry point from raw ring bytes (the mapped reader's
 # batches: bench/bench_decode.py), one core.
 PIPELINE_GOALS = (("mapped decode+stats", 1_000_000), ("mapped decode+stats+csv", 500_000))
@@ -350,11 +352,18 @@ def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
     figure = (f"{f['missing_rows']:,} of {made:,} switches missing "
               f"({f['missing_rows'] / made:.1%}), {lost:,} reported lost" if made else "no switches")
     ok = made > 0 and f["missing_rows"] == 0 and not lost and f.get("complete")
+    note = ("shorter or lighter than the goal's 10 min, 3 PFs x 200 us" if short else
+            "" if ok else "every missing row was counted as lost"
+            if f["missing_rows"] == lost else "missing rows not all counted as lost")
+    cpu = f.get("cpu")
+    if cpu and not ok and cpu.get("machine_busy") is not None:
+        note += (f"; {reader_pause(f) or 'the reader paused'} while the VM's CPUs were "
+                 f"{cpu['machine_busy']:.0%} busy and the recorder had "
+                 f"{cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one"
+                 + ("" if f.get("scrapes") is None else
+                    f", {f['scrapes']['ok']} /metrics scrapes taking their share"))
     out = [Verdict(f"{kernel}: {setup}: no switch record lost", figure,
-                   None if short else bool(ok),
-                   "shorter or lighter than the goal's 10 min, 3 PFs x 200 us" if short else
-                   ("" if ok else "every missing row was counted as lost"
-                    if f["missing_rows"] == lost else "missing rows not all counted as lost"))]
+                   None if short else bool(ok), note)]
     pairs = [(p["pf"], p.get("kernel_hist_count"), p["switches_made"]) for p in f["per_pf"]]
     if all(h is not None for _, h, _ in pairs):
         out.append(Verdict(f"{kernel}: soak: kernel histogram counts equal pf_sched's switch "
@@ -616,10 +625,22 @@ def render(figures: dict, markdown: bool = True) -> str:
                 "the meta so the corrected columns are computed (bench/bench_decode.py); the "
                 "others start from decoded records (bench/bench_pipeline.py).", ""]
     for kernel, f in (figures.get("soak") or {}).items():
+        scrapes = f.get("scrapes")
+        recorder = ("one `vftrace serve` recorder, its /metrics scraped "
+                    f"{scrapes['ok']} times ({scrapes['failed']} failed, the slowest "
+                    f"{scrapes['max_s']:.1f} s)" if scrapes else
+                    "one `vftrace record` recorder, no /metrics")
+        cpu = f.get("cpu")
+        pause = reader_pause(f)
         out += [f"## Soak, {kernel} (bench/soak.py --boot, run on its own)", "",
-                f"{f['seconds']:.0f} s, {f['pfs']} PFs x {f['slice_us']} us slices, {f['vms']} "
-                f"mmap guest VMs hammering their VFs; one `vftrace serve` recorder, scraped "
-                f"every few seconds; lost records by kind {f.get('lost_by_kind')}.", ""]
+                f"{f['seconds']:.0f} s, {f['pfs']} PFs x {f['slice_us']} us slices "
+                f"({f['switches_made'] / f['seconds']:,.0f} switches/s), {f['vms']} "
+                f"mmap guest VMs hammering their VFs; {recorder}; lost records by kind "
+                f"{f.get('lost_by_kind')}"
+                + (f"; {pause}" if pause else "")
+                + (f"; the recorder had {cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one "
+                   f"CPU while the VM's {cpu['cpus']} CPUs were {cpu['machine_busy']:.0%} busy"
+                   if cpu else "") + ".", ""]
         out += table(["pf", "switches made", "rows", "missing", "kernel histogram count",
                       "switch p50 ns", "switch p99 ns"],
                      [[str(p["pf"]), f"{p['switches_made']:,}", f"{p['rows']:,}",

@@ -10,6 +10,8 @@ ends, so every switch pf_sched made must be a row or a counted loss.  It prints:
 * switches pf_sched made (debugfs) against rows recorded, per PF; missing rows and the
   switch records the kernel side reported lost (they must be equal: no silent loss);
 * the recorder's RSS when armed, its peak, and at the end (memory stays bounded);
+* the CPU the recorder had (its share of one CPU) and how busy the machine's CPUs were,
+  so a reader that paused can be told starved (CPUs busy, its share low) from slow;
 * the statistics core over the capture against pf_sched's own totals (count, mean ns);
 * whether pf_sched unloaded cleanly afterwards.
 
@@ -54,6 +56,36 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_ticks(pid: int) -> int:
+    """The process's user + system time, all threads, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU since boot (/proc/stat's cpu line)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = v[3] + v[4]                               # idle, iowait
+    total = sum(v[:8])                               # guest time is inside user already
+    return total - idle, total
+
+
+class CpuShare:
+    """The recorder's CPU and the machine's over the run, from two readings."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.t0 = pid, time.monotonic()
+        self.rec0, self.mach0 = cpu_ticks(pid), machine_ticks()
+
+    def result(self) -> dict:
+        hz = os.sysconf("SC_CLK_TCK")
+        wall = time.monotonic() - self.t0
+        busy, total = (b - a for a, b in zip(self.mach0, machine_ticks()))
+        return {"recorder_cpu_s": round((cpu_ticks(self.pid) - self.rec0) / hz, 1),
+                "wall_s": round(wall, 1), "cpus": os.cpu_count(),
+                "machine_busy": round(busy / total, 3) if total else None}
+
+
 def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
         sample_s: float = 10.0, scrape_s: float | None = None) -> dict:
     """One soak; returns its figures (see ``report``).  With ``scrape_s`` the recorder is
@@ -77,6 +109,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
         guests = None
         try:
             rss.append((0.0, rss_kb(recorder.pid)))
+            cpu = CpuShare(recorder.pid)
             guests = subprocess.Popen(
                 [sys.executable, "-m", "tracer.lab.workloads.guests", "--mode", "mmap", "--vms",
                  str(vms), "--json", "--interval", str(sample_s), "--summary", str(guests_json)],
@@ -90,6 +123,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                 rss.append((round(time.monotonic() - t0, 1), rss_kb(recorder.pid)))
                 log(f"{rss[-1][0]:.0f} s: recorder RSS {rss[-1][1] / 1024:.1f} MiB")
             ran_s = time.monotonic() - t0
+            cpu_use = cpu.result() if recorder.poll() is None else None
             g_out, g_err = stop_process(guests, signal.SIGTERM, 60)
             pfsched.set_enabled(False)
             after = {b: pfsched.stats(b) for b in bdfs}
@@ -107,11 +141,11 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                   meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
-                  csv=csv, scrapes=scraper and scraper.take())
+                  csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use)
 
 
 def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
-           recorder, guests, csv, scrapes=None) -> dict:
+           recorder, guests, csv, scrapes=None, cpu=None) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
     stats.add_many(rows)
     # every switch that closed, counted in the kernel whether or not its record came out
@@ -151,7 +185,7 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "stop_reason": meta.get("stop_reason"),
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
                    "end": kb[-1] if kb else 0, "samples": rss},
-        "recorder_exit": recorder[0], "recorder_said": recorder[1],
+        "recorder_exit": recorder[0], "recorder_said": recorder[1], "cpu": cpu,
         "scrapes": None if scrapes is None else {
             "ok": len(scrapes[0]), "failed": len(scrapes[2]), "failures": scrapes[2][:3],
             "max_s": max(scrapes[0], default=None), "loop_read_max_s": max(scrapes[1], default=None)},
@@ -159,6 +193,12 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "guest_accesses": sum(v["accesses"] for v in guests[1].get("vms", [])),
         "guests_said": guests[2], "pf_sched_unloaded": unloaded, "capture": str(csv),
     }
+
+
+def cpu_text(cpu: dict) -> str:
+    return (f"  CPU: the recorder had {cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one CPU"
+            f" ({cpu['recorder_cpu_s']} s in {cpu['wall_s']} s); the machine's {cpu['cpus']}"
+            f" CPUs were {cpu['machine_busy']:.0%} busy")
 
 
 def render(f: dict) -> str:
@@ -185,6 +225,7 @@ def render(f: dict) -> str:
         *([f"  /metrics scrapes: {f['scrapes']['ok']} answered, {f['scrapes']['failed']} failed,"
            f" slowest {f['scrapes']['max_s']:.2f} s (the recorder's loop: at most"
            f" {f['scrapes']['loop_read_max_s'] or 0:.3f} s)"] if f.get("scrapes") else []),
+        *([cpu_text(f["cpu"])] if f.get("cpu") else []),
         f"  guests: {f['guest_accesses']} accesses, exit {f['guests_exit']},"
         f" errors {f['guests_errors'] or 'none'}",
         f"  recorder exit {f['recorder_exit']}, capture complete {f['complete']},"
