@@ -181,6 +181,8 @@ BPF_ARRAY(hist_next, u64, 1);
 BPF_F_TABLE("array", u32, u64, hist_buckets, VFT_HIST_CELLS * VFT_HIST_BUCKETS,
 	    HIST_MAP_FLAGS);
 BPF_F_TABLE("array", u32, struct vft_hist_sum, hist_sums, VFT_HIST_CELLS, HIST_MAP_FLAGS);
+/* The probe costs for the corrected histogram (vftrace.h); none is kept until set. */
+BPF_ARRAY(hist_costs, struct vft_hist_costs, 1);
 
 #if USE_RINGBUF
 #define JOINS_PAGES 64
@@ -252,10 +254,20 @@ static __always_inline void hist_add(struct vft_switch *rec)
 			return;
 		}
 	}
-	u64 values[VFT_HIST_PHASES] = { rec->switch_ns, rec->revoke_ns, rec->grant_ns };
+	struct vft_hist_costs *c = hist_costs.lookup(&zero);
+	u32 phases = VFT_HIST_PHASES;
+	u64 values[VFT_HIST_PHASES] = { rec->switch_ns, rec->revoke_ns, rec->grant_ns, 0 };
+	if (c && c->set)
+		values[VFT_HIST_CORRECTED] = vft_corrected_ns(rec->switch_ns, rec->source_ns,
+				rec->fentry_hits, rec->kprobe_hits, rec->entry_hits,
+				c->fentry_milli_ns, c->kprobe_milli_ns, c->entry_milli_ns);
+	else
+		phases = VFT_HIST_CORRECTED;
 	u32 first = *slot * VFT_HIST_PHASES;
 #pragma clang loop unroll(disable)
 	for (u32 p = 0; p < VFT_HIST_PHASES; p++) {
+		if (p >= phases)
+			break;
 		u64 v = values[p];
 		u32 cell = first + p;
 		u32 b = cell * VFT_HIST_BUCKETS + vft_hist_bucket(v);

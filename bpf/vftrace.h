@@ -181,10 +181,12 @@ struct vft_exit_val {
 #define VFT_HIST_SUB_BITS 10
 #define VFT_HIST_MAX_BITS 32
 #define VFT_HIST_BUCKETS 23552  /* (2 << SUB_BITS) + (MAX_BITS - SUB_BITS - 1) << SUB_BITS */
-#define VFT_HIST_SWITCH 0       /* phases: switch_ns, revoke_ns, grant_ns */
+#define VFT_HIST_SWITCH 0       /* phases: switch_ns, revoke_ns, grant_ns, */
 #define VFT_HIST_REVOKE 1
 #define VFT_HIST_GRANT 2
-#define VFT_HIST_PHASES 3
+#define VFT_HIST_CORRECTED 3    /* and vft_corrected_ns, once user space set the costs */
+#define VFT_HIST_PHASES 4
+#define VFT_COST_TYPES 3        /* fentry, kprobe, entry (correction.HIT_TYPES) */
 #ifndef VFT_HIST_SLOTS
 #define VFT_HIST_SLOTS 32       /* (pf, vf) pairs with histograms: record --hist-pairs */
 #endif
@@ -192,6 +194,15 @@ struct vft_exit_val {
 struct vft_hist_key {
 	__u32 pf;
 	__s32 vf;
+};
+
+/* What one probe hit of each type costs, in milli-ns (tracer/model/correction.py); set
+ * is 1 once user space wrote them (after calibrating, before arming). */
+struct vft_hist_costs {
+	__u64 fentry_milli_ns;
+	__u64 kprobe_milli_ns;
+	__u64 entry_milli_ns;
+	__u64 set;
 };
 
 /* Beside each (slot, phase)'s buckets; min is kept as ~min so both extremes grow by
@@ -222,6 +233,21 @@ static inline __u32 vft_hist_bucket(__u64 v)
 	if (x >> 1) { k += 1; }
 	return (2u << VFT_HIST_SUB_BITS) + ((k - VFT_HIST_SUB_BITS - 1) << VFT_HIST_SUB_BITS) +
 	       (__u32)((v >> (k - VFT_HIST_SUB_BITS)) - (1u << VFT_HIST_SUB_BITS));
+}
+
+/* The switch time with vftrace's own cost taken off (tracer/model/correction.py, the same
+ * integer rule): the source's own timing where it has one, else the window's, minus the
+ * window's probe hits times their costs in milli-ns, rounded half up to ns; 0 where the
+ * costs come to more (an overcorrection).  Plain C, compiled and tested like the bucket. */
+static inline __u64 vft_corrected_ns(__u64 switch_ns, __u64 source_ns, __u32 fentry_hits,
+				     __u32 kprobe_hits, __u32 entry_hits, __u64 fentry_milli_ns,
+				     __u64 kprobe_milli_ns, __u64 entry_milli_ns)
+{
+	__u64 base = source_ns ? source_ns : switch_ns;
+	__u64 own = ((__u64)fentry_hits * fentry_milli_ns + (__u64)kprobe_hits * kprobe_milli_ns +
+		     (__u64)entry_hits * entry_milli_ns + 500) / 1000;
+
+	return base > own ? base - own : 0;
 }
 
 #endif /* VFTRACE_H */

@@ -347,11 +347,13 @@ class VftraceApp(App):
         line3.append(f"  (per probe run: {gc.probe_costs_text(info.meta)})", "dim")
         lines = [line1, line2, line3]
         if (exact := model.exact_text()) is not None:
-            line4 = Text(exact)
+            every, *corrected = exact.split("\n")      # raw, then corrected when kept
+            line4 = Text(every)
             if lost:    # the panels below are of the records kept, the line above of all
                 line4.append(f"  SAMPLED: panels show the {records} records kept",
                              "bold black on yellow")
             lines.append(line4)
+            lines.extend(map(Text, corrected))
         notes = list(info.warnings) + model.problems[-3:]
         if notes:
             lines.append(Text("! " + "; ".join(notes), "yellow"))

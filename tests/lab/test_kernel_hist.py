@@ -1,6 +1,7 @@
 """The kernel's histograms count every switch pf_sched made, whether or not its record
 reached user space, and are, bucket by bucket, the histograms of the records when none
-was lost."""
+was lost: the raw phases, and the corrected switch time, which the kernel computes with
+the calibrated costs user space gave it and user space computes from each record."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import pytest
 
 from tests.lab import labutil, pfsched
 from tracer.model import kernel_hist
+from tracer.model.correction import Correction
 from tracer.model.kernel_hist import PHASE_COLUMNS
 from tracer.model.stats import Histogram
 
@@ -24,10 +26,10 @@ def switches_per_pf(before: dict, after: dict) -> dict[int, int]:
     return {a["pf"]: a["switches"] - before[b]["switches"] for b, a in after.items()}
 
 
-def kernel_counts_per_pf(hists) -> dict[int, int]:
+def kernel_counts_per_pf(hists, phase: str = "switch") -> dict[int, int]:
     out: dict[int, int] = {}
     for k in hists:
-        if k.phase == "switch":
+        if k.phase == phase:
             out[k.pf] = out.get(k.pf, 0) + k.count
     return out
 
@@ -43,10 +45,18 @@ def test_lossless_kernel_histograms_are_the_records_histograms():
     hists = kernel_hist.from_meta(meta["kernel_histograms"])
     assert meta["kernel_histograms"]["read"] == "mmap"
     assert kernel_counts_per_pf(hists) == switches_per_pf(before, after)
-    assert {k.phase for k in hists} == {"switch", "revoke", "grant"}
+    assert {k.phase for k in hists} == {"switch", "revoke", "grant", "corrected"}
+    correction = Correction.from_meta(meta)
+    assert correction is not None and meta["probe_costs"]["types"], meta["probe_costs"]
+    assert kernel_counts_per_pf(hists, "corrected") == switches_per_pf(before, after)
+    # every switch the kernel counted is a record (the capture's own check)
+    assert meta["switch_accounting"]["unaccounted"] == 0, meta["switch_accounting"]
     for k in hists:
-        mine = [getattr(r, PHASE_COLUMNS[k.phase]) for r in rows
-                if r.pf == k.pf and r.to_vf == k.vf]
+        ours = [r for r in rows if r.pf == k.pf and r.to_vf == k.vf]
+        if k.phase == "corrected":          # the records' rule, below zero as 0
+            mine = [max(correction.values(r)[0], 0) for r in ours]
+        else:
+            mine = [getattr(r, PHASE_COLUMNS[k.phase]) for r in ours]
         built = Histogram()
         built.add_array(np.array(mine))
         assert kernel_hist.buckets(k.hist) == kernel_hist.buckets(built), (k.pf, k.vf, k.phase)
@@ -77,7 +87,12 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
     made = switches_per_pf(before, after)
     hists = kernel_hist.from_meta(meta["kernel_histograms"])
     assert kernel_counts_per_pf(hists) == made
+    # no probe hits at --depth window: corrected is pf_sched's own timing, every switch
+    assert kernel_counts_per_pf(hists, "corrected") == made
     assert len(rows) + lost == sum(made.values())
+    assert meta["switch_accounting"] == {"kernel": sum(made.values()), "lost_in_kernel": lost,
+                                         "read": len(rows), "passed_on": len(rows),
+                                         "unaccounted": 0}
     # the capture says why: a reader stopped for 6 s, noticed between two of its reads
     assert meta["reader_gaps"]["longest_s"] >= 5.5 and meta["reader_gaps"]["over_1s"] >= 1
     print(f"paused reader: pf_sched made {sum(made.values())} switches, {len(rows)} records "

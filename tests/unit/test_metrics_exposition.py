@@ -210,3 +210,22 @@ def test_the_histogram_text_is_what_prometheus_client_would_write():
     assert len(want) == 12 * (len(BOUNDS_NS) + 3)
     # the records' corrected histograms, where the stats have a correction: none here
     assert not any(k[0].startswith("vftrace_switch_corrected") for k in ours)
+
+
+def test_the_corrected_histograms_come_from_the_kernel_when_it_kept_them():
+    """Every switch's corrected time, from the kernel, not the records' (which miss the
+    lost ones); and "corrected" is not a raw phase."""
+    from tracer.model.correction import Correction
+    stats = Stats(100, correction=Correction.from_meta(
+        {"probe_costs": {"types": ["fentry"], "fentry": {"median_ns": 10}}}))
+    stats.add_many([record(i, 0, 1, 500, fentry_hits=2) for i in range(1, 6)])
+    kernel = [KernelHist(0, 1, "switch", hist_of([500] * 9), 4500),
+              KernelHist(0, 1, "corrected", hist_of([480] * 9), 4320)]
+    got = samples(state_from(stats, {}, kernel))
+    corr = "vftrace_switch_corrected_duration_seconds"
+    assert got[(f"{corr}_count", (("pf", "0"), ("vf", "1")))] == 9
+    assert got[(f"{corr}_sum", (("pf", "0"), ("vf", "1")))] == 4320e-9
+    assert not any(dict(k[1]).get("phase") == "corrected" for k in got)
+    # without the kernel's: the records' five
+    got = samples(state_from(stats, {}, kernel[:1]))
+    assert got[(f"{corr}_count", (("pf", "0"), ("vf", "1")))] == 5

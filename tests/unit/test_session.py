@@ -22,6 +22,7 @@ from tracer.capture.files import read_capture
 from tracer.cli import build_parser
 from tracer.kernel.probes import Plan
 from tracer.model import kernel_hist
+from tracer.model.stats import Histogram
 from tracer.model.schema import COLUMNS, SwitchRecord
 from tracer.record import headless, session as session_mod
 from tracer.record.procgroup import group_members
@@ -60,6 +61,7 @@ class FakeEngine:
                                          flush=lambda: None)
         self.bpf = None
         self.seq = 0
+        self.samples = 0
         self.reads = SimpleNamespace(as_meta=lambda: {"longest_s": 2.5, "longest_at_s": 1.0,
                                                       "over_1s": 1})
 
@@ -72,6 +74,7 @@ class FakeEngine:
     def poll(self, timeout_ms):
         for _ in range(self.per_poll):
             self.seq += 1
+            self.samples += 1
             self.on_switch(switch(self.seq, pf=self.seq % 2))
         time.sleep(min(timeout_ms, 20) / 1000)
 
@@ -91,7 +94,12 @@ class FakeEngine:
         return []
 
     def kernel_histograms_meta(self):
-        return {**kernel_hist.to_meta([], 0), "read": "fake"}
+        # every switch made, and the 3 lost_by_kind says were lost in the kernel
+        h = Histogram()
+        h.add_array(np.full(self.seq + 3, 1000, np.int64))
+        return {**kernel_hist.to_meta([kernel_hist.KernelHist(0, 0, "switch", h,
+                                                               1000 * h.total)], 0),
+                "read": "fake"}
 
     def background(self):
         return {"calls_by_pid": {}, "kvm_exits": [{"pid": 7, "vcpu": 0, "reason": 120,
@@ -174,6 +182,9 @@ def test_workload_exiting_by_itself_ends_the_run(tmp_path, events):
     assert (on_disk["late_exits"], on_disk["late_exit_ns"], on_disk["unended_exits"]) == (2, 50, 1)
     assert (on_disk["late_releases"], on_disk["late_release_ns"]) == (1, 9)
     assert on_disk["reader_gaps"] == {"longest_s": 2.5, "longest_at_s": 1.0, "over_1s": 1}
+    # the fake made every switch a record but the 3 it says the kernel lost
+    acc = on_disk["switch_accounting"]
+    assert acc["unaccounted"] == 0 and acc["lost_in_kernel"] == 3 and acc["read"] == acc["passed_on"] > 0, acc
     assert on_disk["kernel_histograms"]["read"] == "fake"
     assert len(rows) == s.engine.seq          # every switch, the one flushed at close too
 

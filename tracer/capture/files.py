@@ -480,7 +480,7 @@ _META_TYPES: dict[str, tuple[type, str]] = {
                      "stop_reason", "switch_source", "buffer", "kvm_vendor", "calls_file"),
                     (str, "a string")),
     **dict.fromkeys(("probe_modes", "floor_ns", "filters", "background", "workload",
-                     "filtered_out", "kernel_histograms", "reader_gaps"),
+                     "filtered_out", "kernel_histograms", "reader_gaps", "switch_accounting"),
                     (dict, "an object")),
     **dict.fromkeys(("warnings", "columns"), (list, "a list")),
     **dict.fromkeys(("budget_ns", "buffer_pages", "records", "lost_total", "partial_windows",

@@ -19,7 +19,7 @@ from .histograms import HistogramReader
 from ..paths import bpf_dir
 from .probes import ABSENT, FENTRY, KPROBE, Plan
 from ..model import kernel_hist
-from ..model.kernel_hist import PHASES, KernelHist
+from ..model.kernel_hist import RAW_PHASES, KernelHist
 from ..model.schema import CALL_COLUMNS, COLUMNS, INT64_MAX, CallRecord, SwitchRecord
 
 CALIB_CALLS = 3000
@@ -121,6 +121,7 @@ class Engine:
         self.reader_note: str | None = None         # why the mapped reader did not
         self.unreadable = 0         # ring records of a size not ours, skipped (a bug if any)
         self.reads = ReaderGaps()
+        self.hist_corrected = False     # the kernel keeps corrected histograms (costs set)
 
     # -- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +135,7 @@ class Engine:
         # as production's are, and drained (and dropped: VFT_COST_PF) between its batches.
         self._open_buffers()
         self._measure_costs()
+        self._set_hist_costs()
         # After the calibrations: they take seconds under emulation, and a kprobe attached
         # before arming runs (and can miss returns) for nothing.
         for choice in self.plan.choices:
@@ -201,6 +203,19 @@ class Engine:
             self.floor.modes[mode] = {"median_ns": int(statistics.median(vals)),
                                       "p10_ns": int(q[0]), "p90_ns": int(q[-1]),
                                       "samples": len(vals)}
+
+    def _set_hist_costs(self) -> None:
+        """The probe costs, as the corrected columns take them, into the switch
+        program's hist_costs: from now on its histograms keep the corrected switch
+        time of every switch too (none without costs: nothing would be corrected)."""
+        from ..model.correction import Correction
+        correction = Correction.from_meta({"probe_costs": self.probe_costs})
+        self.hist_corrected = correction is not None
+        if correction is None:
+            return
+        costs = layout.header().structs["vft_hist_costs"](
+            *correction.cost_milli_ns, 1)       # fentry, kprobe, entry (HIT_TYPES); set
+        self.bpf["hist_costs"][ctypes.c_int(0)] = costs
 
     def _measure_costs(self) -> None:
         """What each probe type costs a window (costs.py), for the corrected columns."""
@@ -432,7 +447,9 @@ class Engine:
         if self.histograms is None:         # mapped on first use (a floor-only run never)
             self.histograms = HistogramReader(self.bpf, self.plan.hist_mmap,
                                               self.plan.hist_slots)
-        phases = PHASES if "revoke_ns" not in self.plan.unmeasured() else ("switch",)
+        phases = RAW_PHASES if "revoke_ns" not in self.plan.unmeasured() else ("switch",)
+        if self.hist_corrected:
+            phases += ("corrected",)
         return self.histograms.read(phases)
 
     def kernel_histograms_meta(self) -> dict:

@@ -123,21 +123,26 @@ def _histogram_text(name: str, help_: str, series) -> str:
 
 RAW_HELP = ("switch time per phase (switch, revoke, grant), raw; from the kernel's histograms "
             "of every switch where the source has them, else from the records")
-CORRECTED_HELP = "switch time with vftrace's own probe cost taken off (from the records)"
+CORRECTED_HELP = ("switch time with vftrace's own probe cost taken off; from the kernel's "
+                  "histograms of every switch where the source has them, else from the records")
 
 
 def histograms_text(state: MetricsState) -> str:
     """The switch duration histograms, raw per phase and corrected, as text."""
+    kernel = sorted(state.kernel or (), key=lambda k: (k.pf, k.vf, k.phase))
     if state.kernel is not None:
         raw = [(_labels(("pf", "vf", "phase"), (k.pf, k.vf, k.phase)), k.hist, k.sum_ns)
-               for k in sorted(state.kernel, key=lambda k: (k.pf, k.vf, k.phase)) if k.count]
+               for k in kernel if k.count and k.phase in PHASE_COLUMNS]
     else:
         raw = [(_labels(("pf", "vf", "phase"), (pf, vf, phase)), g.hists[col], g.sums[col])
                for (pf, vf), g in state.vfs.items()
                for phase, col in PHASE_COLUMNS.items() if g.hists[col].total]
-    corrected = [(_labels(("pf", "vf"), (pf, vf)), g.corrected, g.corrected_sum)
-                 for (pf, vf), g in state.vfs.items()
-                 if g.corrected is not None and g.corrected.total]
+    corrected = [(_labels(("pf", "vf"), (k.pf, k.vf)), k.hist, k.sum_ns)
+                 for k in kernel if k.count and k.phase == "corrected"]
+    if not any(k.phase == "corrected" for k in kernel):      # the records', then
+        corrected = [(_labels(("pf", "vf"), (pf, vf)), g.corrected, g.corrected_sum)
+                     for (pf, vf), g in state.vfs.items()
+                     if g.corrected is not None and g.corrected.total]
     return (_histogram_text("switch_duration_seconds", RAW_HELP, raw)
             + _histogram_text("switch_corrected_duration_seconds", CORRECTED_HELP, corrected))
 

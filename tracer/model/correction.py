@@ -16,8 +16,13 @@ the p10-p90 spread into the capture's meta as ``probe_costs``.  Here:
   unmap    ``unmap_ns`` minus its calls times the floor of their probe mode (the part of
   map      a probe pair inside the call it times, ``floor_ns``)
 
-The uncertainty of one correction is the hits times half the p10-p90 spread of their
-cost, the hit types added in quadrature (they are calibrated independently).  The
+What a hit type costs is taken in whole milli-ns (a median below zero, calibration
+noise, as nothing), and what hits cost is rounded half up to whole ns: integer
+arithmetic, so the switch program computes the very same corrected switch time for its
+histograms of every switch (vft_corrected_ns, bpf/vftrace.h; the costs go into its
+hist_costs map before it arms).  The uncertainty of one correction is the hits times
+half the p10-p90 spread of their cost, the hit types added in quadrature (they are
+calibrated independently).  The
 bookends of a source without its own timing are not taken off: ``bookends_corrected``
 says which.  Plain arithmetic on the meta and the record: no other vftrace import.
 """
@@ -39,6 +44,11 @@ class Cost:
     """One probe run's cost: the median over calibration rounds, and half its p10-p90."""
     median_ns: float
     half_spread_ns: float
+
+    @property
+    def milli_ns(self) -> int:
+        """The median in whole milli-ns, never below zero: what the kernel is given."""
+        return max(round(self.median_ns * 1000), 0)
 
     @classmethod
     def of(cls, entry) -> "Cost | None":
@@ -84,15 +94,17 @@ class Correction:
                    {m: c for m, c in floors.items() if c is not None},
                    str(modes.get("iommu_map", "")), str(modes.get("iommu_unmap", "")))
 
+    @property
+    def cost_milli_ns(self) -> tuple[int, ...]:
+        """Each hit type's cost in milli-ns, in ``HIT_TYPES`` order (hist_costs)."""
+        return tuple(self.costs[t].milli_ns for t in HIT_TYPES)
+
     # -- one record ------------------------------------------------------------------
-    def own(self, hits: tuple[int, int, int]) -> tuple[float, float]:
-        """(cost, uncertainty) of ``hits`` (fentry, kprobe, entry runs)."""
-        cost = err2 = 0.0
-        for n, t in zip(hits, HIT_TYPES):
-            c = self.costs[t]
-            cost += n * c.median_ns
-            err2 += (n * c.half_spread_ns) ** 2
-        return cost, math.sqrt(err2)
+    def own(self, hits: tuple[int, int, int]) -> tuple[int, float]:
+        """(cost in ns, uncertainty) of ``hits`` (fentry, kprobe, entry runs)."""
+        milli = sum(n * c for n, c in zip(hits, self.cost_milli_ns))
+        err2 = sum((n * self.costs[t].half_spread_ns) ** 2 for n, t in zip(hits, HIT_TYPES))
+        return (milli + 500) // 1000, math.sqrt(err2)
 
     def _map_hits(self, map_calls: int) -> tuple[int, int, int]:
         return (map_calls if self.map_mode == "fentry" else 0,
@@ -111,8 +123,8 @@ class Correction:
         r_own, r_err = own - g_own, math.sqrt(max(own_err ** 2 - g_err ** 2, 0.0))
         u_own, u_err = self._floor(self.unmap_mode, unmap_calls)
         m_own, m_err = self._floor(self.map_mode, map_calls)
-        return tuple(round(v) for v in (own, own_err, r_own, r_err, g_own, g_err,
-                                         u_own, u_err, m_own, m_err))
+        return (own, round(own_err), r_own, round(r_err), g_own, round(g_err),
+                *(round(v) for v in (u_own, u_err, m_own, m_err)))
 
     def values(self, rec) -> tuple[int, ...]:
         """One record's ``CORRECTED_COLUMNS`` (rec: anything with the record's fields)."""
@@ -156,18 +168,18 @@ class Correction:
         return out
 
     def switch_arrays(self, cols: dict):
-        """(corrected switch, uncertainty) as float arrays for columns ``cols``
-        (``switch_ns``, ``source_ns`` and the three hit counts)."""
+        """(corrected switch as int64, uncertainty as float) arrays for columns ``cols``
+        (``switch_ns``, ``source_ns`` and the three hit counts): ``values``' numbers."""
         import numpy as np
-        cost = np.zeros(len(cols["switch_ns"]))
+        milli = np.zeros(len(cols["switch_ns"]), np.int64)
         err2 = np.zeros(len(cols["switch_ns"]))
-        for t, col in zip(HIT_TYPES, HIT_COLUMNS):
-            n = np.asarray(cols[col], dtype=np.float64)
-            cost += n * self.costs[t].median_ns
+        for t, col, c in zip(HIT_TYPES, HIT_COLUMNS, self.cost_milli_ns):
+            n = np.asarray(cols[col], dtype=np.int64)
+            milli += n * c
             err2 += (n * self.costs[t].half_spread_ns) ** 2
         src = np.asarray(cols["source_ns"])
         base = np.where(src > 0, src, np.asarray(cols["switch_ns"]))
-        return base - cost, np.sqrt(err2)
+        return base - (milli + 500) // 1000, np.sqrt(err2)
 
     def mean_hits_error(self, mean_hits: tuple[float, float, float]) -> float:
         """The uncertainty of a corrected figure of a switch with ``mean_hits``."""

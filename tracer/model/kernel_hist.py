@@ -15,7 +15,11 @@ import numpy as np
 
 from .stats import SUB_BITS, Histogram, bucket_bounds, bucket_index
 
-PHASES = ("switch", "revoke", "grant")
+# The kernel's order (bpf/vftrace.h VFT_HIST_*).  "corrected" is the switch time with
+# vftrace's own cost taken off (correction.py's integer rule, vft_corrected_ns), kept
+# where the probe costs were known before arming; the rest are raw record columns.
+PHASES = ("switch", "revoke", "grant", "corrected")
+RAW_PHASES = PHASES[:3]
 PHASE_COLUMNS = {"switch": "switch_ns", "revoke": "revoke_ns", "grant": "grant_ns"}
 # Values at or above this share the kernel's last bucket (bpf/vftrace.h VFT_HIST_MAX_BITS).
 MAX_BITS = 32
@@ -85,13 +89,22 @@ def over_budget(h: Histogram, budget_ns: int) -> tuple[int, bool]:
     return int(h.counts[start:].sum()), bucket_bounds(b)[1] == budget_ns
 
 
-def selected(hists: list[KernelHist] | None, pfs=None, vfs=None) -> Histogram | None:
-    """The switch histogram of the PFs ``pfs`` (None: all); None without histograms, or
+def selected(hists: list[KernelHist] | None, pfs=None, vfs=None,
+             phase: str = "switch") -> Histogram | None:
+    """The ``phase`` histogram of the PFs ``pfs`` (None: all); None without histograms,
     with a VF filter (the kernel keeps (pf, incoming vf) only; the filter also keeps a
-    VF's outgoing switches)."""
+    VF's outgoing switches), or for "corrected" where the kernel kept none."""
     if hists is None or vfs is not None:
         return None
-    return merged(hists, pfs=frozenset(pfs) if pfs is not None else None)
+    if phase not in RAW_PHASES and not any(k.phase == phase for k in hists):
+        return None
+    return merged(hists, phase, pfs=frozenset(pfs) if pfs is not None else None)
+
+
+def percentiles_json(h: Histogram) -> dict:
+    p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
+    return {"count": h.total, "p50_ns": p50, "p90_ns": p90, "p99_ns": p99, "p999_ns": p999,
+            "max_ns": h.max}
 
 
 def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
@@ -106,13 +119,21 @@ def exact_text(hists: list[KernelHist] | None, pfs=None, vfs=None,
     p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
     what = ("exact whatever was lost" if not slots_full else
             f"NOT exact: {slots_full} switches of (PF, VF) pairs past the kernel's slots missing")
-    over = ""
-    if budget_ns is not None:
+    def over(h: Histogram) -> str:
+        if budget_ns is None or not h.total:
+            return ""
         n, exact = over_budget(h, budget_ns)
-        over = f"  over budget {'' if exact else '>='}{100 * n / h.total:.2f}%"
-    return (f"every switch (kernel histograms, {what}): {h.total} switches; "
+        return f"  over budget {'' if exact else '>='}{100 * n / h.total:.2f}%"
+    text = (f"every switch (kernel histograms, {what}): {h.total} switches; "
             f"p50 {fmt_ns(p50)}  p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
-            f"max {fmt_ns(h.max)}{over}")
+            f"max {fmt_ns(h.max)}{over(h)}")
+    c = selected(hists, pfs, vfs, "corrected")
+    if c is not None and c.total:
+        p50, p90, p99, p999 = c.percentiles([50, 90, 99, 99.9])
+        text += (f"\n  corrected (vftrace's own cost off, every switch): p50 {fmt_ns(p50)}  "
+                 f"p90 {fmt_ns(p90)}  p99 {fmt_ns(p99)}  p99.9 {fmt_ns(p999)}  "
+                 f"max {fmt_ns(c.max)}{over(c)}")
+    return text
 
 
 def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
@@ -126,6 +147,32 @@ def exact_line(meta: dict | None, filters: dict | None = None) -> str | None:
     budget = (meta or {}).get("budget_ns")
     return exact_text(hists, filters.get("pfs"), filters.get("vfs"), int(slots_full),
                       budget if isinstance(budget, int) else None)
+
+
+def switch_accounting(hist_meta: dict, lost_in_kernel: int, read: int, passed_on: int) -> dict:
+    """Every switch the kernel counted (its histograms, and the switches of pairs past
+    its slots) against what became of its record: lost in the kernel (a full ring,
+    counted there), read from the rings, passed on to the capture and the statistics.
+    ``unaccounted`` must be 0; anything else is a loss nobody counted, and the capture
+    says so (meta ``switch_accounting``, the summary's warning)."""
+    counted = sum(int(g["count"]) for g in hist_meta.get("groups", ()) if g["phase"] == "switch")
+    counted += int(hist_meta.get("slots_full") or 0)
+    return {"kernel": counted, "lost_in_kernel": lost_in_kernel, "read": read,
+            "passed_on": passed_on, "unaccounted": counted - lost_in_kernel - passed_on}
+
+
+def accounting_warning(meta: dict | None) -> str | None:
+    """The summary's words for switches neither recorded nor counted lost, if any."""
+    acc = (meta or {}).get("switch_accounting")
+    keys = ("kernel", "lost_in_kernel", "read", "passed_on", "unaccounted")
+    if not isinstance(acc, dict) or not all(isinstance(acc.get(k), int) for k in keys) \
+            or not acc["unaccounted"]:
+        return None
+    where = ("the reader never saw them" if acc["read"] < acc["kernel"] - acc["lost_in_kernel"]
+             else "read, then not passed on")
+    return (f"{acc['unaccounted']} switches the kernel counted are neither recorded nor "
+            f"counted lost ({where}: {acc['read']} read, {acc['passed_on']} passed on, "
+            f"of {acc['kernel']} counted and {acc['lost_in_kernel']} lost in the kernel)")
 
 
 def from_meta(m: dict | None) -> list[KernelHist] | None:

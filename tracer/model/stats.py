@@ -234,7 +234,7 @@ class _Cell:
         self.hists = [Histogram() for _ in DIST_FIELDS]
         self.over = 0
         self.corr = Histogram()
-        self.corr_sum = 0.0
+        self.corr_sum = 0
 
     def merge(self, other: _Cell) -> None:
         self.count += other.count
@@ -359,7 +359,7 @@ class VfHistograms:
     sums: dict[str, int]                  # every SUM_FIELDS column
     hists: dict[str, Histogram]           # DIST_FIELDS column -> its histogram
     corrected: Histogram | None           # the corrected switch time, when corrected
-    corrected_sum: float = 0.0
+    corrected_sum: int = 0
 
 
 def _dist(hist: Histogram, total: int) -> Dist:
@@ -526,10 +526,11 @@ class Stats:
         by_dist = np.ascontiguousarray(idx.T)        # one contiguous run per group below
         corr = corr_idx = None
         if self.correction is not None:
-            corr = self.correction.switch_arrays(
-                {name: rows[:, i] for name, i in _CORR_COLS.items()})[0]
-            corr_sums = np.add.reduceat(corr, starts).tolist()
-            corr = np.clip(np.rint(corr), 0, MAX_VALUE).astype(np.int64)
+            # Below zero (an overcorrection) counts as 0 in the histogram and its sum,
+            # as in the kernel's (vft_corrected_ns): the two then agree exactly.
+            corr = np.clip(self.correction.switch_arrays(
+                {name: rows[:, i] for name, i in _CORR_COLS.items()})[0], 0, MAX_VALUE)
+            corr_sums = np.add.reduceat(corr if exact else corr.astype(object), starts).tolist()
             corr_idx = bucket_indices(corr)
         starts = starts.tolist()
         for g, (key, a, b) in enumerate(zip(map(tuple, keys[starts].tolist()), starts, ends)):

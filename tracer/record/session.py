@@ -79,7 +79,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                              "the start-up calibration's")
     parser.add_argument("--hist-pairs", type=int, default=HIST_PAIRS, metavar="N",
                         help=f"(PF, VF) pairs the kernel keeps histograms of every switch for "
-                             f"(default {HIST_PAIRS}; ~552 KB of kernel memory each; pairs "
+                             f"(default {HIST_PAIRS}; ~736 KB of kernel memory each; pairs "
                              "past it are counted and the every-switch line says not exact)")
     parser.add_argument("-B", "--buffer-pages", type=int, default=BUFFER_PAGES, metavar="N",
                         help=f"pages of the switch ring buffer (a power of two; default "
@@ -102,7 +102,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 MAX_ID = 2**32 - 1          # PFs, VFs and pids are 32-bit in the BPF records
-HIST_PAIRS, MAX_HIST_PAIRS = 32, 256      # kernel histogram slots (bpf/vftrace.h): 552 KB each
+HIST_PAIRS, MAX_HIST_PAIRS = 32, 256      # kernel histogram slots (bpf/vftrace.h): 736 KB each (4 phases)
 # Ring buffer pages: 256 (1 MiB, ~4.9k switches) lost 6.5% of a 6.12 lab soak's records
 # (3 PFs x 200 us, 1,717 switches/s, 2 nested guests sharing the TCG vCPUs) to reader
 # pauses of up to 3.2 s, 275 of them over 1 s; 1024 holds ~19k switches, ~11 s there.
@@ -437,6 +437,7 @@ class Session:
         self.stop_reason: str | None = None
         self.lost: dict[int, int] = {}
         self.gate = FilterGate(opts.switch_filter)     # what the capture keeps
+        self.switch_rows_passed = 0     # every switch the engine handed over (filtered or not)
 
     # -- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -520,6 +521,7 @@ class Session:
     def _switch_rows(self, rows: np.ndarray) -> None:
         """A batch of switches from the engine: the capture gets what the filter keeps,
         the consumer every one."""
+        self.switch_rows_passed += rows.shape[0]
         kept = self.gate.rows(rows) if self.gate.filter.active else rows
         if self.capture is not None:
             self.capture.write_rows(kept)
@@ -615,6 +617,10 @@ class Session:
                 self.meta["kernel_histograms"] = engine.kernel_histograms_meta()
             a = engine.assembler
             a.flush()
+            if engine.bpf is not None:
+                self.meta["switch_accounting"] = kernel_hist.switch_accounting(
+                    self.meta["kernel_histograms"], self.meta["lost_by_kind"].get("switch", 0),
+                    engine.samples, self.switch_rows_passed)
             self.meta.update({"late_releases": a.late_releases,
                               "late_release_ns": a.late_release_ns,
                               "orphan_releases": a.orphan_releases,

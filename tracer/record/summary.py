@@ -3,7 +3,7 @@ and ``perf kvm stat``: one line per group, latencies in human units."""
 from __future__ import annotations
 
 from tracer.model import group_columns as gc
-from tracer.model.kernel_hist import exact_line
+from tracer.model.kernel_hist import accounting_warning, exact_line
 from tracer.model.schema import depth_of, reader_pause, unmeasured
 from tracer.model.stats import Snapshot, Stats
 from tracer.model.units import fmt_ns, fmt_rate
@@ -42,6 +42,8 @@ def format_summary(snap: Snapshot, meta: dict | None = None) -> str:
         if pause := reader_pause(meta):
             parts.append(pause)
         lines.append("WARNING: " + "; ".join(parts) + ": figures below miss those switches")
+    if unaccounted := accounting_warning(meta):
+        lines.append(f"WARNING: {unaccounted}: figures below miss those switches")
     if not snap.records:
         lines.append("no switches recorded")
         return "\n".join(lines) + "\n"

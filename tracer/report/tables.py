@@ -252,13 +252,15 @@ def every_switch_json(cap: Capture) -> dict | None:
         hists = kernel_hist.from_meta(cap.meta.get("kernel_histograms"))
     except ValueError:
         return None
-    h = kernel_hist.selected(hists, cap.snapshot.filters.get("pfs"),
-                             cap.snapshot.filters.get("vfs"))
+    pfs, vfs = cap.snapshot.filters.get("pfs"), cap.snapshot.filters.get("vfs")
+    h = kernel_hist.selected(hists, pfs, vfs)
     if h is None:
         return None
-    p50, p90, p99, p999 = h.percentiles([50, 90, 99, 99.9])
-    return {"count": h.total, "p50_ns": p50, "p90_ns": p90, "p99_ns": p99, "p999_ns": p999,
-            "max_ns": h.max, "source": "kernel histograms"}
+    out = {**kernel_hist.percentiles_json(h), "source": "kernel histograms"}
+    c = kernel_hist.selected(hists, pfs, vfs, "corrected")
+    if c is not None:
+        out["corrected"] = kernel_hist.percentiles_json(c)
+    return out
 
 
 def own_cost_line(cap: Capture) -> str | None:
