@@ -15,7 +15,7 @@ Either way the engine hands over int64 rows, which go to ``Stats.add_rows`` and
 ``CaptureWriter.write_rows`` as ``vftrace record`` wires them.
 
 The capture's meta has probe costs, so its corrected columns are computed, as a
-recording's are.  The process is pinned to one CPU, so a library's threads (Polars'
+recording's are.  The process is pinned to one CPU, so a library's threads (Arrow's
 CSV writer) cannot make the figure a two-core one.  Prints one line per case: ``<case> N records T s R k records/s``.
 """
 from __future__ import annotations

@@ -17,10 +17,10 @@ PIPELINE_GOALS = (("mapped decode+stats", 1_000_000), ("mapped decode+stats+csv"
 PIPELINE_SHORT_BY = {
     "mapped decode+stats": "the engine's decode, hold and statistics per batch (numpy) and "
                            "what Python remains per batch",
-    "mapped decode+stats+csv": "the CSV text: Polars' compiled writer formats a batch's 43 "
-                               "int columns at ~0.8 us a row, most of the path's time; what "
-                               "would close it: formatting on another core (the writer "
-                               "releases the GIL) or a binary capture format beside the CSV"}
+    "mapped decode+stats+csv": "the CSV text: one Python format operation per batch, but ~40 "
+                               "ints formatted per row by Python's int-to-text (~2 us a row); "
+                               "closing it needs a compiled formatter (a small C helper) or a "
+                               "binary capture format beside the CSV"}
 SOAK_SECONDS, SOAK_PFS, SOAK_SLICE_US = 600, 3, 200        # #16's soak
 SOAK_RSS_GROWTH = 0.05      # bounded: the second half of the run adds at most 5% of RSS
 DASHBOARD_GOAL_PERCENT = 15.0

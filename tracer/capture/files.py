@@ -256,17 +256,19 @@ def format_switch_rows(rows: list[tuple]) -> str:
 
 
 @functools.cache
-def _polars():
-    """Polars, imported on first use (~0.1 s here, seconds under the lab's TCG, which
-    ``vftrace --help`` should not pay and a recorder pays before it arms:
-    ``load_block_formatter``)."""
-    import polars
-    return polars
+def _arrow_csv():
+    """pyarrow and the CSV options of write_rows' blocks, imported on first use (a few
+    100 ms, which ``vftrace --help`` should not pay; seconds under the lab's TCG, which
+    a recorder pays before it arms: ``load_block_formatter``)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    return pa, pacsv, pacsv.WriteOptions(include_header=False, quoting_style="none",
+                                         batch_size=FLUSH_ROWS)
 
 
 def load_block_formatter() -> None:
     """Import what ``CaptureWriter.write_rows`` formats with, ahead of the first rows."""
-    _polars()
+    _arrow_csv()
 
 
 def _join_switch_lines(lines: list) -> str:
@@ -347,7 +349,7 @@ class CaptureWriter(_CsvSink):
     def write_rows(self, rows: np.ndarray) -> None:
         """Many switches as an int64 array in ``COLUMNS`` order: the lines ``write``
         gives them.  They are queued as an array (its corrected columns added) and
-        formatted at the flush by Polars' CSV writer, up to ``FLUSH_ROWS`` rows a call:
+        formatted at the flush by Arrow's CSV writer, up to ``FLUSH_ROWS`` rows a call:
         compiled, about twice as fast as Python's int-to-text a row, but with a fixed
         cost a call that makes a call per small batch slower than Python."""
         for start in range(0, rows.shape[0], FLUSH_ROWS):   # a block stays in the cache
@@ -373,34 +375,34 @@ class CaptureWriter(_CsvSink):
         for item in items:
             if isinstance(item, np.ndarray):
                 if queued + item.shape[0] > FLUSH_ROWS and arrays:
-                    out.append(self._block_lines(arrays))
+                    out.append(self._arrow_lines(arrays))
                     arrays, queued = [], 0
                 arrays.append(item)
                 queued += item.shape[0]
                 continue
             if arrays:
-                out.append(self._block_lines(arrays))
+                out.append(self._arrow_lines(arrays))
                 arrays, queued = [], 0
             out.append(item)
         if arrays:
-            out.append(self._block_lines(arrays))
+            out.append(self._arrow_lines(arrays))
         return _join_switch_lines(out)
 
-    def _block_lines(self, arrays: list[np.ndarray]) -> str:
-        """The arrays' CSV lines, by Polars' compiled writer (0.83 us a row of 43
-        columns on one core of the bench host, where Arrow's took 1.3-1.4 us and Python's
-        ``%`` ~2 us): an unmeasured column, and every corrected one when there is no
-        correction, is a column of nulls, which it writes as empty fields."""
-        pl = _polars()
+    def _arrow_lines(self, arrays: list[np.ndarray]) -> str:
+        """The arrays' CSV lines: an unmeasured column, and every corrected one when there
+        is no correction, is a column of nulls, which Arrow writes as empty fields."""
+        pa, pacsv, options = _arrow_csv()
         block = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        names = self.meta["columns"]
-        frame = pl.from_numpy(block, schema=names[:block.shape[1]], orient="row")
-        nulls = [names[i] for i in sorted(self._unmeasured_at)]
-        if self._correction is None:
-            nulls += CORRECTED_COLUMNS
-        if nulls:
-            frame = frame.with_columns(pl.lit(None, pl.Int64).alias(c) for c in nulls)
-        return frame.select(names).write_csv(include_header=False)
+        by_column = np.ascontiguousarray(block.T)       # one Arrow array a column, no copy
+        empty = pa.nulls(block.shape[0], pa.int64())
+        columns = [empty if i in self._unmeasured_at else pa.array(by_column[i])
+                   for i in range(len(COLUMNS))]
+        columns += ([pa.array(c) for c in by_column[len(COLUMNS):]]
+                    if self._correction is not None else [empty] * len(CORRECTED_COLUMNS))
+        out = pa.BufferOutputStream()
+        pacsv.write_csv(pa.RecordBatch.from_arrays(columns, names=self.meta["columns"]), out,
+                        options)
+        return out.getvalue().to_pybytes().decode("ascii")
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
