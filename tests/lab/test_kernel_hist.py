@@ -92,7 +92,7 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
     assert len(rows) + lost == sum(made.values())
     assert meta["switch_accounting"] == {"kernel": sum(made.values()), "lost_in_kernel": lost,
                                          "read": len(rows), "passed_on": len(rows),
-                                         "unaccounted": 0}
+                                         "written": len(rows), "unaccounted": 0}
     # the capture says why: a reader stopped for 6 s, noticed between two of its reads
     assert meta["reader_gaps"]["longest_s"] >= 5.5 and meta["reader_gaps"]["over_1s"] >= 1
     print(f"paused reader: pf_sched made {sum(made.values())} switches, {len(rows)} records "

@@ -416,6 +416,12 @@ class CaptureWriter(_CsvSink):
             error = e
             stop_reason = f"{stop_reason}; write error: {e}"
         lost = {int(cpu): int(n) for cpu, n in (lost or {}).items()}
+        acc = self.meta.get("switch_accounting")
+        if isinstance(acc, dict) and not self.meta.get(FILTERED_OUT):
+            # the last step of a record's way: the rows this file holds (a filter
+            # leaves some out on purpose; then passed_on is the last step checked)
+            acc["written"] = self.records
+            acc["unaccounted"] = acc["kernel"] - acc["lost_in_kernel"] - self.records
         self.meta.update({
             "complete": True, "stop_time": utc_now(), "stop_reason": stop_reason,
             "lost_records_per_cpu": dict(sorted(lost.items())),   # JSON makes keys strings

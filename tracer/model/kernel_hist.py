@@ -153,8 +153,9 @@ def switch_accounting(hist_meta: dict, lost_in_kernel: int, read: int, passed_on
     """Every switch the kernel counted (its histograms, and the switches of pairs past
     its slots) against what became of its record: lost in the kernel (a full ring,
     counted there), read from the rings, passed on to the capture and the statistics.
-    ``unaccounted`` must be 0; anything else is a loss nobody counted, and the capture
-    says so (meta ``switch_accounting``, the summary's warning)."""
+    ``unaccounted`` above 0 is a loss nobody counted, and the capture says so (meta
+    ``switch_accounting``, the summary's warning).  Below 0 is not a loss: a window that
+    closed after the histograms were read at stop still wrote its row."""
     counted = sum(int(g["count"]) for g in hist_meta.get("groups", ()) if g["phase"] == "switch")
     counted += int(hist_meta.get("slots_full") or 0)
     return {"kernel": counted, "lost_in_kernel": lost_in_kernel, "read": read,
@@ -166,13 +167,17 @@ def accounting_warning(meta: dict | None) -> str | None:
     acc = (meta or {}).get("switch_accounting")
     keys = ("kernel", "lost_in_kernel", "read", "passed_on", "unaccounted")
     if not isinstance(acc, dict) or not all(isinstance(acc.get(k), int) for k in keys) \
-            or not acc["unaccounted"]:
+            or acc["unaccounted"] <= 0:
         return None
-    where = ("the reader never saw them" if acc["read"] < acc["kernel"] - acc["lost_in_kernel"]
-             else "read, then not passed on")
+    emitted = acc["kernel"] - acc["lost_in_kernel"]
+    written = acc.get("written") if isinstance(acc.get("written"), int) else None
+    where = ("the reader never saw them" if acc["read"] < emitted
+             else "read, then not passed on" if acc["passed_on"] < acc["read"]
+             else "passed on, then not written")
     return (f"{acc['unaccounted']} switches the kernel counted are neither recorded nor "
-            f"counted lost ({where}: {acc['read']} read, {acc['passed_on']} passed on, "
-            f"of {acc['kernel']} counted and {acc['lost_in_kernel']} lost in the kernel)")
+            f"counted lost ({where}: {acc['read']} read, {acc['passed_on']} passed on"
+            + (f", {written} written" if written is not None else "")
+            + f", of {acc['kernel']} counted and {acc['lost_in_kernel']} lost in the kernel)")
 
 
 def from_meta(m: dict | None) -> list[KernelHist] | None:
