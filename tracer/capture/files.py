@@ -142,14 +142,16 @@ class _CsvSink:
         self._lock = threading.Lock()            # one flush at a time
         self._closed = threading.Event()
         self._error: Exception | None = None     # a flush failure in the timer thread
-        self._emit(_csv_text([columns]))
+        self._emit(_csv_text([columns]).encode())
         # A timer thread keeps a follower up to date when records stop arriving.
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                          name=f"flush {self.path.name}")
         self._flusher.start()
 
-    def _format(self, rows: list[tuple]) -> str:
-        return _csv_text(rows)
+    def _format(self, rows: list[tuple]) -> tuple[bytes, int]:
+        """The queued items as the file's bytes, and how many lines they are."""
+        text = _csv_text(rows)
+        return text.encode(), text.count("\n")
 
     def _add_row(self, row: tuple) -> None:
         rows = self._rows
@@ -183,16 +185,16 @@ class _CsvSink:
         pop = self._rows.popleft             # only what is queued now: appends go on
         rows = [pop() for _ in range(queued)]
         try:
-            text = self._format(rows)
+            data, lines = self._format(rows)
         except (TypeError, ValueError) as e:
             raise CaptureError(f"{self.path}: a row is not all integers ({e}); "
                                f"{len(rows)} rows dropped") from None
-        self._emit(text)
-        self.records += text.count("\n")      # a queued item may be a block of lines
+        self._emit(data)
+        self.records += lines
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, data: bytes) -> None:
         try:
-            _write_all(self._fd, text.encode())
+            _write_all(self._fd, data)
         except OSError as e:
             raise CaptureWriteError(f"cannot write {self.path}: {e.strerror}") from None
 
@@ -366,43 +368,61 @@ class CaptureWriter(_CsvSink):
                 self._queued_lines = 0
                 self.flush()
 
-    def _lines(self, items: list) -> str:
-        """The queued items as text: write()'s lines as they are, write_rows' arrays
-        formatted together, up to ``FLUSH_ROWS`` rows a call."""
+    def _lines(self, items: list) -> tuple[bytes, int]:
+        """The queued items as the file's bytes, and how many lines: write()'s lines as
+        they are (one each), write_rows' arrays formatted together, up to ``FLUSH_ROWS``
+        rows a call.  Bytes end to end: Arrow's output is written as it is, never
+        decoded to str and encoded back."""
         out: list = []
+        texts: list = []
         arrays: list[np.ndarray] = []
-        queued = 0
+        queued = lines = 0
         for item in items:
             if isinstance(item, np.ndarray):
+                if texts:
+                    out.append(_join_switch_lines(texts).encode())
+                    lines += len(texts)
+                    texts = []
                 if queued + item.shape[0] > FLUSH_ROWS and arrays:
                     out.append(self._arrow_lines(arrays))
                     arrays, queued = [], 0
                 arrays.append(item)
                 queued += item.shape[0]
+                lines += item.shape[0]
                 continue
             if arrays:
                 out.append(self._arrow_lines(arrays))
                 arrays, queued = [], 0
-            out.append(item)
+            texts.append(item)
         if arrays:
             out.append(self._arrow_lines(arrays))
-        return _join_switch_lines(out)
+        if texts:
+            out.append(_join_switch_lines(texts).encode())
+            lines += len(texts)
+        return (out[0] if len(out) == 1 else b"".join(out)), lines
 
-    def _arrow_lines(self, arrays: list[np.ndarray]) -> str:
-        """The arrays' CSV lines: an unmeasured column, and every corrected one when there
-        is no correction, is a column of nulls, which Arrow writes as empty fields."""
+    def _arrow_lines(self, arrays: list[np.ndarray]):
+        """The arrays' CSV lines (an Arrow buffer: bytes-like): an unmeasured column,
+        and every corrected one when there is no correction, is a column of nulls, which
+        Arrow writes as empty fields.  Columns are wrapped around the transposed block's
+        memory (``from_buffers``), half the cost of ``pa.array`` a column."""
         pa, pacsv, options = _arrow_csv()
         block = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        by_column = np.ascontiguousarray(block.T)       # one Arrow array a column, no copy
-        empty = pa.nulls(block.shape[0], pa.int64())
-        columns = [empty if i in self._unmeasured_at else pa.array(by_column[i])
+        n = block.shape[0]
+        by_column = np.ascontiguousarray(block.T)
+        int64 = pa.int64()
+        empty = pa.nulls(n, int64)
+
+        def column(i):
+            return pa.Array.from_buffers(int64, n, [None, pa.py_buffer(by_column[i])])
+        columns = [empty if i in self._unmeasured_at else column(i)
                    for i in range(len(COLUMNS))]
-        columns += ([pa.array(c) for c in by_column[len(COLUMNS):]]
+        columns += ([column(i) for i in range(len(COLUMNS), block.shape[1])]
                     if self._correction is not None else [empty] * len(CORRECTED_COLUMNS))
         out = pa.BufferOutputStream()
         pacsv.write_csv(pa.RecordBatch.from_arrays(columns, names=self.meta["columns"]), out,
                         options)
-        return out.getvalue().to_pybytes().decode("ascii")
+        return out.getvalue()
 
     def close(self, stop_reason: str = "stopped", lost: dict[int, int] | None = None) -> None:
         """Flush, close the CSV and mark the meta complete.  ``lost`` is the count of
