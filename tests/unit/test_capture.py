@@ -343,3 +343,38 @@ def test_write_failure_is_an_oserror_too(tmp_path):
     assert isinstance(e.value, CaptureWriteError) and "cannot write" in str(e.value)
     w._rows.clear()
     w.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=5),
+    max_leaves=30)
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_meta_json_reads_back_as_what_was_written(meta):
+    from tracer.capture.files import meta_json
+    assert json.loads(meta_json(meta)) == meta
+
+
+def test_a_long_runs_kernel_histograms_keep_the_meta_small_and_readable(tmp_path):
+    """A 10-minute soak's meta was 19 MB, one number a line, and over the reader's
+    limit: a capture vftrace could not read back.  Lists of numbers go on one line."""
+    groups = [{"pf": pf, "vf": vf, "phase": phase, "count": 10**6, "sum_ns": 10**11,
+               "min_ns": 20_000, "max_ns": 12_000_000,
+               "buckets": [[b, 1 + b % 7] for b in range(5000, 25_000, 2)]}
+              for pf in range(3) for vf in range(4)
+              for phase in ("switch", "revoke", "grant", "corrected")]
+    w = CaptureWriter(tmp_path / "c.csv", {"kernel_histograms": {
+        "sub_bits": 10, "max_bits": 32, "slots_full": 0, "groups": groups}})
+    w.close()
+    mp = meta_path(tmp_path / "c.csv")
+    text = mp.read_text()
+    assert '"buckets": [[5000,3],[5002,5],' in text
+    assert len(text) < 8 << 20, len(text)
+    meta, _rows, problems = read_capture(tmp_path / "c.csv")
+    assert not problems and meta["kernel_histograms"]["groups"] == groups
+    assert '\n  "columns": [\n    "seq",' in text       # strings still one a line

@@ -90,11 +90,41 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         os.unlink(tmp)
     fd = _open_new(tmp, os.O_EXCL)
     try:
-        _write_all(fd, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+        _write_all(fd, (meta_json(obj) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+_NUMBER = (int, float)
+_COMPACT = re.compile(r'"\\u0000(\d+)\\u0000"')
+
+
+def _number_list(value) -> bool:
+    """A list of numbers, or of lists of numbers (a histogram's [bucket, count] pairs)."""
+    return isinstance(value, list) and len(value) > 1 and all(
+        isinstance(x, _NUMBER) or (isinstance(x, list) and all(isinstance(y, _NUMBER) for y in x))
+        for x in value)
+
+
+def meta_json(obj: dict) -> str:
+    """``obj`` as indented JSON, a list of numbers on one line: a 10-minute capture's
+    kernel histograms are ~100k [bucket, count] pairs, which one number a line made a
+    19 MB meta, 5x its compact size."""
+    compact: list[str] = []
+
+    def swap(value):
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if _number_list(value):
+            compact.append(json.dumps(value, separators=(",", ":")))
+            return f"\0{len(compact) - 1}\0"      # a placeholder no meta string holds
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+    text = json.dumps(swap(obj), indent=2, default=_jsonable)
+    return _COMPACT.sub(lambda m: compact[int(m.group(1))], text)
 
 
 def _jsonable(value):
@@ -499,7 +529,9 @@ def _call_row(rec: CallRecord) -> tuple:
 # first damaged one are always handed over first, so a consumer keeps what is whole.
 
 MAX_LINE_BYTES = 64 << 10     # a row is ~300 bytes: a longer line is refused, not buffered
-MAX_META_BYTES = 16 << 20     # a meta is a few KiB (its background list grows with guests)
+# A meta is a few KiB plus its kernel histograms: up to 32 (pf, vf) pairs x 4 phases of
+# [bucket, count] pairs, a few MiB after a long run with wide spreads.
+MAX_META_BYTES = 64 << 20
 
 # The meta keys readers rely on and the JSON type each must have when present (null is
 # always allowed): a hand-edited or foreign meta fails here, not deep in a front end.
