@@ -340,6 +340,15 @@ def dashboard_verdict(dashboard: dict) -> Verdict:
     return Verdict(goal, figure, False, f"missed by {cpu - DASHBOARD_GOAL_PERCENT:.0f} points")
 
 
+def bursts_text(f: dict) -> str | None:
+    """When a soak's missing rows went missing (bench/soak.py's loss_bursts)."""
+    b = f.get("loss_bursts") or {}
+    if not b.get("bursts"):
+        return None
+    return (f"the missing rows went in {b['bursts']} bursts (the largest {b['largest']:,} rows)"
+            + (f", a median {b['median_spacing_s']} s apart" if b.get("median_spacing_s") else ""))
+
+
 def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
     """#16's soak (bench/soak.py): every switch pf_sched made a row, the kernel's
     histograms counting every one, and the recorder's memory bounded."""
@@ -362,6 +371,10 @@ def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
                  f"{cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one"
                  + ("" if f.get("scrapes") is None else
                     f", {f['scrapes']['ok']} /metrics scrapes taking their share"))
+    if not ok and bursts_text(f):
+        spacing = f["loss_bursts"].get("median_spacing_s") or 0
+        note += f"; {bursts_text(f)}" + (": a stall that recurs, not a steady deficit"
+                                         if spacing >= 5 else "")
     out = [Verdict(f"{kernel}: {setup}: no switch record lost", figure,
                    None if short else bool(ok), note)]
     pairs = [(p["pf"], p.get("kernel_hist_count"), p["switches_made"]) for p in f["per_pf"]]
@@ -638,6 +651,7 @@ def render(figures: dict, markdown: bool = True) -> str:
                 f"mmap guest VMs hammering their VFs; {recorder}; lost records by kind "
                 f"{f.get('lost_by_kind')}"
                 + (f"; {pause}" if pause else "")
+                + (f"; {soak_bursts}" if (soak_bursts := bursts_text(f)) else "")
                 + (f"; the recorder had {cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one "
                    f"CPU while the VM's {cpu['cpus']} CPUs were {cpu['machine_busy']:.0%} busy"
                    if cpu else "") + ".", ""]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
+from bench.report import bursts_text  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
 from tracer.model import kernel_hist  # noqa: E402
@@ -144,6 +145,32 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                   csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use)
 
 
+def loss_bursts(rows, merge_s: float = 1.0) -> dict:
+    """When the missing rows went missing: each PF's seq gaps, placed at the time of the
+    row before the gap, merged across PFs when less than ``merge_s`` apart.  A steady
+    deficit loses a little all the time; a reader that stalls loses in bursts, and
+    their spacing points at what stalled it."""
+    by_pf: dict[int, list[tuple[int, int]]] = {}
+    for r in rows:
+        by_pf.setdefault(r.pf, []).append((r.seq, r.t_ns))
+    gaps = []                                   # (time ns, rows missing)
+    for seqs in by_pf.values():
+        seqs.sort()
+        gaps += [(t, b - a - 1) for (a, t), (b, _) in zip(seqs, seqs[1:]) if b - a > 1]
+    if not gaps:
+        return {"bursts": 0}
+    gaps.sort()
+    bursts = [[gaps[0][0], gaps[0][1]]]
+    for t, n in gaps[1:]:
+        if t - bursts[-1][0] < merge_s * 1e9:
+            bursts[-1][1] += n
+        else:
+            bursts.append([t, n])
+    spacing = sorted((b[0] - a[0]) / 1e9 for a, b in zip(bursts, bursts[1:]))
+    return {"bursts": len(bursts), "largest": max(n for _, n in bursts),
+            "median_spacing_s": round(spacing[len(spacing) // 2], 1) if spacing else None}
+
+
 def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
            recorder, guests, csv, scrapes=None, cpu=None) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
@@ -180,7 +207,7 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "switches_made": sum(p["switches_made"] for p in per_pf),
         "rows": len(rows), "missing_rows": sum(p["missing"] for p in per_pf),
         "lost_total": meta.get("lost_total"), "lost_by_kind": meta.get("lost_by_kind", {}),
-        "reader_gaps": meta.get("reader_gaps"),
+        "reader_gaps": meta.get("reader_gaps"), "loss_bursts": loss_bursts(rows),
         "capture_problems": problems[:5], "complete": meta.get("complete"),
         "stop_reason": meta.get("stop_reason"),
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
@@ -211,6 +238,8 @@ def render(f: dict) -> str:
         f" (all kinds: {f['lost_total']})",
         f"  {reader_pause(f) or 'the reader pauses were not recorded (older vftrace)'}",
     ]
+    if bursts_text(f):
+        lines.append(f"  {bursts_text(f)}")
     for p in f["per_pf"]:
         lines.append(
             f"  pf{p['pf']}: made {p['switches_made']} rows {p['rows']} missing {p['missing']}"

@@ -310,3 +310,24 @@ def test_soak_verdicts_lost_records_histogram_counts_and_memory():
     assert uncounted.met is False and "not all counted" in uncounted.note
     short = report.soak_verdicts("k", _soak(seconds=60))[0]
     assert short.met is None and "shorter" in short.note     # not the goal's soak
+
+
+def test_soak_loss_bursts_tell_a_recurring_stall_from_a_steady_deficit():
+    from types import SimpleNamespace as R
+    from bench.soak import loss_bursts
+    s = 1_000_000_000
+    # two PFs, a switch every 10 ms; pf0 loses 5 rows at 10 s and 4 at 22 s, pf1 3 rows
+    # at 10.2 s (the same stall: one burst)
+    rows = [R(pf=0, seq=i, t_ns=i * s // 100) for i in range(1, 3000)
+            if not (1001 <= i <= 1005 or 2201 <= i <= 2204)]
+    rows += [R(pf=1, seq=i, t_ns=i * s // 100) for i in range(1, 3000)
+             if not 1021 <= i <= 1023]
+    got = loss_bursts(rows)
+    assert got == {"bursts": 2, "largest": 8, "median_spacing_s": 12.0}
+    assert loss_bursts(rows[:100]) == {"bursts": 0}
+    stalled = report.soak_verdicts("k", {**_soak(missing=(9, 3), lost=12), "loss_bursts": got})[0]
+    assert "2 bursts (the largest 8 rows), a median 12.0 s apart: a stall that recurs" in \
+        stalled.note
+    steady = {"bursts": 300, "largest": 2, "median_spacing_s": 1.9}
+    note = report.soak_verdicts("k", {**_soak(missing=(9, 3), lost=12), "loss_bursts": steady})[0].note
+    assert "300 bursts" in note and "recurs" not in note
