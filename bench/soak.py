@@ -87,8 +87,16 @@ class CpuShare:
                 "machine_busy": round(busy / total, 3) if total else None}
 
 
+def renice(pid: int, nice: int) -> None:
+    """Every thread of ``pid`` (setpriority on a pid is one thread on Linux) at ``nice``:
+    whether the recorder keeps up once it is not sharing the CPUs fairly with the
+    switching kthreads and the guests tells starvation from a stall of its own."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
-        sample_s: float = 10.0, scrape_s: float | None = None) -> dict:
+        sample_s: float = 10.0, scrape_s: float | None = None, recorder_nice: int = 0) -> dict:
     """One soak; returns its figures (see ``report``).  With ``scrape_s`` the recorder is
     ``vftrace serve`` (its capture too), its /metrics scraped that often throughout."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +117,8 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
             scraper = None
         guests = None
         try:
+            if recorder_nice:
+                renice(recorder.pid, recorder_nice)
             rss.append((0.0, rss_kb(recorder.pid)))
             cpu = CpuShare(recorder.pid)
             guests = subprocess.Popen(
@@ -138,11 +148,12 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
     unloaded = not labutil.module_loaded("pf_sched")
     meta, rows, problems = read_capture(csv)
     guest_report = json.loads(guests_json.read_text()) if guests_json.exists() else {}
-    return report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
+    return {**report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
                   meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
-                  csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use)
+                  csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use),
+            "recorder_nice": recorder_nice}
 
 
 def loss_bursts(rows, merge_s: float = 1.0) -> dict:
@@ -232,7 +243,8 @@ def render(f: dict) -> str:
     mib = {k: f["rss_kb"][k] / 1024 for k in ("armed", "peak", "end")}
     lines = [
         f"soak on {f['kernel']}: {f['seconds']:.0f} s, {f['pfs']} PF(s), slice {f['slice_us']} us,"
-        f" {f['vms']} mmap guest VM(s)",
+        f" {f['vms']} mmap guest VM(s)"
+        + (f", the recorder at nice {f['recorder_nice']}" if f.get("recorder_nice") else ""),
         f"  switches made {f['switches_made']}, rows {f['rows']}, missing {f['missing_rows']},"
         f" switch records reported lost {f['lost_by_kind'].get('switch', 0)}"
         f" (all kinds: {f['lost_total']})",
@@ -268,7 +280,7 @@ def boot(args: argparse.Namespace) -> int:
     inner = [str(REPO / ".venv/bin/python"), str(Path(__file__).resolve()),
              "--minutes", str(args.minutes), "--pfs", str(args.pfs), "--slice-us",
              str(args.slice_us), "--vms", str(args.vms), "--scrape-s", str(args.scrape_s),
-             "-o", str(args.output)]
+             "--recorder-nice", str(args.recorder_nice), "-o", str(args.output)]
     status = 0
     for kernel in args.kernel or ["6.12"]:
         cmd = ["flock", LAB_LOCK, str(REPO / ".venv/bin/vftrace"), "lab", "-k", kernel,
@@ -293,6 +305,8 @@ def main() -> int:
     p.add_argument("--scrape-s", type=float, default=5.0,
                    help="record with vftrace serve and scrape its /metrics this often "
                         "(default 5; 0: vftrace record, no endpoint)")
+    p.add_argument("--recorder-nice", type=int, default=0, metavar="N",
+                   help="run the recorder's threads at nice N (default 0: as a user would)")
     p.add_argument("-o", "--output", type=Path, default=REPO / "build" / "soak")
     args = p.parse_args()
     if args.boot:
@@ -301,7 +315,7 @@ def main() -> int:
         print("soak: error: run inside the lab VM as root, or pass --boot", file=sys.stderr)
         return 2
     figures = run(args.minutes * 60, args.pfs, args.slice_us, args.vms, args.output,
-                  scrape_s=args.scrape_s or None)
+                  scrape_s=args.scrape_s or None, recorder_nice=args.recorder_nice)
     print(render(figures), flush=True)
     path = args.output / f"soak-{figures['kernel']}.json"
     path.write_text(json.dumps(figures, indent=1) + "\n")
