@@ -306,8 +306,8 @@ def test_a_missing_or_corrupt_meta_is_one_capture_error(scratch, raw, says):
 
 def test_a_huge_meta_is_refused_before_it_is_parsed(scratch):
     path = put(scratch, b"".join(SWITCH_LINES[:3]))
-    meta_path(path).write_bytes(b"{\"warnings\": [\"" + b"w" * (17 << 20) + b"\"]}")
-    with pytest.raises(CaptureError, match="is over 16 MiB"):
+    meta_path(path).write_bytes(b"{\"warnings\": [\"" + b"w" * (65 << 20) + b"\"]}")
+    with pytest.raises(CaptureError, match="is over 64 MiB"):
         read_meta(path)
 
 
