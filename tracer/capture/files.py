@@ -98,7 +98,6 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 _NUMBER = (int, float)
-_COMPACT = re.compile(r'"\\u0000(\d+)\\u0000"')
 
 
 def _number_list(value) -> bool:
@@ -113,18 +112,19 @@ def meta_json(obj: dict) -> str:
     kernel histograms are ~100k [bucket, count] pairs, which one number a line made a
     19 MB meta, 5x its compact size."""
     compact: list[str] = []
+    token = os.urandom(8).hex()     # random: no string of a meta will spell a placeholder
 
     def swap(value):
         if isinstance(value, dict):
             return {k: swap(v) for k, v in value.items()}
         if _number_list(value):
             compact.append(json.dumps(value, separators=(",", ":")))
-            return f"\0{len(compact) - 1}\0"      # a placeholder no meta string holds
+            return f"{token}{len(compact) - 1}"
         if isinstance(value, list):
             return [swap(v) for v in value]
         return value
     text = json.dumps(swap(obj), indent=2, default=_jsonable)
-    return _COMPACT.sub(lambda m: compact[int(m.group(1))], text)
+    return re.sub(f'"{token}(\\d+)"', lambda m: compact[int(m.group(1))], text)
 
 
 def _jsonable(value):
