@@ -375,10 +375,10 @@ def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
                  f"{cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of one"
                  + ("" if f.get("scrapes") is None else
                     f", {f['scrapes']['ok']} /metrics scrapes taking their share"))
-    if not ok and bursts_text(f):
+    if not ok and (bursts := bursts_text(f)):
         spacing = f["loss_bursts"].get("median_spacing_s") or 0
-        note += f"; {bursts_text(f)}" + (": a stall that recurs, not a steady deficit"
-                                         if spacing >= 5 else "")
+        note += f"; {bursts}" + (": a stall that recurs, not a steady deficit"
+                                 if spacing >= 5 else "")
     out = [Verdict(f"{kernel}: {setup}: no switch record lost", figure,
                    None if short else bool(ok), note)]
     pairs = [(p["pf"], p.get("kernel_hist_count"), p["switches_made"]) for p in f["per_pf"]]

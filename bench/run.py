@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import report  # noqa: E402
+from tracer.capture.files import meta_json  # noqa: E402
 
 OUT = REPO / "build" / "bench"
 FIGURES = REPO / "bench" / "figures.json"
@@ -159,7 +160,7 @@ def main() -> int:
         log(f"{figures_path} has no lab figures to keep: {args.output} and the figures are "
             "left as they are (run make bench once, or --only SECTION per kernel)")
         return 1
-    figures_path.write_text(json.dumps(figures, indent=2) + "\n")
+    figures_path.write_text(meta_json(figures) + "\n")     # lists of numbers on one line
     Path(args.output).write_text(text + "\n")
     log(f"wrote {args.output} and {figures_path}")
     return 0

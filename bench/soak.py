@@ -148,12 +148,12 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
     unloaded = not labutil.module_loaded("pf_sched")
     meta, rows, problems = read_capture(csv)
     guest_report = json.loads(guests_json.read_text()) if guests_json.exists() else {}
-    return {**report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
+    return report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
                   meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
-                  csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use),
-            "recorder_nice": recorder_nice}
+                  csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use,
+                  recorder_nice=recorder_nice)
 
 
 def loss_bursts(rows, merge_s: float = 1.0) -> dict:
@@ -183,7 +183,7 @@ def loss_bursts(rows, merge_s: float = 1.0) -> dict:
 
 
 def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
-           recorder, guests, csv, scrapes=None, cpu=None) -> dict:
+           recorder, guests, csv, scrapes=None, cpu=None, recorder_nice=0) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
     stats.add_many(rows)
     # every switch that closed, counted in the kernel whether or not its record came out
@@ -224,6 +224,7 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
                    "end": kb[-1] if kb else 0, "samples": rss},
         "recorder_exit": recorder[0], "recorder_said": recorder[1], "cpu": cpu,
+        "recorder_nice": recorder_nice,
         "scrapes": None if scrapes is None else {
             "ok": len(scrapes[0]), "failed": len(scrapes[2]), "failures": scrapes[2][:3],
             "max_s": max(scrapes[0], default=None), "loop_read_max_s": max(scrapes[1], default=None)},
