@@ -63,6 +63,17 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
 
 
+def thread_nices(pid: int) -> list[int]:
+    """The nice values the threads of ``pid`` have (field 19 of each /proc task's stat)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:                    # a thread that ended meanwhile
+            pass
+    return sorted(out)
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) clock ticks of every CPU since boot (/proc/stat's cpu line)."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -87,14 +98,6 @@ class CpuShare:
                 "machine_busy": round(busy / total, 3) if total else None}
 
 
-def renice(pid: int, nice: int) -> None:
-    """Every thread of ``pid`` (setpriority on a pid is one thread on Linux) at ``nice``:
-    whether the recorder keeps up once it is not sharing the CPUs fairly with the
-    switching kthreads and the guests tells starvation from a stall of its own."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-
-
 def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
         sample_s: float = 10.0, scrape_s: float | None = None, recorder_nice: int = 0) -> dict:
     """One soak; returns its figures (see ``report``).  With ``scrape_s`` the recorder is
@@ -104,21 +107,20 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
     guests_json = out_dir / f"soak-{labutil.kernel_release()}.guests.json"
     guests_json.unlink(missing_ok=True)
     rss: list[tuple[float, int]] = []
+    nice = ["--nice", str(recorder_nice)] if recorder_nice else []
     with pfsched.loaded(n_pfs, slice_us=slice_us, nr_vfs=4) as bdfs:
         pfsched.set_enabled(False)
         before = {b: pfsched.stats(b) for b in bdfs}
         if scrape_s:
-            recorder, _ = start_recorder(csv, ["--metrics", f"127.0.0.1:{METRICS_PORT}"],
+            recorder, _ = start_recorder(csv, [*nice, "--metrics", f"127.0.0.1:{METRICS_PORT}"],
                                          command="serve")
             scraper = Scraper(f"http://127.0.0.1:{METRICS_PORT}/metrics", scrape_s)
             scraper.on.set()
         else:
-            recorder, _ = start_recorder(csv, [])
+            recorder, _ = start_recorder(csv, nice)
             scraper = None
         guests = None
         try:
-            if recorder_nice:
-                renice(recorder.pid, recorder_nice)
             rss.append((0.0, rss_kb(recorder.pid)))
             cpu = CpuShare(recorder.pid)
             guests = subprocess.Popen(
@@ -135,6 +137,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                 log(f"{rss[-1][0]:.0f} s: recorder RSS {rss[-1][1] / 1024:.1f} MiB")
             ran_s = time.monotonic() - t0
             cpu_use = cpu.result() if recorder.poll() is None else None
+            nices = thread_nices(recorder.pid) if recorder.poll() is None else None
             g_out, g_err = stop_process(guests, signal.SIGTERM, 60)
             pfsched.set_enabled(False)
             after = {b: pfsched.stats(b) for b in bdfs}
@@ -153,7 +156,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
                   csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use,
-                  recorder_nice=recorder_nice)
+                  recorder_nice=recorder_nice, thread_nices=nices)
 
 
 def loss_bursts(rows, merge_s: float = 1.0) -> dict:
@@ -183,7 +186,7 @@ def loss_bursts(rows, merge_s: float = 1.0) -> dict:
 
 
 def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
-           recorder, guests, csv, scrapes=None, cpu=None, recorder_nice=0) -> dict:
+           recorder, guests, csv, scrapes=None, cpu=None, recorder_nice=0, thread_nices=None) -> dict:
     per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
     stats.add_many(rows)
     # every switch that closed, counted in the kernel whether or not its record came out
@@ -224,7 +227,8 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
         "rss_kb": {"armed": kb[0] if kb else 0, "peak": max(kb, default=0),
                    "end": kb[-1] if kb else 0, "samples": rss},
         "recorder_exit": recorder[0], "recorder_said": recorder[1], "cpu": cpu,
-        "recorder_nice": recorder_nice,
+        # what the capture says the recorder ran at, and its threads' values near the end
+        "recorder_nice": meta.get("nice", recorder_nice), "recorder_thread_nices": thread_nices,
         "scrapes": None if scrapes is None else {
             "ok": len(scrapes[0]), "failed": len(scrapes[2]), "failures": scrapes[2][:3],
             "max_s": max(scrapes[0], default=None), "loop_read_max_s": max(scrapes[1], default=None)},
@@ -281,7 +285,7 @@ def boot(args: argparse.Namespace) -> int:
     inner = [str(REPO / ".venv/bin/python"), str(Path(__file__).resolve()),
              "--minutes", str(args.minutes), "--pfs", str(args.pfs), "--slice-us",
              str(args.slice_us), "--vms", str(args.vms), "--scrape-s", str(args.scrape_s),
-             "--recorder-nice", str(args.recorder_nice), "-o", str(args.output)]
+             "--nice", str(args.recorder_nice), "-o", str(args.output)]
     status = 0
     for kernel in args.kernel or ["6.12"]:
         cmd = ["flock", LAB_LOCK, str(REPO / ".venv/bin/vftrace"), "lab", "-k", kernel,
@@ -306,8 +310,9 @@ def main() -> int:
     p.add_argument("--scrape-s", type=float, default=5.0,
                    help="record with vftrace serve and scrape its /metrics this often "
                         "(default 5; 0: vftrace record, no endpoint)")
-    p.add_argument("--recorder-nice", type=int, default=0, metavar="N",
-                   help="run the recorder's threads at nice N (default 0: as a user would)")
+    p.add_argument("--nice", dest="recorder_nice", type=int, default=0, metavar="N",
+                   help="the recorder's --nice N: its threads, not the guests (default 0); "
+                        "the figures and the verdict say so")
     p.add_argument("-o", "--output", type=Path, default=REPO / "build" / "soak")
     args = p.parse_args()
     if args.boot:

@@ -41,6 +41,7 @@ from ..model import exit_reasons, kernel_hist
 from ..model.filter import META_KEY as FILTERED_OUT, FilterGate, SwitchFilter
 from ..model.schema import DEFAULT_DEPTH, DEPTHS, CallRecord, SwitchRecord
 from . import costs_file
+from .priority import PriorityError, call_at_nice, check_nice, set_process_nice, thread_nice
 from .instances import Registration
 from ..pfsched import control
 from ..pfsched.watch import PfWatch
@@ -92,6 +93,11 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                         help="read the ring buffers through BCC's per-record callback "
                              "instead of their mapped pages (the fallback; slower)")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nice", type=int, metavar="N",
+                        help="run vftrace's own threads at nice N (-20 to 19; below 0 "
+                             "needs root), not the -- CMD workload: on a host whose CPUs "
+                             "the guests keep busy, a reader at nice 0 can starve and the "
+                             "rings overflow (e.g. --nice -10)")
     parser.add_argument("--ready-file", metavar="PATH",
                         help="create this file once every probe is armed (for scripts "
                              "and tests that wait for arming; the workload starts then)")
@@ -226,6 +232,7 @@ class TraceOptions:
     ebpf: bool = False
     ready_file: Path | None = None
     workload: list[str] | None = None
+    nice: int | None = None            # --nice: vftrace's threads, not the workload
     costs: dict | None = None          # --costs FILE's probe costs (costs_file.load)
 
     @classmethod
@@ -261,6 +268,7 @@ class TraceOptions:
                    hist_pairs=args.hist_pairs, buffer_pages=pages,
                    duration=duration, ebpf=args.ebpf,
                    ready_file=ready_file, costs=costs,
+                   nice=check_nice(getattr(args, "nice", None)),
                    workload=workload_argv(getattr(args, "cmd", None), command))
 
     def filters(self) -> dict:
@@ -438,10 +446,13 @@ class Session:
         self.lost: dict[int, int] = {}
         self.gate = FilterGate(opts.switch_filter)     # what the capture keeps
         self.switch_rows_passed = 0     # every switch the engine handed over (filtered or not)
+        self._caller_nice: int | None = None     # before --nice: the workload's
 
     # -- start ----------------------------------------------------------------------
     def start(self) -> None:
         """Arm the probes, open the writers, touch the ready file, start the workload."""
+        if self.opts.nice is not None:   # first: the threads started below inherit it
+            self._caller_nice = set_process_nice(self.opts.nice)
         if self._engine_factory is None:
             require_bcc()
             from ..kernel.engine import Engine
@@ -481,8 +492,11 @@ class Session:
         self.startup_s = self.clock() - t0
         if self.workload is not None:
             try:
-                self.workload.start()
-            except RecordError:
+                if self._caller_nice is None:
+                    self.workload.start()
+                else:
+                    call_at_nice(self._caller_nice, self.workload.start)
+            except (RecordError, PriorityError):
                 self.stop("error: the workload did not start")
                 raise
         if self.plan.source == "pf_sched":
@@ -510,6 +524,7 @@ class Session:
                 "buffer": "ringbuf" if plan.ringbuf else "perf",
                 "buffer_pages": plan.ringbuf_pages,
                 "reader": engine.reader, "reader_note": engine.reader_note,
+                "nice": thread_nice(),
                 "warnings": engine.warnings,
                 "kvm_vendor": exit_reasons.vendor(),
                 "calls_file": opts.calls.name if opts.calls else None}
