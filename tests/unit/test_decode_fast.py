@@ -373,6 +373,8 @@ def test_correction_of_many_rows_is_the_correction_of_each():
 
 def test_rows_stay_in_order_while_the_timer_thread_flushes(tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "FLUSH_S", 0.0005)       # flush as often as it can
+    # and the writing thread flushes too, once this many rows wait for the flush thread
+    monkeypatch.setattr(capture, "MAX_PENDING_ROWS", 3)
     recs = random_records(60_000, seed=4)
     w = CaptureWriter(tmp_path / "c.csv", {})
     flushes = []
@@ -389,6 +391,42 @@ def test_rows_stay_in_order_while_the_timer_thread_flushes(tmp_path, monkeypatch
     assert any(flushes) and not all(flushes)     # both threads flushed, interleaved
     assert list(iter_capture(tmp_path / "c.csv")) == recs
     assert w.records == len(recs)
+
+
+def test_the_writing_thread_leaves_the_formatting_to_the_flush_thread(tmp_path, monkeypatch):
+    """The writing thread is the reader of the ring buffers: while the flush thread
+    formats (holding the lock), it goes on queuing rows, up to MAX_PENDING_ROWS; past
+    that it waits for the flush, so the queue's memory stays bounded."""
+    monkeypatch.setattr(capture, "MAX_PENDING_ROWS", 4 * capture.FLUSH_ROWS)
+    n = capture.FLUSH_ROWS
+    recs = random_records(6 * n, seed=11)
+    array = to_rows(recs)
+    w = CaptureWriter(tmp_path / "c.csv", {})
+    formatting, release = threading.Event(), threading.Event()
+    real_format = w._format
+
+    def slow_format(items):
+        if threading.current_thread() is w._flusher:
+            formatting.set()
+            release.wait(60)
+        return real_format(items)
+
+    w._format = slow_format
+    w.write_rows(array[:n])                  # FLUSH_ROWS queued: the flush thread's turn
+    assert formatting.wait(30)
+    queued = threading.Thread(target=w.write_rows, args=(array[n:3 * n],))
+    queued.start()
+    queued.join(30)
+    assert not queued.is_alive()             # not waiting on the flush thread's lock
+    behind = threading.Thread(target=w.write_rows, args=(array[3 * n:],))
+    behind.start()
+    behind.join(0.5)
+    assert behind.is_alive()                 # 4 x FLUSH_ROWS pending: it flushes itself
+    release.set()
+    behind.join(60)
+    assert not behind.is_alive()
+    w.close()
+    assert list(iter_capture(tmp_path / "c.csv")) == recs and w.records == len(recs)
 
 
 def test_write_after_close_is_an_error_not_a_silent_loss(tmp_path):

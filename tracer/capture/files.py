@@ -38,6 +38,9 @@ from tracer.model.filter import META_KEY as FILTERED_OUT, parse_meta as parse_fi
 
 FLUSH_S = 0.5
 FLUSH_ROWS = 2048       # ~250 KiB of switch rows per write
+# Rows queued for the flush thread beyond which the writing thread writes them itself: the
+# bound on the queue's memory (~22 MiB of switch rows as arrays).
+MAX_PENDING_ROWS = 32 * FLUSH_ROWS
 
 
 class CaptureError(VftraceError):
@@ -161,8 +164,15 @@ class _CsvSink:
     Rows are queued (CaptureWriter's already formatted) and written at each flush with
     one ``write``, so the file only ever grows by whole lines.  The queue is a deque: the
     writing thread appends without a lock (deque appends and pops are atomic), and a
-    flush, by that thread or the timer thread, pops under the lock what was queued, so
-    rows reach the file in the order they were written."""
+    flush pops under the lock what was queued, so rows reach the file in the order they
+    were written.
+
+    The flush thread formats and writes: every ``FLUSH_S``, and as soon as ``FLUSH_ROWS``
+    rows are queued.  The writing thread is the recorder's reader of the ring buffers,
+    which must not wait on a format (or on the lock while the flush thread formats)
+    when the rings are filling; it flushes itself only once ``MAX_PENDING_ROWS`` are
+    queued, which bounds the memory.  In a lab soak where the guests kept both CPUs busy,
+    the reader formatting inline paused for seconds at a time and the rings overflowed."""
 
     def __init__(self, path: str | os.PathLike, columns: tuple[str, ...]) -> None:
         self.path = Path(path)
@@ -171,6 +181,7 @@ class _CsvSink:
         self._rows: deque[tuple] | _Refused = deque()
         self._lock = threading.Lock()            # one flush at a time
         self._closed = threading.Event()
+        self._wake = threading.Event()           # FLUSH_ROWS queued, or closing
         self._error: Exception | None = None     # a flush failure in the timer thread
         self._emit(_csv_text([columns]).encode())
         # A timer thread keeps a follower up to date when records stop arriving.
@@ -187,16 +198,28 @@ class _CsvSink:
         rows = self._rows
         rows.append(row)
         if len(rows) >= FLUSH_ROWS:
-            self.flush()
+            self._hand_over(len(rows))
 
     def _add_rows(self, new: Iterable[tuple]) -> None:
         rows = self._rows
         rows.extend(new)
         if len(rows) >= FLUSH_ROWS:
+            self._hand_over(len(rows))
+
+    def _hand_over(self, pending: int) -> None:
+        """``FLUSH_ROWS`` or more rows are queued: wake the flush thread, or flush here
+        once ``pending`` rows are waiting for it (it gets too little CPU to keep up)."""
+        if pending >= MAX_PENDING_ROWS:
             self.flush()
+        elif not self._wake.is_set():
+            self._wake.set()
 
     def _flush_loop(self) -> None:
-        while not self._closed.wait(FLUSH_S):
+        while True:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()            # a wake from now on is another round
+            if self._closed.is_set():
+                return                    # the close flushes what is left
             try:
                 self.flush()
             except Exception as e:        # reported to the writing thread instead
@@ -230,6 +253,7 @@ class _CsvSink:
 
     def _close_file(self) -> None:
         self._closed.set()
+        self._wake.set()
         if self._flusher is not threading.current_thread():
             self._flusher.join()
         with self._lock:
@@ -344,7 +368,8 @@ class CaptureWriter(_CsvSink):
         # garbage collector, a tuple is (2048 queued ones set off three collections);
         # write_rows queues arrays, formatted at the flush.
         self._format = self._lines
-        self._queued_lines = 0          # write_rows' lines since its last flush
+        self._queued_lines = 0          # write_rows' lines since it last woke the flush
+        self._appended = 0              # write_rows' lines so far (the writing thread's count)
         try:
             write_json_atomic(self.meta_path, self.meta)
         except BaseException:
@@ -363,7 +388,7 @@ class CaptureWriter(_CsvSink):
         except (TypeError, ValueError):
             rows.append(row)
         if len(rows) >= FLUSH_ROWS:
-            self.flush()
+            self._hand_over(len(rows))
 
     def _line(self, rec: SwitchRecord) -> str | tuple:
         """write()'s row: its line, or the tuple the flush then refuses with the reason."""
@@ -394,9 +419,10 @@ class CaptureWriter(_CsvSink):
                     {c: block[:, i] for c, i in _CORRECTION_INPUTS.items()})
             self._rows.append(full)
             self._queued_lines += n
+            self._appended += n
             if self._queued_lines >= FLUSH_ROWS:
                 self._queued_lines = 0
-                self.flush()
+                self._hand_over(self._appended - self.records)
 
     def _lines(self, items: list) -> tuple[bytes, int]:
         """The queued items as the file's bytes, and how many lines: write()'s lines as
