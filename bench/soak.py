@@ -28,11 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.capture.files import read_capture  # noqa: E402
+from tracer.capture.files import iter_capture, read_meta  # noqa: E402
 from bench.report import bursts_text  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
@@ -149,28 +151,59 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
             r_out, r_err = stop_process(recorder, signal.SIGINT, 300)
         pfsched.set_enabled(True)
     unloaded = not labutil.module_loaded("pf_sched")
-    meta, rows, problems = read_capture(csv)
+    meta, rows, problems, stats = read_capture_keys(csv)
     guest_report = json.loads(guests_json.read_text()) if guests_json.exists() else {}
     return report(seconds=ran_s, slice_us=slice_us, vms=vms, before=before, after=after,
-                  meta=meta, rows=rows, problems=problems, rss=rss, unloaded=unloaded,
+                  meta=meta, rows=rows, stats=stats, problems=problems, rss=rss, unloaded=unloaded,
                   recorder=(recorder.returncode, r_err.strip().splitlines()[-1:]),
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
                   csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use,
                   recorder_nice=recorder_nice, thread_nices=nices)
 
 
-def loss_bursts(rows, merge_s: float = 1.0) -> dict:
+CHUNK_ROWS = 65536
+
+
+def read_capture_keys(csv: Path) -> tuple[dict, np.ndarray, list[str], Stats]:
+    """The capture as the soak needs it, read a chunk of records at a time: its meta,
+    each row's (pf, seq, t_ns), the statistics core over every row, and the problems
+    ``read_capture`` would note.  All of a 10-minute soak's records as objects at once
+    (1.46M on 6.12) took more than the lab VM's 2 GiB."""
+    meta = read_meta(csv)
+    problems = [] if meta.get("complete") else \
+        ["capture is not complete: the recorder did not close it"]
+    stats = Stats(meta.get("budget_ns") or 100)
+    keys: list[np.ndarray] = []
+    chunk: list = []
+
+    def take() -> None:
+        stats.add_many(chunk)
+        keys.append(np.array([(r.pf, r.seq, r.t_ns) for r in chunk], np.int64).reshape(-1, 3))
+        chunk.clear()
+
+    for rec in iter_capture(csv, problems):
+        chunk.append(rec)
+        if len(chunk) == CHUNK_ROWS:
+            take()
+    take()
+    rows = np.concatenate(keys)
+    if meta.get("complete") and meta.get("records") not in (None, len(rows)):
+        problems.append(f"meta says {meta['records']} records, the CSV has {len(rows)}")
+    return meta, rows, problems, stats
+
+
+def loss_bursts(rows: np.ndarray, merge_s: float = 1.0) -> dict:
     """When the missing rows went missing: each PF's seq gaps, placed at the time of the
     row before the gap, merged across PFs when less than ``merge_s`` apart.  A steady
     deficit loses a little all the time; a reader that stalls loses in bursts, and
-    their spacing points at what stalled it."""
-    by_pf: dict[int, list[tuple[int, int]]] = {}
-    for r in rows:
-        by_pf.setdefault(r.pf, []).append((r.seq, r.t_ns))
+    their spacing points at what stalled it.  ``rows``: (pf, seq, t_ns) a row."""
     gaps = []                                   # (time ns, rows missing)
-    for seqs in by_pf.values():
-        seqs.sort()
-        gaps += [(t, b - a - 1) for (a, t), (b, _) in zip(seqs, seqs[1:]) if b - a > 1]
+    for pf in np.unique(rows[:, 0]):
+        of_pf = rows[rows[:, 0] == pf]
+        of_pf = of_pf[np.argsort(of_pf[:, 1], kind="stable")]
+        step = np.diff(of_pf[:, 1])
+        at = np.nonzero(step > 1)[0]
+        gaps += zip(of_pf[at, 2].tolist(), (step[at] - 1).tolist())
     if not gaps:
         return {"bursts": 0}
     gaps.sort()
@@ -185,10 +218,11 @@ def loss_bursts(rows, merge_s: float = 1.0) -> dict:
             "median_spacing_s": round(spacing[len(spacing) // 2], 1) if spacing else None}
 
 
-def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, unloaded,
-           recorder, guests, csv, scrapes=None, cpu=None, recorder_nice=0, thread_nices=None) -> dict:
-    per_pf, stats = [], Stats(meta.get("budget_ns") or 100)
-    stats.add_many(rows)
+def report(*, seconds, slice_us, vms, before, after, meta, rows, stats, problems, rss,
+           unloaded, recorder, guests, csv, scrapes=None, cpu=None, recorder_nice=0,
+           thread_nices=None) -> dict:
+    """``rows``: (pf, seq, t_ns) a row of the capture; ``stats`` the core over them."""
+    per_pf = []
     # every switch that closed, counted in the kernel whether or not its record came out
     hist_counts: dict[int, int] = {}
     for h in kernel_hist.from_meta(meta.get("kernel_histograms")) or []:
@@ -198,15 +232,17 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, problems, rss, 
     for bdf in before:
         b, a = before[bdf], after[bdf]
         pf = a["pf"]
-        want = set(range(b["seq"] + 1, a["seq"] + 1))
-        got = [r.seq for r in rows if r.pf == pf]
+        first, last = b["seq"] + 1, a["seq"]          # the seqs pf_sched gave meanwhile
+        got = rows[rows[:, 0] == pf, 1]
+        seqs = np.unique(got)
+        expected = np.count_nonzero((seqs >= first) & (seqs <= last))
         made = a["switches"] - b["switches"]
         total = a["total_ns_sum"] - b["total_ns_sum"]
         group = snapshot.get(pf)
         per_pf.append({
             "pf": pf, "switches_made": made, "rows": len(got),
-            "missing": len(want - set(got)), "unexpected": len(set(got) - want),
-            "duplicates": len(got) - len(set(got)),
+            "missing": max(last - first + 1, 0) - expected,
+            "unexpected": len(seqs) - expected, "duplicates": len(got) - len(seqs),
             "stats_count": group.count if group else 0,
             "kernel_hist_count": hist_counts.get(pf),
             "source_mean_ns_module": round(total / made) if made else 0,

@@ -1,6 +1,7 @@
 """bench/: parsing the host benches, goal verdicts and the rendered table (no measuring)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bench import lab_bench, report
@@ -313,15 +314,14 @@ def test_soak_verdicts_lost_records_histogram_counts_and_memory():
 
 
 def test_soak_loss_bursts_tell_a_recurring_stall_from_a_steady_deficit():
-    from types import SimpleNamespace as R
     from bench.soak import loss_bursts
     s = 1_000_000_000
     # two PFs, a switch every 10 ms; pf0 loses 5 rows at 10 s and 4 at 22 s, pf1 3 rows
-    # at 10.2 s (the same stall: one burst)
-    rows = [R(pf=0, seq=i, t_ns=i * s // 100) for i in range(1, 3000)
-            if not (1001 <= i <= 1005 or 2201 <= i <= 2204)]
-    rows += [R(pf=1, seq=i, t_ns=i * s // 100) for i in range(1, 3000)
-             if not 1021 <= i <= 1023]
+    # at 10.2 s (the same stall: one burst); rows are (pf, seq, t_ns), pf1's first
+    rows = [(1, i, i * s // 100) for i in range(1, 3000) if not 1021 <= i <= 1023]
+    rows += [(0, i, i * s // 100) for i in range(1, 3000)
+             if not (1001 <= i <= 1005 or 2201 <= i <= 2204)]
+    rows = np.array(rows, np.int64)
     got = loss_bursts(rows)
     assert got == {"bursts": 2, "largest": 8, "median_spacing_s": 12.0}
     assert loss_bursts(rows[:100]) == {"bursts": 0}
@@ -334,3 +334,33 @@ def test_soak_loss_bursts_tell_a_recurring_stall_from_a_steady_deficit():
     reniced = report.soak_verdicts("k", {**_soak(), "recorder_nice": -10})[0]
     assert reniced.met is (_soak()["missing_rows"] == 0) and \
         "200 us, 2 mmap guests, vftrace --nice -10)" in reniced.goal
+
+
+def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_path, monkeypatch):
+    """bench/soak.py's count of missing, unexpected and duplicate rows per PF against
+    pf_sched's seqs, from the capture read in chunks (not all its records at once)."""
+    from bench import soak
+    from tracer.capture.files import CaptureWriter
+    monkeypatch.setattr(soak, "CHUNK_ROWS", 7)
+    values = dict.fromkeys(COLUMNS, 0)
+    seqs = {0: [*range(11, 31), 25, 99], 1: [*range(1, 21)]}    # pf0: a duplicate, one stray
+    w = CaptureWriter(tmp_path / "c.csv", {"budget_ns": 100})
+    for pf, of_pf in seqs.items():
+        for seq in of_pf:
+            if not (pf == 1 and 5 <= seq <= 8):                 # pf1 lost 4
+                w.write(SwitchRecord(**{**values, "seq": seq, "pf": pf, "t_ns": seq * 1000,
+                                        "switch_ns": 500, "source_ns": 400}))
+    w.close()
+    meta, rows, problems, stats = soak.read_capture_keys(tmp_path / "c.csv")
+    assert rows.shape == (38, 3) and not problems and sum(g.count for g in stats.snapshot().per_pf) == 38
+    stat = {"switches": 0, "total_ns_sum": 0}
+    f = soak.report(seconds=1, slice_us=200, vms=0, meta=meta, rows=rows, stats=stats,
+                    before={"a": {**stat, "pf": 0, "seq": 10}, "b": {**stat, "pf": 1, "seq": 0}},
+                    after={"a": {**stat, "pf": 0, "seq": 30, "switches": 20},
+                           "b": {**stat, "pf": 1, "seq": 20, "switches": 20}},
+                    problems=problems, rss=[], unloaded=True, recorder=(0, []),
+                    guests=(0, {}, []), csv=tmp_path / "c.csv")
+    pf0, pf1 = f["per_pf"]
+    assert (pf0["rows"], pf0["missing"], pf0["unexpected"], pf0["duplicates"]) == (22, 0, 1, 1)
+    assert (pf1["rows"], pf1["missing"], pf1["unexpected"], pf1["duplicates"]) == (16, 4, 0, 0)
+    assert f["missing_rows"] == 4 and f["loss_bursts"]["bursts"] == 1
