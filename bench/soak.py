@@ -235,14 +235,14 @@ def report(*, seconds, slice_us, vms, before, after, meta, rows, stats, problems
         first, last = b["seq"] + 1, a["seq"]          # the seqs pf_sched gave meanwhile
         got = rows[rows[:, 0] == pf, 1]
         seqs = np.unique(got)
-        expected = np.count_nonzero((seqs >= first) & (seqs <= last))
+        expected = int(np.count_nonzero((seqs >= first) & (seqs <= last)))   # JSON: no np.int64
         made = a["switches"] - b["switches"]
         total = a["total_ns_sum"] - b["total_ns_sum"]
         group = snapshot.get(pf)
         per_pf.append({
             "pf": pf, "switches_made": made, "rows": len(got),
             "missing": max(last - first + 1, 0) - expected,
-            "unexpected": len(seqs) - expected, "duplicates": len(got) - len(seqs),
+            "unexpected": len(seqs) - expected, "duplicates": int(len(got) - len(seqs)),
             "stats_count": group.count if group else 0,
             "kernel_hist_count": hist_counts.get(pf),
             "source_mean_ns_module": round(total / made) if made else 0,

@@ -1,6 +1,8 @@
 """bench/: parsing the host benches, goal verdicts and the rendered table (no measuring)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -364,3 +366,4 @@ def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_p
     assert (pf0["rows"], pf0["missing"], pf0["unexpected"], pf0["duplicates"]) == (22, 0, 1, 1)
     assert (pf1["rows"], pf1["missing"], pf1["unexpected"], pf1["duplicates"]) == (16, 4, 0, 0)
     assert f["missing_rows"] == 4 and f["loss_bursts"]["bursts"] == 1
+    assert json.loads(json.dumps(f, default=str)) == json.loads(json.dumps(f))   # plain JSON
