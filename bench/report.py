@@ -366,6 +366,9 @@ def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
     note = ("shorter or lighter than the goal's 10 min, 3 PFs x 200 us" if short else
             "" if ok else "every missing row was counted as lost"
             if f["missing_rows"] == lost else "missing rows not all counted as lost")
+    if f.get("recorder_nice"):
+        note = "; ".join(filter(None, [note, "not at nice 0, a user's default: on a host this "
+                                       "busy its reader can starve (README: Lost records)"]))
     cpu = f.get("cpu")
     if cpu and not ok and cpu.get("machine_busy") is not None:
         note += (f"; {reader_pause(f) or 'the reader paused'} while the VM's CPUs were "
@@ -641,10 +644,11 @@ def render(figures: dict, markdown: bool = True) -> str:
                 "others start from decoded records (bench/bench_pipeline.py).", ""]
     for kernel, f in (figures.get("soak") or {}).items():
         scrapes = f.get("scrapes")
-        recorder = ("one `vftrace serve` recorder, its /metrics scraped "
+        nice = f" --nice {f['recorder_nice']}" if f.get("recorder_nice") else ""
+        recorder = (f"one `vftrace serve{nice}` recorder, its /metrics scraped "
                     f"{scrapes['ok']} times ({scrapes['failed']} failed, the slowest "
                     f"{scrapes['max_s']:.1f} s)" if scrapes else
-                    "one `vftrace record` recorder, no /metrics")
+                    f"one `vftrace record{nice}` recorder, no /metrics")
         cpu = f.get("cpu")
         pause = reader_pause(f)
         out += [f"## Soak, {kernel} (bench/soak.py --boot, run on its own)", "",

@@ -335,7 +335,7 @@ def test_soak_loss_bursts_tell_a_recurring_stall_from_a_steady_deficit():
     assert "300 bursts" in note and "recurs" not in note
     reniced = report.soak_verdicts("k", {**_soak(), "recorder_nice": -10})[0]
     assert reniced.met is (_soak()["missing_rows"] == 0) and \
-        "200 us, 2 mmap guests, vftrace --nice -10)" in reniced.goal
+        "200 us, 2 mmap guests, vftrace --nice -10)" in reniced.goal and "not at nice 0" in reniced.note
 
 
 def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_path, monkeypatch):
