@@ -499,8 +499,16 @@ def implied_costs(infl: dict) -> list[str]:
 
 
 def kernel_sections(kernel: str, lab: dict) -> list[str]:
-    run = "full (30 s lossless windows)" if lab.get("full") else "quick (5 s lossless windows)"
-    out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}.", ""]
+    windows = sorted({sec["window_s"] for name, sec in lab.items()
+                      if name.startswith("lossless") and isinstance(sec, dict) and "window_s" in sec})
+    run = (("full" if lab.get("full") else "quick")
+           + (f" ({' and '.join(f'{w:g} s' for w in windows)} lossless windows)" if windows else ""))
+    # sections re-measured on their own (bench/run.py --only) say when
+    again = "".join(f"; its {name.removesuffix('_measured')} sections again on {when}, in a "
+                    "boot of their own" for name, when in lab.items()
+                    if name.endswith("_measured") and when)
+    out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}"
+           f"{again}.", ""]
     infl = lab.get("inflation") or {}
     if "cases" in infl:
         cpus = f", {infl['cpus']} vCPU(s)" if infl.get("cpus") else ""

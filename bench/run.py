@@ -145,7 +145,8 @@ def main() -> int:
                     release = lab.get("kernel", kernel)
                     if args.only:       # its sections into the last run's, the rest kept
                         lab = {**figures["kernels"].get(release, {}),
-                               **{k: v for k, v in lab.items() if k.startswith(args.only)}}
+                               **{k: v for k, v in lab.items() if k.startswith(args.only)},
+                               f"{args.only}_measured": lab.get("date")}
                     figures["kernels"] = {k: v for k, v in figures["kernels"].items()
                                           if k != release}
                     figures["kernels"][release] = lab

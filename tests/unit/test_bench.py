@@ -367,3 +367,13 @@ def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_p
     assert (pf1["rows"], pf1["missing"], pf1["unexpected"], pf1["duplicates"]) == (16, 4, 0, 0)
     assert f["missing_rows"] == 4 and f["loss_bursts"]["bursts"] == 1
     assert json.loads(json.dumps(f, default=str)) == json.loads(json.dumps(f))   # plain JSON
+
+
+def test_a_kernel_section_says_its_lossless_windows_and_a_section_measured_again():
+    lab = {"date": "D1", "full": False, "lossless_1pf": {"window_s": 5.0},
+           "lossless_npf": {"window_s": 30.0}, "lossless_measured": "D2"}
+    head = report.kernel_sections("k", lab)[2]
+    assert head == ("Measured D1 in one boot, quick (5 s and 30 s lossless windows); its "
+                    "lossless sections again on D2, in a boot of their own.")
+    assert report.kernel_sections("k", {"date": "D1", "full": True})[2] == \
+        "Measured D1 in one boot, full."
