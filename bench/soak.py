@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.capture.files import iter_capture, read_meta  # noqa: E402
+from tracer.capture.files import (count_problems, iter_capture, meta_problems,  # noqa: E402
+                                  read_meta)
 from bench.report import bursts_text  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
@@ -170,8 +171,7 @@ def read_capture_keys(csv: Path) -> tuple[dict, np.ndarray, list[str], Stats]:
     ``read_capture`` would note.  All of a 10-minute soak's records as objects at once
     (1.46M on 6.12) took more than the lab VM's 2 GiB."""
     meta = read_meta(csv)
-    problems = [] if meta.get("complete") else \
-        ["capture is not complete: the recorder did not close it"]
+    problems = meta_problems(csv, meta)
     stats = Stats(meta.get("budget_ns") or 100)
     keys: list[np.ndarray] = []
     chunk: list = []
@@ -187,8 +187,7 @@ def read_capture_keys(csv: Path) -> tuple[dict, np.ndarray, list[str], Stats]:
             take()
     take()
     rows = np.concatenate(keys)
-    if meta.get("complete") and meta.get("records") not in (None, len(rows)):
-        problems.append(f"meta says {meta['records']} records, the CSV has {len(rows)}")
+    problems += count_problems(meta, len(rows))
     return meta, rows, problems, stats
 
 

@@ -855,15 +855,26 @@ def read_capture(path: str | os.PathLike, require_meta: bool = True
     capture whose recorder never closed it, a row count differing from the meta)."""
     path = Path(path)
     meta = read_meta(path, require=require_meta)
-    problems: list[str] = []
-    if not meta:
-        problems.append(f"no meta file ({meta_path(path).name})")
-    elif not meta.get("complete"):
-        problems.append("capture is not complete: the recorder did not close it")
+    problems = meta_problems(path, meta)
     records = list(iter_capture(path, problems))
-    if meta.get("complete") and meta.get("records") not in (None, len(records)):
-        problems.append(f"meta says {meta['records']} records, the CSV has {len(records)}")
+    problems += count_problems(meta, len(records))
     return meta, records, problems
+
+
+def meta_problems(path: Path, meta: dict) -> list[str]:
+    """What a capture's meta says is wrong with it before its rows are read."""
+    if not meta:
+        return [f"no meta file ({meta_path(path).name})"]
+    if not meta.get("complete"):
+        return ["capture is not complete: the recorder did not close it"]
+    return []
+
+
+def count_problems(meta: dict, rows: int) -> list[str]:
+    """A complete capture whose row count is not the one its meta gives."""
+    if meta.get("complete") and meta.get("records") not in (None, rows):
+        return [f"meta says {meta['records']} records, the CSV has {rows}"]
+    return []
 
 
 
