@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.pfsched import control  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
+from bench.capture_keys import missing_seqs, read_capture_keys  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
 from tracer.model.correction import Correction  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
@@ -329,17 +330,6 @@ def combine(windows: list[dict], attaches: dict[str, str]) -> list[dict]:
 
 # --- 2. lossless rate -------------------------------------------------------------------
 
-def missing_seqs(rows, seq_ranges: dict[str, list[int]]) -> int:
-    """Switches the module made in the window (its seq range per PF) with no row."""
-    have: dict[int, set[int]] = {}
-    for r in rows:
-        have.setdefault(r.pf, set()).add(r.seq)
-    missing = 0
-    for pf, (lo, hi) in seq_ranges.items():
-        missing += len(set(range(lo + 1, hi + 1)) - have.get(int(pf), set()))
-    return missing
-
-
 def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
     csv = out_dir / f"lossless-{n_pfs}pf.csv"
     windows: list[dict] = []
@@ -355,7 +345,7 @@ def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
         finally:
             pfsched.set_param("slice_us", LOSSLESS_SLICES_US[0])
             status = tool.stop()
-    meta, rows, problems = read_capture(csv)
+    meta, rows, problems, _ = read_capture_keys(csv, with_stats=False)
     for w in windows:
         w["missing"] = missing_seqs(rows, w["seq"])
     best = None
@@ -417,7 +407,7 @@ def metrics_overhead(window: float, out_dir: Path) -> dict:
             rss1 = rss_kb(tool.proc.pid)
             pfsched.set_param("slice_us", METRICS_SLICES_US[0])
             status = tool.stop()
-    meta, rows, problems = read_capture(csv)
+    meta, rows, problems, _ = read_capture_keys(csv, with_stats=False)
     for w in windows:
         w["missing"] = missing_seqs(rows, w["seq"])
         del w["hist"]

@@ -34,14 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
-from tracer.capture.files import (count_problems, iter_capture, meta_problems,  # noqa: E402
-                                  read_meta)
+from bench.capture_keys import read_capture_keys  # noqa: E402
 from bench.report import bursts_text  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
 from tracer.model import kernel_hist  # noqa: E402
 from tracer.model.schema import reader_pause  # noqa: E402
-from tracer.model.stats import Stats  # noqa: E402
 
 LAB_LOCK = "/tmp/vftrace-lab.lock"
 
@@ -160,35 +158,6 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                   guests=(guests.returncode, guest_report, g_err.strip().splitlines()[-1:]),
                   csv=csv, scrapes=scraper and scraper.take(), cpu=cpu_use,
                   recorder_nice=recorder_nice, thread_nices=nices)
-
-
-CHUNK_ROWS = 65536
-
-
-def read_capture_keys(csv: Path) -> tuple[dict, np.ndarray, list[str], Stats]:
-    """The capture as the soak needs it, read a chunk of records at a time: its meta,
-    each row's (pf, seq, t_ns), the statistics core over every row, and the problems
-    ``read_capture`` would note.  All of a 10-minute soak's records as objects at once
-    (1.46M on 6.12) took more than the lab VM's 2 GiB."""
-    meta = read_meta(csv)
-    problems = meta_problems(csv, meta)
-    stats = Stats(meta.get("budget_ns") or 100)
-    keys: list[np.ndarray] = []
-    chunk: list = []
-
-    def take() -> None:
-        stats.add_many(chunk)
-        keys.append(np.array([(r.pf, r.seq, r.t_ns) for r in chunk], np.int64).reshape(-1, 3))
-        chunk.clear()
-
-    for rec in iter_capture(csv, problems):
-        chunk.append(rec)
-        if len(chunk) == CHUNK_ROWS:
-            take()
-    take()
-    rows = np.concatenate(keys)
-    problems += count_problems(meta, len(rows))
-    return meta, rows, problems, stats
 
 
 def loss_bursts(rows: np.ndarray, merge_s: float = 1.0) -> dict:

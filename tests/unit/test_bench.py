@@ -217,10 +217,13 @@ def rec(pf, seq):
 
 
 def test_missing_seqs_counts_switches_without_a_row():
-    rows = [rec(0, s) for s in (11, 12, 14)] + [rec(1, 5)]
-    assert lab_bench.missing_seqs(rows, {"0": [10, 14], "1": [4, 5]}) == 1   # seq 13
-    assert lab_bench.missing_seqs(rows, {"0": [10, 12]}) == 0
-    assert lab_bench.missing_seqs(rows, {"2": [0, 3]}) == 3
+    from bench.capture_keys import missing_seqs
+    rows = np.array([(0, s, 0) for s in (11, 12, 14, 14)] + [(1, 5, 0), (1, 9, 0)], np.int64)
+    assert missing_seqs(rows, {"0": [10, 14], "1": [4, 5]}) == 1     # seq 13; 14 twice is one
+    assert missing_seqs(rows, {"0": [10, 12]}) == 0
+    assert missing_seqs(rows, {"0": [12, 13]}) == 1                  # lo is exclusive
+    assert missing_seqs(rows, {"2": [0, 3]}) == 3
+    assert missing_seqs(rows, {"1": [5, 8]}) == 3                    # 9 is outside
 
 
 def test_self_timed_mean_is_delta_sum_over_delta_count():
@@ -341,9 +344,9 @@ def test_soak_loss_bursts_tell_a_recurring_stall_from_a_steady_deficit():
 def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_path, monkeypatch):
     """bench/soak.py's count of missing, unexpected and duplicate rows per PF against
     pf_sched's seqs, from the capture read in chunks (not all its records at once)."""
-    from bench import soak
+    from bench import capture_keys, soak
     from tracer.capture.files import CaptureWriter
-    monkeypatch.setattr(soak, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(capture_keys, "CHUNK_ROWS", 7)
     values = dict.fromkeys(COLUMNS, 0)
     seqs = {0: [*range(11, 31), 25, 99], 1: [*range(1, 21)]}    # pf0: a duplicate, one stray
     w = CaptureWriter(tmp_path / "c.csv", {"budget_ns": 100})
@@ -353,7 +356,7 @@ def test_soak_reads_its_capture_a_chunk_at_a_time_and_counts_each_pfs_rows(tmp_p
                 w.write(SwitchRecord(**{**values, "seq": seq, "pf": pf, "t_ns": seq * 1000,
                                         "switch_ns": 500, "source_ns": 400}))
     w.close()
-    meta, rows, problems, stats = soak.read_capture_keys(tmp_path / "c.csv")
+    meta, rows, problems, stats = capture_keys.read_capture_keys(tmp_path / "c.csv")
     assert rows.shape == (38, 3) and not problems and sum(g.count for g in stats.snapshot().per_pf) == 38
     stat = {"switches": 0, "total_ns_sum": 0}
     f = soak.report(seconds=1, slice_us=200, vms=0, meta=meta, rows=rows, stats=stats,
