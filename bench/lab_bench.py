@@ -36,6 +36,7 @@ from tests.lab import labutil, pfsched  # noqa: E402
 from tracer.pfsched import control  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from bench.capture_keys import missing_seqs, read_capture_keys  # noqa: E402
+from bench.procstat import CpuShare, rss_kb  # noqa: E402
 from tracer.capture.files import read_capture  # noqa: E402
 from tracer.model.correction import Correction  # noqa: E402
 from tracer.model.stats import Stats  # noqa: E402
@@ -330,18 +331,24 @@ def combine(windows: list[dict], attaches: dict[str, str]) -> list[dict]:
 
 # --- 2. lossless rate -------------------------------------------------------------------
 
-def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
-    csv = out_dir / f"lossless-{n_pfs}pf.csv"
+def lossless(n_pfs: int, window: float, out_dir: Path, nice: int = 0) -> dict:
+    """One recorder (at ``nice``: vftrace's --nice) for the whole search; each window's
+    switches against its rows, and the recorder's share of the CPU in each: on the lab's
+    one vCPU, pf_sched's kthreads at short slices keep it busy, and a reader that loses
+    records with a low share was starved rather than slow."""
+    csv = out_dir / f"lossless-{n_pfs}pf{f'-nice{nice}' if nice else ''}.csv"
     windows: list[dict] = []
     with pfsched.loaded(n_pfs, slice_us=LOSSLESS_SLICES_US[0], nr_vfs=NR_VFS) as bdfs:
         time.sleep(1)
-        tool = vftrace(csv)
+        tool = vftrace(csv, *(["--nice", str(nice)] if nice else []))
         try:
             for slice_us in LOSSLESS_SLICES_US:
-                log(f"lossless {n_pfs} PF: slice {slice_us} us")
+                log(f"lossless {n_pfs} PF{f' (nice {nice})' if nice else ''}: slice {slice_us} us")
                 pfsched.set_param("slice_us", slice_us)
                 time.sleep(0.5)                      # the previous slice's last sleep ends
-                windows.append({"slice_us": slice_us, **measure(bdfs, window)})
+                cpu = CpuShare(tool.proc.pid)
+                w = measure(bdfs, window)
+                windows.append({"slice_us": slice_us, **w, "cpu": cpu.result()})
         finally:
             pfsched.set_param("slice_us", LOSSLESS_SLICES_US[0])
             status = tool.stop()
@@ -353,25 +360,18 @@ def lossless(n_pfs: int, window: float, out_dir: Path) -> dict:
         if w["missing"]:
             break
         best = w
-    return {"pfs": n_pfs, "window_s": window,
+    return {"pfs": n_pfs, "window_s": window, "recorder_nice": meta.get("nice", nice),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "windows": windows,
-            "lost_total": meta.get("lost_total"), "exit_status": status[0],
+            "lost_total": meta.get("lost_total"), "reader_gaps": meta.get("reader_gaps"),
+            "exit_status": status[0],
             "problems": problems, "lossless_slice_us": best and best["slice_us"],
             "lossless_rate_per_s": best and best["rate_per_s"]}
 
 
+# --only: a section, and every section whose name starts with it
+SECTIONS = ("inflation", "lossless", "lossless_reniced", "metrics")
 METRICS_SLICES_US = (500, 200, 100)
 METRICS_PORT = 19435
-
-
-def rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def metrics_overhead(window: float, out_dir: Path) -> dict:
@@ -423,7 +423,10 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=10.0, help="inflation window, s")
     ap.add_argument("--rounds", type=int, default=2, help="inflation rounds (mirrored order)")
     ap.add_argument("-o", "--output", help="JSON (default build/bench/lab-RELEASE.json)")
-    ap.add_argument("--only", choices=("inflation", "lossless", "metrics"), help="one section")
+    ap.add_argument("--only", choices=SECTIONS, help="one section")
+    ap.add_argument("--nice", type=int, default=0, metavar="N",
+                    help="also search the lossless rate of every PF with the recorder at "
+                         "vftrace --nice N (section lossless_reniced)")
     args = ap.parse_args()
     release = platform.release()
     out = Path(args.output) if args.output else REPO / "build" / "bench" / f"lab-{release}.json"
@@ -437,6 +440,9 @@ def main() -> int:
     n_all = len(labutil.free_edu_devices())
     if n_all > 1:
         sections.append(("lossless_npf", lambda: lossless(n_all, lossless_window, work)))
+        if args.nice:
+            sections.append(("lossless_reniced", lambda: lossless(n_all, lossless_window, work,
+                                                                  nice=args.nice)))
     sections.append(("metrics", lambda: metrics_overhead(lossless_window, work)))
     for name, fn in sections:
         if args.only and not name.startswith(args.only):

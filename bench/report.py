@@ -26,6 +26,9 @@ SOAK_RSS_GROWTH = 0.05      # bounded: the second half of the run adds at most 5
 DASHBOARD_GOAL_PERCENT = 15.0
 DASHBOARD_RATE = 10_000
 LOSSLESS_GOAL_SLICE_US = 100            # #16: every PF at this slice, no switch lost
+# the note of a goal met only with the recorder reniced (vftrace --nice)
+NOT_NICE_0 = ("not at nice 0, a user's default: on a host this busy its reader can starve "
+              "(README: Lost records)")
 RIVALS = ("funclatency", "bpftrace")
 
 
@@ -265,22 +268,40 @@ def lossless_verdict(kernel: str, section: dict) -> Verdict:
                    f"missing at {lossy['slice_us']} us ({lossy['rate_per_s']:.0f}/s)")
 
 
+def _share(part, whole) -> str:
+    return f"{part / whole:.0%}" if isinstance(part, (int, float)) and whole else "-"
+
+
+def cpu_share(w: dict) -> str | None:
+    """A lossless window's recorder CPU against the VM's, in words (None before they
+    were measured)."""
+    cpu = w.get("cpu") or {}
+    if not cpu.get("wall_s") or cpu.get("machine_busy") is None:
+        return None
+    return (f"the recorder had {cpu['recorder_cpu_s'] / cpu['wall_s']:.0%} of a CPU while the "
+            f"VM's {cpu['cpus']} CPU(s) were {cpu['machine_busy']:.0%} busy")
+
+
 def lossless_npf_verdict(kernel: str, section: dict) -> Verdict:
     """#16: every switch of every PF kept at LOSSLESS_GOAL_SLICE_US slices."""
+    nice = section.get("recorder_nice")
     goal = f"{kernel}: zero lost records with {section.get('pfs', 'all')} PFs at " \
-           f"{LOSSLESS_GOAL_SLICE_US} us slices"
+           f"{LOSSLESS_GOAL_SLICE_US} us slices" + (f" (vftrace --nice {nice})" if nice else "")
     if "error" in section:
         return Verdict(goal, "-", None, section["error"])
     at = next((w for w in section["windows"] if w["slice_us"] == LOSSLESS_GOAL_SLICE_US), None)
     best = section.get("lossless_slice_us")
     figure = (f"lossless down to {best} us slices ({section['lossless_rate_per_s']:.0f}/s)"
               if best else "lossy at every slice") + f", {section['window_s']:g} s windows"
+    reniced = NOT_NICE_0 if nice else ""
     if at is None:
         return Verdict(goal, figure, None, f"{LOSSLESS_GOAL_SLICE_US} us slices not measured")
     if at["missing"]:
+        why = "; ".join(filter(None, [cpu_share(at), reader_pause(section)]))
         return Verdict(goal, figure, False, f"{at['missing']} of {at['switches']} switches "
-                       f"missing at {LOSSLESS_GOAL_SLICE_US} us ({at['rate_per_s']:.0f}/s)")
-    return Verdict(goal, figure, True)
+                       f"missing at {LOSSLESS_GOAL_SLICE_US} us ({at['rate_per_s']:.0f}/s)"
+                       + (f"; {why}" if why else "") + (f"; {reniced}" if reniced else ""))
+    return Verdict(goal, figure, True, reniced)
 
 
 def metrics_verdict(kernel: str, section: dict) -> Verdict:
@@ -367,8 +388,7 @@ def soak_verdicts(kernel: str, f: dict) -> list[Verdict]:
             "" if ok else "every missing row was counted as lost"
             if f["missing_rows"] == lost else "missing rows not all counted as lost")
     if f.get("recorder_nice"):
-        note = "; ".join(filter(None, [note, "not at nice 0, a user's default: on a host this "
-                                       "busy its reader can starve (README: Lost records)"]))
+        note = "; ".join(filter(None, [note, NOT_NICE_0]))
     cpu = f.get("cpu")
     if cpu and not ok and cpu.get("machine_busy") is not None:
         note += (f"; {reader_pause(f) or 'the reader paused'} while the VM's CPUs were "
@@ -408,8 +428,9 @@ def verdicts(figures: dict) -> list[Verdict]:
         out.extend(depth_verdicts(kernel, lab.get("inflation")))
         out.extend(corrected_verdicts(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
-        if lab.get("lossless_npf"):
-            out.append(lossless_npf_verdict(kernel, lab["lossless_npf"]))
+        for key in ("lossless_npf", "lossless_reniced"):
+            if lab.get(key):
+                out.append(lossless_npf_verdict(kernel, lab[key]))
         if lab.get("metrics"):
             out.append(metrics_verdict(kernel, lab.get("metrics")))
     for kernel, soak in (figures.get("soak") or {}).items():
@@ -577,20 +598,27 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
                 "corrected-against-untraced.", ""]
     elif infl:
         out += [f"Inflation: failed: {infl.get('error')}", ""]
-    for key, label in (("lossless_1pf", "1 PF"), ("lossless_npf", "all PFs")):
+    for key, label in (("lossless_1pf", "1 PF"), ("lossless_npf", "all PFs"),
+                       ("lossless_reniced", "all PFs, reniced")):
         sec = lab.get(key)
         if not sec:
             continue
         if "windows" not in sec:
             out += [f"Lossless rate ({label}): failed: {sec.get('error')}", ""]
             continue
-        out += [f"Lossless rate, {sec['pfs']} PF(s), one recorder, {sec['window_s']:g} s per "
-                f"slice (lost_total {sec.get('lost_total')}):", ""]
+        nice = f" at vftrace --nice {sec['recorder_nice']}" if sec.get("recorder_nice") else ""
+        out += [f"Lossless rate, {sec['pfs']} PF(s), one recorder{nice}, {sec['window_s']:g} s "
+                f"per slice (lost_total {sec.get('lost_total')}):", ""]
         rows = [[str(w["slice_us"]), _fmt(w.get("rate_per_s")), str(w["switches"]),
-                 str(w["missing"]), "yes" if not w["missing"] else "no"] for w in sec["windows"]]
-        out += table(["slice us", "switches/s", "switches", "missing rows", "lossless"], rows)
+                 str(w["missing"]), "yes" if not w["missing"] else "no",
+                 _share((w.get("cpu") or {}).get("recorder_cpu_s"), (w.get("cpu") or {}).get("wall_s")),
+                 _share((w.get("cpu") or {}).get("machine_busy"), 1)]
+                for w in sec["windows"]]
+        out += table(["slice us", "switches/s", "switches", "missing rows", "lossless",
+                      "recorder CPU", "VM busy"], rows)
         out += ["", f"Lowest lossless slice: {sec.get('lossless_slice_us') or '-'} us "
-                f"({_fmt(sec.get('lossless_rate_per_s'))} switches/s).", ""]
+                f"({_fmt(sec.get('lossless_rate_per_s'))} switches/s)."
+                + (f" Over the search {pause}." if (pause := reader_pause(sec)) else ""), ""]
     out += metrics_section(lab.get("metrics"))
     return out
 

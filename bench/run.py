@@ -1,6 +1,7 @@
 """``make bench``: every benchmark, one table on stdout, the same in BENCHMARKS.md.
 
     .venv/bin/python bench/run.py [--kernel 6.12] [--full] [--no-lab] [--render-only]
+    .venv/bin/python bench/run.py --full --only lossless_reniced --nice -10     # one section
 
 Boots the lab VM once per kernel (``--pfs 3``) and runs bench/lab_bench.py there
 (inflation, lossless rate, start-up: all in one boot so ratios compare), then the
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import report  # noqa: E402
+from bench import lab_bench, report  # noqa: E402
 from tracer.capture.files import meta_json  # noqa: E402
 
 OUT = REPO / "build" / "bench"
@@ -53,7 +54,7 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def lab_run(kernel: str, full: bool, only: str | None = None) -> dict | None:
+def lab_run(kernel: str, full: bool, only: str | None = None, nice: int = 0) -> dict | None:
     """bench/lab_bench.py in one boot of ``kernel`` (``only``: one of its sections); its
     JSON, or None."""
     out = OUT / f"lab-{kernel}.json"
@@ -64,7 +65,7 @@ def lab_run(kernel: str, full: bool, only: str | None = None) -> dict | None:
     cmd = ["flock", LAB_LOCK, str(REPO / ".venv" / "bin" / "vftrace"), "lab", "-k", kernel,
            "--pfs", "3", "--cpus", "1", "-t", "3600" if full else "1500", "--", "python",
            "bench/lab_bench.py", "-o", str(out.relative_to(REPO))] + (["--full"] if full else []) \
-        + (["--only", only] if only else [])
+        + (["--only", only] if only else []) + (["--nice", str(nice)] if nice else [])
     log(f"lab {kernel}: {' '.join(cmd)}")
     with open(OUT / f"lab-{kernel}.log", "w") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -116,9 +117,12 @@ def main() -> int:
                     help="only this lab kernel (repeatable; default: both)")
     ap.add_argument("--full", action="store_true", help="30 s lossless windows, 1M-record pipeline")
     ap.add_argument("--no-lab", action="store_true", help="host benches only")
-    ap.add_argument("--only", choices=("inflation", "lossless", "metrics"),
-                    help="one lab section, merged into the last run's figures (each section "
-                         "says when it was measured)")
+    ap.add_argument("--only", choices=lab_bench.SECTIONS,
+                    help="one lab section (and those whose names start with it), merged into "
+                         "the last run's figures (each section says when it was measured)")
+    ap.add_argument("--nice", type=int, default=0, metavar="N",
+                    help="also the lossless search of every PF with vftrace --nice N "
+                         "(bench/lab_bench.py --nice)")
     ap.add_argument("--keep", action="store_true", help="keep the other kernels' figures "
                     "from the last run (bench/figures.json)")
     ap.add_argument("--render-only", action="store_true",
@@ -140,7 +144,7 @@ def main() -> int:
             figures["kernels"] = previous.get("kernels", {})
         if not args.no_lab:
             for kernel in args.kernel or KERNELS:
-                lab = lab_run(kernel, args.full, args.only)
+                lab = lab_run(kernel, args.full, args.only, args.nice)
                 if lab is not None:
                     release = lab.get("kernel", kernel)
                     if args.only:       # its sections into the last run's, the rest kept

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.lab import labutil, pfsched  # noqa: E402
 from bench.capture_keys import read_capture_keys  # noqa: E402
+from bench.procstat import CpuShare, rss_kb, thread_nices  # noqa: E402
 from bench.report import bursts_text  # noqa: E402
 from bench.scrape import Scraper  # noqa: E402
 from tracer.lab.experiment import start_recorder, stop_process  # noqa: E402
@@ -49,54 +50,6 @@ METRICS_PORT = 19436
 
 def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_ticks(pid: int) -> int:
-    """The process's user + system time, all threads, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
-
-
-def thread_nices(pid: int) -> list[int]:
-    """The nice values the threads of ``pid`` have (field 19 of each /proc task's stat)."""
-    out = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
-        except FileNotFoundError:                    # a thread that ended meanwhile
-            pass
-    return sorted(out)
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of every CPU since boot (/proc/stat's cpu line)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = v[3] + v[4]                               # idle, iowait
-    total = sum(v[:8])                               # guest time is inside user already
-    return total - idle, total
-
-
-class CpuShare:
-    """The recorder's CPU and the machine's over the run, from two readings."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.t0 = pid, time.monotonic()
-        self.rec0, self.mach0 = cpu_ticks(pid), machine_ticks()
-
-    def result(self) -> dict:
-        hz = os.sysconf("SC_CLK_TCK")
-        wall = time.monotonic() - self.t0
-        busy, total = (b - a for a, b in zip(self.mach0, machine_ticks()))
-        return {"recorder_cpu_s": round((cpu_ticks(self.pid) - self.rec0) / hz, 1),
-                "wall_s": round(wall, 1), "cpus": os.cpu_count(),
-                "machine_busy": round(busy / total, 3) if total else None}
 
 
 def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
@@ -122,7 +75,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
             scraper = None
         guests = None
         try:
-            rss.append((0.0, rss_kb(recorder.pid)))
+            rss.append((0.0, rss_kb(recorder.pid) or 0))
             cpu = CpuShare(recorder.pid)
             guests = subprocess.Popen(
                 [sys.executable, "-m", "tracer.lab.workloads.guests", "--mode", "mmap", "--vms",
@@ -134,7 +87,7 @@ def run(seconds: float, n_pfs: int, slice_us: int, vms: int, out_dir: Path,
                 time.sleep(min(sample_s, seconds - elapsed))
                 if recorder.poll() is not None or guests.poll() is not None:
                     break                           # reported below from their exit status
-                rss.append((round(time.monotonic() - t0, 1), rss_kb(recorder.pid)))
+                rss.append((round(time.monotonic() - t0, 1), rss_kb(recorder.pid) or 0))
                 log(f"{rss[-1][0]:.0f} s: recorder RSS {rss[-1][1] / 1024:.1f} MiB")
             ran_s = time.monotonic() - t0
             cpu_use = cpu.result() if recorder.poll() is None else None

@@ -191,6 +191,31 @@ def test_lossless_at_the_goal_slice_with_every_pf():
     assert "12 of 1800 switches missing at 100 us" in lossy.note
     assert report.lossless_npf_verdict("k", section(0)).met is True
     assert report.lossless_npf_verdict("k", {"error": "boom"}).met is None
+    # why it missed: the recorder's CPU in that window, the reader's longest pause
+    starved = section(12)
+    starved["windows"][1]["cpu"] = {"recorder_cpu_s": 3.0, "wall_s": 30.0, "cpus": 1,
+                                    "machine_busy": 1.0}
+    starved["reader_gaps"] = {"longest_s": 16.3, "longest_at_s": 176, "over_1s": 32}
+    note = report.lossless_npf_verdict("k", starved).note
+    assert "the recorder had 10% of a CPU while the VM's 1 CPU(s) were 100% busy" in note
+    assert "paused up to 16.30 s at 176 s (32 pauses over 1 s)" in note
+    # the same search with the recorder reniced is its own goal, which says so
+    reniced = report.lossless_npf_verdict("k", {**section(0), "recorder_nice": -10})
+    assert reniced.met is True and reniced.goal.endswith("(vftrace --nice -10)")
+    assert "not at nice 0" in reniced.note
+
+
+def test_both_lossless_searches_of_every_pf_are_goals_and_sections():
+    lab_ = lab(missing=(0, 0, 0))["lossless_1pf"]
+    kernels = {"6.12.9": {"lossless_1pf": lab_,
+                          "lossless_npf": {**lab_, "pfs": 3, "reader_gaps": {"longest_s": 2.5}},
+                          "lossless_reniced": {**lab_, "pfs": 3, "recorder_nice": -10}}}
+    goals = [v.goal for v in report.verdicts({"kernels": kernels})]
+    assert "6.12.9: zero lost records with 3 PFs at 100 us slices" in goals
+    assert "6.12.9: zero lost records with 3 PFs at 100 us slices (vftrace --nice -10)" in goals
+    text = "\n".join(report.kernel_sections("6.12.9", kernels["6.12.9"]))
+    assert "3 PF(s), one recorder at vftrace --nice -10, 5 s per slice" in text
+    assert "Over the search the reader paused up to 2.50 s." in text
 
 
 def test_render_has_machine_goals_and_every_section():
