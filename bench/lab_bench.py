@@ -369,7 +369,7 @@ def lossless(n_pfs: int, window: float, out_dir: Path, nice: int = 0) -> dict:
 
 
 # --only: a section, and every section whose name starts with it
-SECTIONS = ("inflation", "lossless", "lossless_reniced", "metrics")
+SECTIONS = ("inflation", "lossless", "lossless_npf", "metrics")
 METRICS_SLICES_US = (500, 200, 100)
 METRICS_PORT = 19435
 
@@ -423,10 +423,11 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=10.0, help="inflation window, s")
     ap.add_argument("--rounds", type=int, default=2, help="inflation rounds (mirrored order)")
     ap.add_argument("-o", "--output", help="JSON (default build/bench/lab-RELEASE.json)")
-    ap.add_argument("--only", choices=SECTIONS, help="one section")
+    ap.add_argument("--only", choices=SECTIONS,
+                    help="the sections whose names start with this (lossless: 1 PF and all)")
     ap.add_argument("--nice", type=int, default=0, metavar="N",
                     help="also search the lossless rate of every PF with the recorder at "
-                         "vftrace --nice N (section lossless_reniced)")
+                         "vftrace --nice N (section lossless_npf_reniced)")
     args = ap.parse_args()
     release = platform.release()
     out = Path(args.output) if args.output else REPO / "build" / "bench" / f"lab-{release}.json"
@@ -441,8 +442,8 @@ def main() -> int:
     if n_all > 1:
         sections.append(("lossless_npf", lambda: lossless(n_all, lossless_window, work)))
         if args.nice:
-            sections.append(("lossless_reniced", lambda: lossless(n_all, lossless_window, work,
-                                                                  nice=args.nice)))
+            sections.append(("lossless_npf_reniced",
+                             lambda: lossless(n_all, lossless_window, work, nice=args.nice)))
     sections.append(("metrics", lambda: metrics_overhead(lossless_window, work)))
     for name, fn in sections:
         if args.only and not name.startswith(args.only):

@@ -428,7 +428,7 @@ def verdicts(figures: dict) -> list[Verdict]:
         out.extend(depth_verdicts(kernel, lab.get("inflation")))
         out.extend(corrected_verdicts(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
-        for key in ("lossless_npf", "lossless_reniced"):
+        for key in ("lossless_npf", "lossless_npf_reniced"):
             if lab.get(key):
                 out.append(lossless_npf_verdict(kernel, lab[key]))
         if lab.get("metrics"):
@@ -599,7 +599,7 @@ def kernel_sections(kernel: str, lab: dict) -> list[str]:
     elif infl:
         out += [f"Inflation: failed: {infl.get('error')}", ""]
     for key, label in (("lossless_1pf", "1 PF"), ("lossless_npf", "all PFs"),
-                       ("lossless_reniced", "all PFs, reniced")):
+                       ("lossless_npf_reniced", "all PFs, reniced")):
         sec = lab.get(key)
         if not sec:
             continue

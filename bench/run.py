@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, one table on stdout, the same in BENCHMARKS.md.
 
     .venv/bin/python bench/run.py [--kernel 6.12] [--full] [--no-lab] [--render-only]
-    .venv/bin/python bench/run.py --full --only lossless_reniced --nice -10     # one section
+    .venv/bin/python bench/run.py --full --only lossless_npf --nice -10    # a section, and reniced
 
 Boots the lab VM once per kernel (``--pfs 3``) and runs bench/lab_bench.py there
 (inflation, lossless rate, start-up: all in one boot so ratios compare), then the

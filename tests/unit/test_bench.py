@@ -209,7 +209,7 @@ def test_both_lossless_searches_of_every_pf_are_goals_and_sections():
     lab_ = lab(missing=(0, 0, 0))["lossless_1pf"]
     kernels = {"6.12.9": {"lossless_1pf": lab_,
                           "lossless_npf": {**lab_, "pfs": 3, "reader_gaps": {"longest_s": 2.5}},
-                          "lossless_reniced": {**lab_, "pfs": 3, "recorder_nice": -10}}}
+                          "lossless_npf_reniced": {**lab_, "pfs": 3, "recorder_nice": -10}}}
     goals = [v.goal for v in report.verdicts({"kernels": kernels})]
     assert "6.12.9: zero lost records with 3 PFs at 100 us slices" in goals
     assert "6.12.9: zero lost records with 3 PFs at 100 us slices (vftrace --nice -10)" in goals
