@@ -1,9 +1,15 @@
 """The kernel's histograms count every switch pf_sched made, whether or not its record
 reached user space, and are, bucket by bucket, the histograms of the records when none
 was lost: the raw phases, and the corrected switch time, which the kernel computes with
-the calibrated costs user space gave it and user space computes from each record."""
+the calibrated costs user space gave it and user space computes from each record.
+
+At --depth window no probe runs inside the switch, so the corrected switch time is
+pf_sched's own timing of it (total_ns, t2 - t0), which the module also counts into a
+histogram of its own (debugfs total_hist, 16 buckets an octave): the kernel histograms,
+folded into the module's coarser buckets, must be that histogram, lossy run or not."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -15,7 +21,8 @@ from tests.lab import labutil, pfsched
 from tracer.model import kernel_hist
 from tracer.model.correction import Correction
 from tracer.model.kernel_hist import PHASE_COLUMNS
-from tracer.model.stats import Histogram
+from tracer.model.stats import RELATIVE_ERROR, Histogram, bucket_bounds
+from tracer.pfsched import control
 
 from .test_record import Recorder, window
 
@@ -32,6 +39,67 @@ def kernel_counts_per_pf(hists, phase: str = "switch") -> dict[int, int]:
         if k.phase == phase:
             out[k.pf] = out.get(k.pf, 0) + k.count
     return out
+
+
+def in_module_buckets(h: Histogram) -> dict[int, int]:
+    """A kernel histogram folded into pf_sched's total_hist buckets (each of ours lies
+    inside one of the module's: 1024 an octave against its 16, both exact below 16)."""
+    out: dict[int, int] = {}
+    for b, n in kernel_hist.buckets(h).items():
+        low, high = bucket_bounds(b)
+        assert control.hist_bucket_low(low) == control.hist_bucket_low(high), b
+        out[control.hist_bucket_low(low)] = out.get(control.hist_bucket_low(low), 0) + n
+    return out
+
+
+def module_hists(bdfs) -> dict[str, dict[int, int]]:
+    return {b: control.total_hist(b) for b in bdfs}
+
+
+def assert_corrected_is_the_modules_histogram(hists, after, hist_before, hist_after) -> None:
+    """Per PF, the kernel's corrected histograms (every incoming VF) are pf_sched's own
+    histogram of the same switches, bucket by bucket."""
+    for bdf, a in after.items():
+        mine = kernel_hist.merged(hists, "corrected", pfs=frozenset([a["pf"]]))
+        theirs = control.hist_delta(hist_after[bdf], hist_before[bdf])
+        assert in_module_buckets(mine) == theirs, (a["pf"], in_module_buckets(mine), theirs)
+
+
+def nearest_rank(values: list[int], p: float) -> int:
+    """The exact nearest-rank percentile, the rule Histogram.percentiles approximates."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered) - 1e-9)) - 1]
+
+
+def test_kernel_histograms_are_pf_sched_own_timings_of_every_switch():
+    """Lossless, --depth window: per PF, the kernel's corrected histogram is pf_sched's
+    own total_hist of the same switches, and its p50/p99/p99.9 are within the bucket
+    error of the exact percentiles of pf_sched's per-switch timings (the rows' source_ns,
+    from the module's tracepoint)."""
+    with pfsched.loaded(2, slice_us=1000) as pfs:
+        pfsched.set_enabled(False)
+        rec = Recorder("khist-module", "--depth", "window")
+        hist_before = module_hists(pfs)
+        before, after = window(pfs, lambda: time.sleep(3))
+        hist_after = module_hists(pfs)
+        meta, rows, problems = rec.stop()
+    assert not problems and meta["lost_total"] == 0, meta
+    labutil.assert_no_kernel_drops(meta)
+    hists = kernel_hist.from_meta(meta["kernel_histograms"])
+    assert kernel_counts_per_pf(hists, "corrected") == switches_per_pf(before, after)
+    assert_corrected_is_the_modules_histogram(hists, after, hist_before, hist_after)
+    for a in after.values():
+        timings = [r.source_ns for r in rows if r.pf == a["pf"]]
+        assert len(timings) == switches_per_pf(before, after)[a["pf"]] > 100
+        mine = kernel_hist.merged(hists, "corrected", pfs=frozenset([a["pf"]]))
+        for p, got in zip((50, 99, 99.9), mine.percentiles([50, 99, 99.9])):
+            exact = nearest_rank(timings, p)
+            assert abs(got - exact) <= exact * RELATIVE_ERROR, (a["pf"], p, got, exact)
+    print("pf_sched's own timings: " + "; ".join(
+        f"pf{a['pf']} {switches_per_pf(before, after)[a['pf']]} switches, p50/p99/p99.9 "
+        + "/".join(str(v) for v in kernel_hist.merged(
+            hists, "corrected", pfs=frozenset([a["pf"]])).percentiles([50, 99, 99.9]))
+        + " ns" for a in after.values()))
 
 
 def test_lossless_kernel_histograms_are_the_records_histograms():
@@ -76,7 +144,9 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
                        "--buffer-pages", "8")
         os.kill(rec.proc.pid, signal.SIGSTOP)
         try:
+            hist_before = module_hists(pfs)
             before, after = window(pfs, lambda: time.sleep(6))
+            hist_after = module_hists(pfs)
         finally:
             os.kill(rec.proc.pid, signal.SIGCONT)
         meta, rows, problems = rec.stop()
@@ -89,6 +159,8 @@ def test_with_records_lost_the_kernel_histograms_still_count_every_switch():
     assert kernel_counts_per_pf(hists) == made
     # no probe hits at --depth window: corrected is pf_sched's own timing, every switch
     assert kernel_counts_per_pf(hists, "corrected") == made
+    # and each switch's value, not only its count: the module's own histogram of them
+    assert_corrected_is_the_modules_histogram(hists, after, hist_before, hist_after)
     assert len(rows) + lost == sum(made.values())
     assert meta["switch_accounting"] == {"kernel": sum(made.values()), "lost_in_kernel": lost,
                                          "read": len(rows), "passed_on": len(rows),
