@@ -17,10 +17,13 @@ PIPELINE_GOALS = (("mapped decode+stats", 1_000_000), ("mapped decode+stats+csv"
 PIPELINE_SHORT_BY = {
     "mapped decode+stats": "the engine's decode, hold and statistics per batch (numpy) and "
                            "what Python remains per batch",
-    "mapped decode+stats+csv": "the CSV text: one Python format operation per batch, but ~40 "
-                               "ints formatted per row by Python's int-to-text (~2 us a row); "
-                               "closing it needs a compiled formatter (a small C helper) or a "
-                               "binary capture format beside the CSV"}
+    "mapped decode+stats+csv": "on one core the CSV's formatting (Arrow's compiled writer, "
+                               "on the capture's flush thread) and its write come on top of "
+                               "decode and statistics, and 1M records run 5-10% slower a "
+                               "record than 200k; Arrow formats with the GIL released, so on "
+                               "a host with a second core free the flush thread formats beside "
+                               "the reader; on one core it needs fewer bytes to format (a "
+                               "binary capture beside the CSV)"}
 SOAK_SECONDS, SOAK_PFS, SOAK_SLICE_US = 600, 3, 200        # #16's soak
 SOAK_RSS_GROWTH = 0.05      # bounded: the second half of the run adds at most 5% of RSS
 DASHBOARD_GOAL_PERCENT = 15.0

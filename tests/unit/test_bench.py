@@ -167,7 +167,7 @@ def test_pipeline_and_dashboard_verdicts():
     stats = by_goal(vs, "(mapped decode+stats)")
     assert stats.met is False and "missed by 400k" in stats.note and "60%" in stats.note
     assert "numpy" in stats.note              # what it is spent on
-    assert "compiled formatter" in by_goal(vs, "(mapped decode+stats+csv)").note
+    assert "GIL released" in by_goal(vs, "(mapped decode+stats+csv)").note
     csv = by_goal(vs, "(mapped decode+stats+csv)")
     assert csv.met is False and "missed by 125k" in csv.note and "75%" in csv.note
     dash = by_goal(vs, "dashboard")
