@@ -431,9 +431,14 @@ def verdicts(figures: dict) -> list[Verdict]:
         out.extend(depth_verdicts(kernel, lab.get("inflation")))
         out.extend(corrected_verdicts(kernel, lab.get("inflation")))
         out.append(lossless_verdict(kernel, lab.get("lossless_1pf")))
-        for key in ("lossless_npf", "lossless_npf_reniced"):
-            if lab.get(key):
-                out.append(lossless_npf_verdict(kernel, lab[key]))
+        at_nice_0 = lab.get("lossless_npf") and lossless_npf_verdict(kernel, lab["lossless_npf"])
+        if at_nice_0:
+            out.append(at_nice_0)
+        if lab.get("lossless_npf_reniced"):
+            reniced = lossless_npf_verdict(kernel, lab["lossless_npf_reniced"])
+            if reniced.met and at_nice_0 and at_nice_0.met:
+                reniced.note = "met at nice 0 as well (the row above)"
+            out.append(reniced)
         if lab.get("metrics"):
             out.append(metrics_verdict(kernel, lab.get("metrics")))
     for kernel, soak in (figures.get("soak") or {}).items():
@@ -525,14 +530,15 @@ def implied_costs(infl: dict) -> list[str]:
 def kernel_sections(kernel: str, lab: dict) -> list[str]:
     windows = sorted({sec["window_s"] for name, sec in lab.items()
                       if name.startswith("lossless") and isinstance(sec, dict) and "window_s" in sec})
-    run = (("full" if lab.get("full") else "quick")
-           + (f" ({' and '.join(f'{w:g} s' for w in windows)} lossless windows)" if windows else ""))
+    run = "full" if lab.get("full") else "quick"
+    lasting = (f" Lossless windows: {' and '.join(f'{w:g} s' for w in windows)}." if windows
+               else "")
     # sections re-measured on their own (bench/run.py --only) say when
     again = "".join(f"; its {name.removesuffix('_measured')} sections again on {when}, in a "
                     "boot of their own" for name, when in lab.items()
                     if name.endswith("_measured") and when)
     out = [f"### Kernel {kernel}", "", f"Measured {lab.get('date', '-')} in one boot, {run}"
-           f"{again}.", ""]
+           f"{again}.{lasting}", ""]
     infl = lab.get("inflation") or {}
     if "cases" in infl:
         cpus = f", {infl['cpus']} vCPU(s)" if infl.get("cpus") else ""

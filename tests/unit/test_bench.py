@@ -213,6 +213,9 @@ def test_both_lossless_searches_of_every_pf_are_goals_and_sections():
     goals = [v.goal for v in report.verdicts({"kernels": kernels})]
     assert "6.12.9: zero lost records with 3 PFs at 100 us slices" in goals
     assert "6.12.9: zero lost records with 3 PFs at 100 us slices (vftrace --nice -10)" in goals
+    # met at nice 0 as well: the reniced row does not say the reader starves
+    reniced = by_goal(report.verdicts({"kernels": kernels}), "(vftrace --nice -10)")
+    assert reniced.met is True and reniced.note == "met at nice 0 as well (the row above)"
     text = "\n".join(report.kernel_sections("6.12.9", kernels["6.12.9"]))
     assert "3 PF(s), one recorder at vftrace --nice -10, 5 s per slice" in text
     assert "Over the search the reader paused up to 2.50 s." in text
@@ -401,7 +404,7 @@ def test_a_kernel_section_says_its_lossless_windows_and_a_section_measured_again
     lab = {"date": "D1", "full": False, "lossless_1pf": {"window_s": 5.0},
            "lossless_npf": {"window_s": 30.0}, "lossless_measured": "D2"}
     head = report.kernel_sections("k", lab)[2]
-    assert head == ("Measured D1 in one boot, quick (5 s and 30 s lossless windows); its "
-                    "lossless sections again on D2, in a boot of their own.")
+    assert head == ("Measured D1 in one boot, quick; its lossless sections again on D2, in a "
+                    "boot of their own. Lossless windows: 5 s and 30 s.")
     assert report.kernel_sections("k", {"date": "D1", "full": True})[2] == \
         "Measured D1 in one boot, full."
