@@ -434,8 +434,15 @@ def verdicts(figures: dict) -> list[Verdict]:
         at_nice_0 = lab.get("lossless_npf") and lossless_npf_verdict(kernel, lab["lossless_npf"])
         if at_nice_0:
             out.append(at_nice_0)
-        if lab.get("lossless_npf_reniced"):
-            reniced = lossless_npf_verdict(kernel, lab["lossless_npf_reniced"])
+        reniced = lab.get("lossless_npf_reniced") and \
+            lossless_npf_verdict(kernel, lab["lossless_npf_reniced"])
+        if at_nice_0 and at_nice_0.met is False:       # what would close it
+            at_nice_0.note += (
+                f"; the recorder at vftrace --nice {lab['lossless_npf_reniced']['recorder_nice']}"
+                " kept every switch (the row below)" if reniced and reniced.met else
+                "; closing it needs the reader more CPU: a higher priority (vftrace --nice) or "
+                "a CPU the switching does not take")
+        if reniced:
             if reniced.met and at_nice_0 and at_nice_0.met:
                 reniced.note = "met at nice 0 as well (the row above)"
             out.append(reniced)

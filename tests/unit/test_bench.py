@@ -216,6 +216,14 @@ def test_both_lossless_searches_of_every_pf_are_goals_and_sections():
     # met at nice 0 as well: the reniced row does not say the reader starves
     reniced = by_goal(report.verdicts({"kernels": kernels}), "(vftrace --nice -10)")
     assert reniced.met is True and reniced.note == "met at nice 0 as well (the row above)"
+    # missed at nice 0: the row says what closes it, the reniced search where it met
+    lossy = {**lab_, "pfs": 3, "windows": [{**w, "missing": 5} for w in lab_["windows"]]}
+    vs = report.verdicts({"kernels": {"k": {**kernels["6.12.9"], "lossless_npf": lossy}}})
+    assert [v.met for v in vs if "3 PFs" in v.goal] == [False, True]
+    assert next(v for v in vs if "3 PFs" in v.goal).note.endswith(
+        "; the recorder at vftrace --nice -10 kept every switch (the row below)")
+    alone = report.verdicts({"kernels": {"k": {"lossless_1pf": lab_, "lossless_npf": lossy}}})
+    assert "a higher priority (vftrace --nice)" in next(v for v in alone if "3 PFs" in v.goal).note
     text = "\n".join(report.kernel_sections("6.12.9", kernels["6.12.9"]))
     assert "3 PF(s), one recorder at vftrace --nice -10, 5 s per slice" in text
     assert "Over the search the reader paused up to 2.50 s." in text
