@@ -46,9 +46,9 @@ def in_module_buckets(h: Histogram) -> dict[int, int]:
     inside one of the module's: 1024 an octave against its 16, both exact below 16)."""
     out: dict[int, int] = {}
     for b, n in kernel_hist.buckets(h).items():
-        low, high = bucket_bounds(b)
-        assert control.hist_bucket_low(low) == control.hist_bucket_low(high), b
-        out[control.hist_bucket_low(low)] = out.get(control.hist_bucket_low(low), 0) + n
+        low, high = (control.hist_bucket_low(v) for v in bucket_bounds(b))
+        assert low == high, b
+        out[low] = out.get(low, 0) + n
     return out
 
 
@@ -88,18 +88,17 @@ def test_kernel_histograms_are_pf_sched_own_timings_of_every_switch():
     hists = kernel_hist.from_meta(meta["kernel_histograms"])
     assert kernel_counts_per_pf(hists, "corrected") == switches_per_pf(before, after)
     assert_corrected_is_the_modules_histogram(hists, after, hist_before, hist_after)
-    for a in after.values():
-        timings = [r.source_ns for r in rows if r.pf == a["pf"]]
-        assert len(timings) == switches_per_pf(before, after)[a["pf"]] > 100
-        mine = kernel_hist.merged(hists, "corrected", pfs=frozenset([a["pf"]]))
-        for p, got in zip((50, 99, 99.9), mine.percentiles([50, 99, 99.9])):
+    made, seen = switches_per_pf(before, after), []
+    for pf in made:
+        timings = [r.source_ns for r in rows if r.pf == pf]
+        assert len(timings) == made[pf] > 100
+        mine = kernel_hist.merged(hists, "corrected", pfs=frozenset([pf])).percentiles(
+            [50, 99, 99.9])
+        for p, got in zip((50, 99, 99.9), mine):
             exact = nearest_rank(timings, p)
-            assert abs(got - exact) <= exact * RELATIVE_ERROR, (a["pf"], p, got, exact)
-    print("pf_sched's own timings: " + "; ".join(
-        f"pf{a['pf']} {switches_per_pf(before, after)[a['pf']]} switches, p50/p99/p99.9 "
-        + "/".join(str(v) for v in kernel_hist.merged(
-            hists, "corrected", pfs=frozenset([a["pf"]])).percentiles([50, 99, 99.9]))
-        + " ns" for a in after.values()))
+            assert abs(got - exact) <= exact * RELATIVE_ERROR, (pf, p, got, exact)
+        seen.append(f"pf{pf} {made[pf]} switches, p50/p99/p99.9 {'/'.join(map(str, mine))} ns")
+    print("pf_sched's own timings: " + "; ".join(seen))
 
 
 def test_lossless_kernel_histograms_are_the_records_histograms():
